@@ -1,0 +1,21 @@
+"""kron_kernels: fused GPU kernels for parameter-efficient adaptation of vision transformers.
+
+Importing the package never initialises CUDA, imports Triton or loads the compiled
+extension; each is probed lazily on the first call that needs it.
+"""
+from . import backend
+from .backend import BackendUnavailableError, get_backend, set_backend, use_backend
+from .ops import kron_delta, kron_linear, kron_matmul
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "BackendUnavailableError",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "kron_delta",
+    "kron_matmul",
+    "kron_linear",
+]

@@ -1,0 +1,164 @@
+"""Which implementation serves a call: the CUDA extension, Triton, or structured torch code.
+
+``auto`` (the default) uses the compiled extension where it implements the op and the
+input lives on CUDA, else Triton on CUDA tensors, else the torch implementation (which is
+structured, not the naive reference). An explicit backend -- ``set_backend(name)``, the
+``use_backend(name)`` context or the ``KRON_KERNELS_BACKEND`` environment variable -- wins
+and raises :class:`BackendUnavailableError` when it cannot serve a call, naming why.
+
+Importing this module never touches CUDA, Triton or the extension: everything is probed
+lazily, on the first call that needs it, and cached.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+_ENV_VAR = "KRON_KERNELS_BACKEND"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "select",
+    "triton_status",
+    "extension_status",
+    "extension",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve this call."""
+
+
+_state = threading.local()
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for this thread: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``."""
+    _state.name = _validate(name)
+
+
+def get_backend() -> str:
+    """The backend in force: ``set_backend`` if called, else ``$KRON_KERNELS_BACKEND``, else auto."""
+    name = getattr(_state, "name", None)
+    if name is not None:
+        return name
+    env = os.environ.get(_ENV_VAR)
+    if env:
+        try:
+            return _validate(env)
+        except ValueError:
+            raise ValueError(f"{_ENV_VAR}={env!r} is not one of {BACKENDS}") from None
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed calls on backend ``name``."""
+    previous = getattr(_state, "name", None)
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_status(device: torch.device) -> Tuple[bool, str]:
+    """Whether Triton kernels can run on ``device``, and if not, why."""
+    error = _triton_import_error()
+    if error:
+        return False, error
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and _interpreting():
+        return True, ""
+    return False, (
+        f"Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); "
+        f"got a tensor on {device}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        return importlib.import_module("kron_kernels._C"), ""
+    except ImportError as exc:
+        return None, (
+            f"the compiled extension kron_kernels._C is not available ({exc}); "
+            "reinstall with a C++/CUDA toolchain present (pip install --no-build-isolation -e .)"
+        )
+
+
+def extension_status() -> Tuple[bool, str]:
+    """Whether the compiled extension is importable, and if not, why."""
+    module, reason = _load_extension()
+    return module is not None, reason
+
+
+def extension():
+    """The compiled extension module; raises an actionable error when it is missing."""
+    module, reason = _load_extension()
+    if module is None:
+        raise BackendUnavailableError(reason)
+    return module
+
+
+def select(op: str, device: torch.device, cuda_ops: frozenset = frozenset()) -> str:
+    """Pick ``"cuda"``, ``"triton"`` or ``"torch"`` for ``op`` on ``device``.
+
+    ``cuda_ops`` names the devices' kinds for which the compiled extension implements ``op``
+    (``{"cuda"}``, ``{"cpu"}``, both, or empty when it has no kernel for it).
+    """
+    requested = get_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "cuda":
+        if device.type not in cuda_ops:
+            raise BackendUnavailableError(
+                f"backend 'cuda' has no compiled kernel for {op} on {device.type} tensors; "
+                "use set_backend('auto') to fall back"
+            )
+        ok, reason = extension_status()
+        if not ok:
+            raise BackendUnavailableError(f"backend 'cuda' cannot run {op}: {reason}")
+        return "cuda"
+    if requested == "triton":
+        ok, reason = triton_status(device)
+        if not ok:
+            raise BackendUnavailableError(f"backend 'triton' cannot run {op}: {reason}")
+        return "triton"
+    # auto
+    if device.type in cuda_ops and extension_status()[0]:
+        return "cuda"
+    if device.type == "cuda" and triton_status(device)[0]:
+        return "triton"
+    return "torch"

@@ -1,0 +1,4 @@
+"""Functional ops: one file per op family (functional API + thin autograd.Function)."""
+from .kron import kron_delta, kron_linear, kron_matmul
+
+__all__ = ["kron_delta", "kron_matmul", "kron_linear"]

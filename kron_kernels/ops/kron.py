@@ -1,0 +1,290 @@
+"""Kronecker-structured increments: ``kron_delta``, ``kron_matmul``, ``kron_linear`` (DESIGN.md 4.1).
+
+With ``A: (m, a_out, a_in)``, ``U: (m, p, r)``, ``V: (m, q, r)`` the increment is
+
+    delta = scale * sum_i kron(A[i], U[i] @ V[i].T)          # (a_out*p, a_in*q)
+
+and it is applied to activations through ``(A (x) B) vec(X) = vec(B X A^T)``: a token row
+``x`` viewed as the block matrix ``X: (a_in, q)`` maps to ``Y = scale * sum_i A_i X V_i U_i^T``
+viewed as ``(a_out, p)``. Neither this module's torch code nor the Triton kernels ever form
+``delta`` for ``kron_matmul`` / ``kron_linear``; the factor gradients come from ``x`` and ``dy``
+through the same structure, in O(N * r * m * (p + q + a_in * a_out)) work instead of the
+O(N * d_out * d_in) of a dense weight gradient.
+
+Both backends work on *flattened* factors, with ``j = i * r + k`` running over the
+``m * r`` rank-one terms:
+
+    Abar[a, o, j] = A[i, o, a]      (a_in, a_out, m*r)
+    Uf[p, j]      = U[i, p, k]      (p, m*r)
+    Vf[q, j]      = V[i, q, k]      (q, m*r)
+
+so that ``T = X Vf`` (a_in, m*r), ``S[o, j] = sum_a Abar[a, o, j] T[a, j]`` and ``Y = S Uf^T``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend
+from ._common import autocast_dtype, check_scale, check_tensor, compute_dtype
+
+__all__ = ["kron_delta", "kron_matmul", "kron_linear", "KronDeltaFunction", "KronLinearFunction"]
+
+_FACTOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------
+# input checks and factor flattening (shared by every backend)
+# ----------------------------------------------------------------------------------------
+def _check_factors(A, U, V) -> Tuple[int, int, int, int, int, int]:
+    """Validate the factor shapes; returns (m, a_out, a_in, p, q, r)."""
+    check_tensor("A", A, ndim=3, dtypes=_FACTOR_DTYPES)
+    check_tensor("U", U, ndim=3, dtypes=_FACTOR_DTYPES, device=A.device)
+    check_tensor("V", V, ndim=3, dtypes=_FACTOR_DTYPES, device=A.device)
+    m, a_out, a_in = A.shape
+    mu, p, r = U.shape
+    mv, q, rv = V.shape
+    if min(m, a_out, a_in, p, q, r) < 1:
+        raise ValueError(
+            f"every factor dimension must be >= 1, got A {tuple(A.shape)}, U {tuple(U.shape)}, V {tuple(V.shape)}"
+        )
+    if mu != m or mv != m:
+        raise ValueError(
+            f"A, U and V must hold the same number of Kronecker terms m: A has {m}, U has {mu}, V has {mv}"
+        )
+    if rv != r:
+        raise ValueError(f"U and V must have the same rank r (last dim): U has {r}, V has {rv}")
+    return m, a_out, a_in, p, q, r
+
+
+def flatten_factors(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype):
+    """``(Abar, Uf, Vf)`` as in the module docstring, contiguous, in ``dtype``."""
+    m, a_out, a_in = A.shape
+    r = U.shape[2]
+    Abar = A.to(dtype).permute(2, 1, 0).repeat_interleave(r, dim=2).contiguous()
+    Uf = U.to(dtype).permute(1, 0, 2).reshape(U.shape[1], m * r).contiguous()
+    Vf = V.to(dtype).permute(1, 0, 2).reshape(V.shape[1], m * r).contiguous()
+    return Abar, Uf, Vf
+
+
+def unflatten_grads(dAbar_t, dUf, dVf, m: int, r: int):
+    """Map gradients of the flattened factors back: ``dAbar_t`` is laid out (m*r, a_out, a_in)."""
+    mr, a_out, a_in = dAbar_t.shape
+    dA = dAbar_t.reshape(m, r, a_out, a_in).sum(1)
+    dU = dUf.reshape(dUf.shape[0], m, r).permute(1, 0, 2)
+    dV = dVf.reshape(dVf.shape[0], m, r).permute(1, 0, 2)
+    return dA, dU, dV
+
+
+# ----------------------------------------------------------------------------------------
+# torch backend: structured (batched matmuls on the flattened factors), never the d x d delta
+# ----------------------------------------------------------------------------------------
+def _torch_kron_term(x2, Abar, Uf, Vf, scale):
+    n = x2.shape[0]
+    a_in, a_out, mr = Abar.shape
+    T = x2.reshape(n, a_in, Vf.shape[0]) @ Vf  # (N, a_in, MR)
+    S = torch.bmm(T.permute(2, 0, 1), Abar.permute(2, 0, 1))  # (MR, N, a_out)
+    Y = S.permute(1, 2, 0) @ Uf.t()  # (N, a_out, p)
+    return Y.reshape(n, a_out * Uf.shape[0]).mul_(scale)
+
+
+def _torch_forward(x2, weight, bias, Abar, Uf, Vf, scale):
+    acc = compute_dtype(x2.dtype)
+    y = _torch_kron_term(x2.to(acc), Abar, Uf, Vf, scale)
+    if weight is not None:
+        y += F.linear(x2.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    elif bias is not None:
+        y += bias.to(acc)
+    return y.to(x2.dtype)
+
+
+def _torch_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx: bool):
+    """Returns (dx, dAbar_t (MR, a_out, a_in), dUf, dVf) in the accumulation dtype."""
+    acc = compute_dtype(x2.dtype)
+    n = x2.shape[0]
+    a_in, a_out, mr = Abar.shape
+    p, q = Uf.shape[0], Vf.shape[0]
+    x3 = x2.to(acc).reshape(n, a_in, q)
+    dy3 = dy2.to(acc).reshape(n, a_out, p)
+    Tj = (x3 @ Vf).permute(2, 0, 1)  # (MR, N, a_in)
+    S = torch.bmm(Tj, Abar.permute(2, 0, 1))  # (MR, N, a_out)
+    Pj = (dy3 @ Uf).mul_(scale).permute(2, 0, 1)  # (MR, N, a_out) = scale * dY Uf
+    dAbar_t = torch.bmm(Pj.transpose(1, 2), Tj)  # (MR, a_out, a_in)
+    R = torch.bmm(Pj, Abar.permute(2, 1, 0)).permute(1, 2, 0)  # (N, a_in, MR)
+    dVf = x3.reshape(n * a_in, q).t() @ R.reshape(n * a_in, mr)
+    dUf = (dy3.reshape(n * a_out, p).t() @ S.permute(1, 2, 0).reshape(n * a_out, mr)).mul_(scale)
+    dx = None
+    if need_dx:
+        dx = (R @ Vf.t()).reshape(n, a_in * q)
+        if weight is not None:
+            dx += dy2.to(acc) @ weight.to(acc)
+    return dx, dAbar_t, dUf, dVf
+
+
+# ----------------------------------------------------------------------------------------
+# autograd Functions (thin: dispatch to a backend's forward/backward)
+# ----------------------------------------------------------------------------------------
+def _triton_kron():
+    from ..triton import kron as triton_kron  # imported on first use: never at package import
+
+    return triton_kron
+
+
+class KronLinearFunction(torch.autograd.Function):
+    """``y = x @ weight.T + bias + x @ delta.T`` on 2-D ``x``; ``weight``/``bias`` may be None."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, A, U, V, scale, impl):
+        acc = compute_dtype(x2.dtype)
+        Abar, Uf, Vf = flatten_factors(A, U, V, acc)
+        if impl == "triton":
+            y = _triton_kron().kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale)
+        else:
+            y = _torch_forward(x2, weight, bias, Abar, Uf, Vf, scale)
+        ctx.save_for_backward(x2, weight, A, U, V)
+        ctx.scale, ctx.impl = scale, impl
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy2):
+        x2, weight, A, U, V = ctx.saved_tensors
+        m, r = A.shape[0], U.shape[2]
+        acc = compute_dtype(x2.dtype)
+        Abar, Uf, Vf = flatten_factors(A, U, V, acc)
+        need_dx = ctx.needs_input_grad[0]
+        dy2 = dy2.contiguous()
+        if ctx.impl == "triton":
+            dx, dAbar_t, dUf, dVf = _triton_kron().kron_linear_backward(
+                dy2, x2, weight, Abar, Uf, Vf, ctx.scale, need_dx
+            )
+        else:
+            dx, dAbar_t, dUf, dVf = _torch_backward(dy2, x2, weight, Abar, Uf, Vf, ctx.scale, need_dx)
+        dA, dU, dV = unflatten_grads(dAbar_t, dUf, dVf, m, r)
+        dweight = dbias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (dy2.to(acc).t() @ x2.to(acc)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy2.to(acc).sum(0)
+        return (
+            None if dx is None else dx.to(x2.dtype),
+            dweight,
+            None if dbias is None else dbias.to(x2.dtype),
+            dA.to(A.dtype) if ctx.needs_input_grad[3] else None,
+            dU.to(U.dtype) if ctx.needs_input_grad[4] else None,
+            dV.to(V.dtype) if ctx.needs_input_grad[5] else None,
+            None,
+            None,
+        )
+
+
+class KronDeltaFunction(torch.autograd.Function):
+    """The materialised increment. Its backward is two GEMMs on the (permuted) gradient,
+    O(m * d_out * d_in) and independent of the token count, so it runs in torch everywhere."""
+
+    @staticmethod
+    def forward(ctx, A, U, V, scale, impl):
+        if impl == "triton":
+            delta = _triton_kron().kron_delta_forward(A, U, V, scale)
+        else:
+            acc = compute_dtype(A.dtype)
+            B = U.to(acc) @ V.to(acc).transpose(1, 2)  # (m, p, q)
+            m, a_out, a_in = A.shape
+            p, q = B.shape[1:]
+            # contract i as one GEMM: (a_out*a_in, m) @ (m, p*q), then order rows (o, p), cols (a, q)
+            delta = (A.to(acc).reshape(m, a_out * a_in).t() @ B.reshape(m, p * q)).mul_(scale)
+            delta = delta.reshape(a_out, a_in, p, q).permute(0, 2, 1, 3).reshape(a_out * p, a_in * q)
+            delta = delta.to(A.dtype)
+        ctx.save_for_backward(A, U, V)
+        ctx.scale = scale
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, U, V = ctx.saved_tensors
+        acc = compute_dtype(A.dtype)
+        m, a_out, a_in = A.shape
+        p, q = U.shape[1], V.shape[1]
+        G = grad.to(acc).reshape(a_out, p, a_in, q).permute(0, 2, 1, 3).reshape(a_out * a_in, p * q)
+        B = (U.to(acc) @ V.to(acc).transpose(1, 2)).reshape(m, p * q)
+        dA = (B @ G.t()).mul_(ctx.scale).reshape(m, a_out, a_in)
+        dB = (A.to(acc).reshape(m, a_out * a_in) @ G).mul_(ctx.scale).reshape(m, p, q)
+        dU = dB @ V.to(acc)
+        dV = dB.transpose(1, 2) @ U.to(acc)
+        return dA.to(A.dtype), dU.to(U.dtype), dV.to(V.dtype), None, None
+
+
+# ----------------------------------------------------------------------------------------
+# public functional API
+# ----------------------------------------------------------------------------------------
+def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * sum_i kron(A[i], U[i] @ V[i].T)``, shape ``(a_out*p, a_in*q)``, in A's dtype.
+
+    Use it to merge an increment into a frozen weight or to inspect it; to *apply* an
+    increment to activations use :func:`kron_matmul` / :func:`kron_linear`, which never build it.
+    """
+    _check_factors(A, U, V)
+    scale = check_scale(scale)
+    impl = backend.select("kron_delta", A.device)
+    return KronDeltaFunction.apply(A, U, V, scale, impl)
+
+
+def _autocast_inputs(x, weight, bias):
+    """Under autocast, x, weight and bias run in the autocast dtype, as nn.Linear's would."""
+    cast = autocast_dtype(x.device)
+    if cast is None or x.dtype == torch.float64:
+        return x, weight, bias
+    return tuple(None if t is None else t.to(cast) for t in (x, weight, bias))
+
+
+def _kron_apply(x, weight, bias, A, U, V, scale, op):
+    m, a_out, a_in, p, q, r = _check_factors(A, U, V)
+    check_tensor("x", x, min_ndim=1, device=A.device)
+    d_in, d_out = a_in * q, a_out * p
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"x's last dim must be a_in*q = {a_in}*{q} = {d_in} (from A {tuple(A.shape)} and V {tuple(V.shape)}), "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    if weight is not None:
+        check_tensor("weight", weight, ndim=2, device=A.device)
+        if tuple(weight.shape) != (d_out, d_in):
+            raise ValueError(f"weight must have shape (d_out, d_in) = ({d_out}, {d_in}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=A.device)
+        if bias.shape[0] != d_out:
+            raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    scale = check_scale(scale)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")
+    impl = backend.select(op, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y2 = KronLinearFunction.apply(x2, weight, bias, A, U, V, scale, impl)
+    return y2.reshape(*lead, d_out)
+
+
+def kron_matmul(x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``x @ kron_delta(A, U, V, scale).T`` for ``x: (..., a_in*q)``, without materialising the delta."""
+    return _kron_apply(x, None, None, A, U, V, scale, "kron_matmul")
+
+
+def kron_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``x @ (weight + kron_delta(A, U, V, scale)).T + bias``, fused; ``weight``/``bias`` are
+    typically frozen (they get gradients only if they require them)."""
+    if weight is None:
+        raise ValueError("weight is required for kron_linear (use kron_matmul for the increment alone)")
+    return _kron_apply(x, weight, bias, A, U, V, scale, "kron_linear")
