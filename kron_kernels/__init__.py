@@ -5,7 +5,7 @@ extension; each is probed lazily on the first call that needs it.
 """
 from . import backend
 from .backend import BackendUnavailableError, get_backend, set_backend, use_backend
-from .ops import kron_delta, kron_linear, kron_matmul
+from .ops import bottleneck_adapter, kron_delta, kron_linear, kron_matmul
 
 __version__ = "0.1.0"
 
@@ -18,4 +18,5 @@ __all__ = [
     "kron_delta",
     "kron_matmul",
     "kron_linear",
+    "bottleneck_adapter",
 ]

@@ -132,11 +132,19 @@ def extension():
     return module
 
 
-def select(op: str, device: torch.device, cuda_ops: frozenset = frozenset()) -> str:
+def select(
+    op: str,
+    device: torch.device,
+    cuda_ops: frozenset = frozenset(),
+    triton_refuses: Optional[str] = None,
+) -> str:
     """Pick ``"cuda"``, ``"triton"`` or ``"torch"`` for ``op`` on ``device``.
 
-    ``cuda_ops`` names the devices' kinds for which the compiled extension implements ``op``
+    ``cuda_ops`` names the device types for which the compiled extension implements ``op``
     (``{"cuda"}``, ``{"cpu"}``, both, or empty when it has no kernel for it).
+    ``triton_refuses`` is the op's reason why its Triton kernels cannot take *this* call
+    (e.g. an unsupported dtype), or None: ``auto`` then falls back, an explicit
+    ``triton`` raises with that reason.
     """
     requested = get_backend()
     if requested == "torch":
@@ -153,12 +161,14 @@ def select(op: str, device: torch.device, cuda_ops: frozenset = frozenset()) -> 
         return "cuda"
     if requested == "triton":
         ok, reason = triton_status(device)
+        if ok and triton_refuses:
+            ok, reason = False, triton_refuses
         if not ok:
             raise BackendUnavailableError(f"backend 'triton' cannot run {op}: {reason}")
         return "triton"
     # auto
     if device.type in cuda_ops and extension_status()[0]:
         return "cuda"
-    if device.type == "cuda" and triton_status(device)[0]:
+    if device.type == "cuda" and not triton_refuses and triton_status(device)[0]:
         return "triton"
     return "torch"

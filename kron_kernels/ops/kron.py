@@ -227,7 +227,10 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     """
     _check_factors(A, U, V)
     scale = check_scale(scale)
-    impl = backend.select("kron_delta", A.device)
+    refuses = None
+    if torch.float64 in (A.dtype, U.dtype, V.dtype):
+        refuses = "its kernels compute in float32, got float64 factors"
+    impl = backend.select("kron_delta", A.device, triton_refuses=refuses)
     return KronDeltaFunction.apply(A, U, V, scale, impl)
 
 
@@ -261,7 +264,10 @@ def _kron_apply(x, weight, bias, A, U, V, scale, op):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")
-    impl = backend.select(op, x.device)
+    refuses = None
+    if x.dtype == torch.float64:
+        refuses = "its kernels take float16/bfloat16/float32 activations, got float64"
+    impl = backend.select(op, x.device, triton_refuses=refuses)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     with torch.autocast(device_type=x.device.type, enabled=False):

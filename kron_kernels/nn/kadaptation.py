@@ -1,0 +1,227 @@
+"""KAdaptation on row slices of a frozen ``nn.Linear`` (DESIGN.md 4.1).
+
+A target is a row range ``[start, stop)`` of the layer's output -- for timm's fused ``qkv``
+Linear (d -> 3d) the q, k and v rows ``[0, d)``, ``[d, 2d)``, ``[2d, 3d)`` in timm's own head
+layout, for ``proj`` all of its rows. Each target's increment is
+
+    delta = scale * sum_i kron(A[i], U[i] @ V[i].T)      A: (n, n, n), U: (n, rows/n, r), V: (n, in/n, r)
+
+and is applied with :func:`kron_kernels.kron_matmul` / :func:`kron_kernels.kron_linear`, never
+materialised in the forward. ``A`` is normally shared by every layer of a model for one
+target kind: pass the module that owns it as ``shared`` (it is looked up by name,
+``shared.A_<target>``, on every call, and not registered here, so it is counted, saved and
+moved once, by its owner). Without ``shared`` the layer owns its ``A_<target>``.
+
+Initialisation: ``V = 0`` (the increment is exactly zero at step 0), ``A ~ N(0, 1/n)`` and
+``U ~ N(0, 1/r)``, so that once ``V`` moves, the entries of ``delta`` have the variance of
+``V``'s. The first backward reaches ``V`` (A and U are nonzero) and from the second step on
+every factor gets a gradient -- unlike the PEViT code, which zeroes two factors (DESIGN.md 4.8).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+__all__ = ["KAdaptationLinear", "init_shared_factor", "factor_dtype"]
+
+
+def factor_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Factors are float32 (DESIGN.md 3), float64 next to a float64 weight."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def init_shared_factor(A: torch.Tensor) -> torch.Tensor:
+    """``A ~ N(0, 1/n)`` for ``A: (n, n, n)``: each ``A_i`` keeps the norm of the block vector it mixes."""
+    with torch.no_grad():
+        return A.normal_(0.0, 1.0 / math.sqrt(A.shape[-1]))
+
+
+def check_targets(
+    targets: Mapping[str, Tuple[int, int]], in_features: int, out_features: int, n: int, r: int
+) -> Dict[str, Tuple[int, int]]:
+    """Validate ``{name: (start, stop)}`` row slices against a Linear's shape and ``n``, ``r``.
+
+    Shared by the fused module and adapt (the reference module mirrors it): raises a
+    ValueError naming what is wrong. Returns the slices ordered by start row.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if not targets:
+        raise ValueError("targets must name at least one row slice")
+    if in_features % n:
+        raise ValueError(f"n={n} must divide the layer's in_features={in_features}")
+    previous_stop, ordered = 0, {}
+    for name, (start, stop) in sorted(targets.items(), key=lambda item: item[1][0]):
+        if not name.isidentifier():
+            raise ValueError(f"target name {name!r} must be a Python identifier (it names parameters)")
+        if not 0 <= start < stop <= out_features:
+            raise ValueError(f"target {name!r} rows [{start}, {stop}) are not inside [0, {out_features})")
+        if start < previous_stop:
+            raise ValueError(f"target {name!r} rows [{start}, {stop}) overlap another target")
+        if (stop - start) % n:
+            raise ValueError(f"n={n} must divide the {stop - start} rows of target {name!r}")
+        ordered[name] = (int(start), int(stop))
+        previous_stop = stop
+    return ordered
+
+
+class KAdaptationLinear(nn.Module):
+    """A frozen Linear plus KAdaptation increments on row slices of its output.
+
+    Args:
+        base: the Linear to adapt; its ``weight`` and ``bias`` Parameters are taken over as
+            they are (same objects, same names, so the backbone's state-dict keys are kept).
+        targets: ``{name: (start, stop)}`` output-row slices, e.g. ``{"q": (0, d), "v": (2*d, 3*d)}``.
+        n: Kronecker terms and the size of each ``A_i`` (n x n); must divide ``in_features``
+            and every slice's rows.
+        r: rank of each ``U_i @ V_i.T``.
+        bias: add a trainable per-layer bias ``bias_<name>`` to each slice (zero at init).
+        scale: the increment's scale ``s``.
+        shared: module owning ``A_<name>`` for every target (normally one for the whole
+            model), or None for the layer to own them.
+
+    Parameters per target: ``U_<name>: (n, rows/n, r)``, ``V_<name>: (n, in/n, r)``,
+    ``bias_<name>: (rows,)`` if ``bias``, and ``A_<name>: (n, n, n)`` without ``shared``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        targets: Mapping[str, Tuple[int, int]],
+        n: int = 32,
+        r: int = 1,
+        bias: bool = False,
+        scale: float = 1.0,
+        shared: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        self.targets = check_targets(targets, base.in_features, base.out_features, n, r)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.n, self.r, self.scale, self.has_bias = n, r, float(scale), bool(bias)
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)  # may be None (timm's qkv_bias=False)
+        # the shared owner is held inside a tuple: nn.Module registers Module attributes, not tuples
+        self._shared = (shared,) if shared is not None else None
+        # pre-merge weight and bias (restored bitwise by unmerge); None while unmerged
+        self.register_buffer("_premerge_weight", None, persistent=False)
+        self.register_buffer("_premerge_bias", None, persistent=False)
+        self._bias_added_by_merge = False
+
+        factory = dict(device=base.weight.device, dtype=factor_dtype(base.weight))
+        names = []
+        for name, (start, stop) in self.targets.items():
+            if shared is None:
+                self.register_parameter(f"A_{name}", nn.Parameter(torch.empty(n, n, n, **factory)))
+                names.append(f"A_{name}")
+            elif not isinstance(getattr(shared, f"A_{name}", None), torch.Tensor):
+                raise ValueError(f"shared module has no tensor A_{name} for target {name!r}")
+            self.register_parameter(f"U_{name}", nn.Parameter(torch.empty(n, (stop - start) // n, r, **factory)))
+            self.register_parameter(f"V_{name}", nn.Parameter(torch.empty(n, self.in_features // n, r, **factory)))
+            names += [f"U_{name}", f"V_{name}"]
+            if self.has_bias:
+                self.register_parameter(f"bias_{name}", nn.Parameter(torch.empty(stop - start, **factory)))
+                names.append(f"bias_{name}")
+        #: this module's own parameters that are adapter tensors (read by kk.adapter_state_dict)
+        self.kk_adapter_params = tuple(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``U ~ N(0, 1/r)``, ``V = 0``, bias 0; an owned ``A ~ N(0, 1/n)`` (module docstring)."""
+        with torch.no_grad():
+            for name in self.targets:
+                if self._shared is None:
+                    init_shared_factor(getattr(self, f"A_{name}"))
+                getattr(self, f"U_{name}").normal_(0.0, 1.0 / math.sqrt(self.r))
+                getattr(self, f"V_{name}").zero_()
+                if self.has_bias:
+                    getattr(self, f"bias_{name}").zero_()
+
+    def factor_A(self, name: str) -> torch.Tensor:
+        owner = self if self._shared is None else self._shared[0]
+        return getattr(owner, f"A_{name}")
+
+    def factors(self, name: str):
+        """``(A, U, V)`` of target ``name``."""
+        return self.factor_A(name), getattr(self, f"U_{name}"), getattr(self, f"V_{name}")
+
+    @property
+    def merged(self) -> bool:
+        return self._premerge_weight is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if len(self.targets) == 1:
+            (name, (start, stop)), = self.targets.items()
+            if (start, stop) == (0, self.out_features):
+                # one target covering every row (e.g. proj): the base GEMM and the increment fuse
+                bias = self.bias
+                if self.has_bias:
+                    extra = getattr(self, f"bias_{name}")
+                    bias = extra.to(self.weight.dtype) if bias is None else bias + extra.to(bias.dtype)
+                return ops.kron_linear(x, self.weight, bias, *self.factors(name), scale=self.scale)
+        # one GEMM for every row (as the frozen layer), then each slice's increment added in place:
+        # F.linear does not save its output for backward, so the in-place add is autograd-safe
+        # and avoids a torch.cat copy of the whole (N, out_features) output
+        y = F.linear(x, self.weight, self.bias)
+        for name, (start, stop) in self.targets.items():
+            increment = ops.kron_matmul(x, *self.factors(name), scale=self.scale)
+            if self.has_bias:
+                increment = increment + getattr(self, f"bias_{name}").to(increment.dtype)
+            y[..., start:stop] += increment
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every increment (``kk.kron_delta``) into the frozen weight rows (and bias).
+
+        The pre-merge weight and bias are kept so that :meth:`unmerge` restores them exactly;
+        while merged, the forward is the plain Linear and the factors get no gradient.
+        """
+        if self.merged:
+            raise ValueError("this KAdaptationLinear is already merged; unmerge it first")
+        self._premerge_weight = self.weight.detach().clone()
+        self._premerge_bias = None if self.bias is None else self.bias.detach().clone()
+        if self.has_bias and self.bias is None:
+            self.bias = nn.Parameter(
+                torch.zeros(self.out_features, device=self.weight.device, dtype=self.weight.dtype),
+                requires_grad=False,
+            )
+            self._bias_added_by_merge = True
+        for name, (start, stop) in self.targets.items():
+            delta = ops.kron_delta(*self.factors(name), scale=self.scale)
+            self.weight[start:stop] += delta.to(self.weight.dtype)
+            if self.has_bias:
+                self.bias[start:stop] += getattr(self, f"bias_{name}").to(self.bias.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact pre-merge weight and bias (copied back, not recomputed)."""
+        if not self.merged:
+            raise ValueError("this KAdaptationLinear is not merged")
+        self.weight.copy_(self._premerge_weight)
+        if self._bias_added_by_merge:
+            self.bias = None
+            self._bias_added_by_merge = False
+        elif self.bias is not None:
+            self.bias.copy_(self._premerge_bias)
+        self._premerge_weight = None
+        self._premerge_bias = None
+
+    def extra_repr(self) -> str:
+        targets = ", ".join(f"{name}[{start}:{stop}]" for name, (start, stop) in self.targets.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, targets=({targets}), "
+            f"n={self.n}, r={self.r}, scale={self.scale:g}, bias={self.has_bias}, "
+            f"shared_A={self._shared is not None}, merged={self.merged}"
+        )

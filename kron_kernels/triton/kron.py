@@ -1,0 +1,291 @@
+"""Triton kernels for the Kronecker increment (DESIGN.md 4.1) and their launchers.
+
+Layout (see ops/kron.py): the factors arrive flattened over the ``m*r`` rank-one terms,
+``Abar (a_in, a_out, MR)``, ``Uf (p, MR)``, ``Vf (q, MR)``, fp32. A token row ``x`` is the
+block matrix ``X (a_in, q)``; with ``T = X Vf`` and ``S[o, j] = sum_a Abar[a, o, j] T[a, j]``
+the increment's output is ``Y = scale * S Uf^T`` viewed as ``(a_out, p)``.
+
+* ``_kron_fwd_kernel``: one program per BLOCK_N tokens. It loads the tokens once as a
+  ``(BLOCK_N*a_in, q)`` matrix, forms ``T`` with one ``tl.dot`` per chunk of BLOCK_J rank
+  terms, then walks the a_out output blocks: ``S[:, o, :]`` is a broadcast-reduce over a_in,
+  ``Y[:, o, :] = S Uf^T`` a small dot, stored (or added onto a base GEMM's output).
+  T and S never leave the chip; the d_out x d_in increment is never formed.
+* ``_kron_bwd_kernel``: a persistent grid (each program owns a strided set of token blocks)
+  computes, from ``x`` and ``dy`` through the same structure, ``dx`` and the gradients of
+  Abar/Uf/Vf; each program writes its own fp32 partial sums, which the launcher adds
+  (deterministic: no atomics).
+* ``_kron_delta_kernel``: the materialised increment, one output tile per program.
+
+``tl.dot`` needs every dimension >= 16, so q, p and the rank chunk are padded to at least 16
+(padding is masked on load, so it contributes exact zeros). Token offsets are int64.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kron_linear_forward", "kron_linear_backward", "kron_delta_forward"]
+
+
+@triton.jit
+def _load_tokens(x_ptr, offs_n, mask_n, stride_xn, stride_xk, A_IN: tl.constexpr, Q: tl.constexpr,
+                 A_IN_P: tl.constexpr, Q_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens as a (BLOCK_N*A_IN_P, Q_P) fp32 matrix: row (n, a), column qq = x[n, a*Q + qq]."""
+    offs_a = tl.arange(0, A_IN_P)
+    offs_q = tl.arange(0, Q_P)
+    cols = offs_a[:, None] * Q + offs_q[None, :]
+    mask_aq = (offs_a[:, None] < A_IN) & (offs_q[None, :] < Q)
+    ptrs = x_ptr + offs_n[:, None, None] * stride_xn + cols[None, :, :] * stride_xk
+    x = tl.load(ptrs, mask=mask_n[:, None, None] & mask_aq[None, :, :], other=0.0).to(tl.float32)
+    return tl.reshape(x, (BLOCK_N * A_IN_P, Q_P))
+
+
+@triton.jit
+def _kron_fwd_kernel(
+    x_ptr, y_ptr, abar_ptr, uf_ptr, vf_ptr,
+    n_rows, stride_xn, stride_xk, stride_yn, stride_yk, scale,
+    A_IN: tl.constexpr, A_OUT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, MR: tl.constexpr,
+    A_IN_P: tl.constexpr, P_P: tl.constexpr, Q_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < n_rows
+    offs_a = tl.arange(0, A_IN_P)
+    offs_p = tl.arange(0, P_P)
+    offs_q = tl.arange(0, Q_P)
+    mask_a = offs_a < A_IN
+    mask_y = mask_n[:, None] & (offs_p[None, :] < P)
+
+    x2 = _load_tokens(x_ptr, offs_n, mask_n, stride_xn, stride_xk, A_IN, Q, A_IN_P, Q_P, BLOCK_N)
+    for j0 in range(0, MR, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < MR
+        vf = tl.load(vf_ptr + offs_q[:, None] * MR + offs_j[None, :],
+                     mask=(offs_q[:, None] < Q) & mask_j[None, :], other=0.0)
+        t3 = tl.reshape(tl.dot(x2, vf, input_precision=DOT_PRECISION), (BLOCK_N, A_IN_P, BLOCK_J))
+        # Uf^T chunk with the scale folded in: (BLOCK_J, P_P)
+        uf_t = tl.load(uf_ptr + offs_p[None, :] * MR + offs_j[:, None],
+                       mask=mask_j[:, None] & (offs_p[None, :] < P), other=0.0) * scale
+        # the first rank chunk writes (or adds onto a base output), later chunks add
+        if ACCUMULATE:
+            mask_prev = mask_y
+        else:
+            mask_prev = mask_y & (j0 > 0)
+        for o in range(A_OUT):
+            abar = tl.load(abar_ptr + offs_a[:, None] * (A_OUT * MR) + o * MR + offs_j[None, :],
+                           mask=mask_a[:, None] & mask_j[None, :], other=0.0)
+            s = tl.sum(t3 * abar[None, :, :], axis=1)
+            y = tl.dot(s, uf_t, input_precision=DOT_PRECISION)
+            y_ptrs = y_ptr + offs_n[:, None] * stride_yn + (o * P + offs_p[None, :]) * stride_yk
+            y += tl.load(y_ptrs, mask=mask_prev, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
+def _kron_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, abar_ptr, uf_ptr, vf_ptr,
+    dabar_part_ptr, duf_part_ptr, dvf_part_ptr,
+    n_rows, stride_xn, stride_xk, stride_dyn, stride_dyk, stride_dxn, stride_dxk, scale,
+    A_IN: tl.constexpr, A_OUT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, MR: tl.constexpr,
+    A_IN_P: tl.constexpr, P_P: tl.constexpr, Q_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    NEED_DX: tl.constexpr, ACCUMULATE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Per token block, with P = scale * dY Uf and R[a, j] = sum_o Abar[a, o, j] P[o, j]:
+    dAbar^T[j, o, a] += P[o, j] T[a, j]; dUf += scale * dY^T S; dVf += X^T R; dx = R Vf^T."""
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    n_blocks = tl.cdiv(n_rows, BLOCK_N)
+    offs_a = tl.arange(0, A_IN_P)
+    offs_p = tl.arange(0, P_P)
+    offs_q = tl.arange(0, Q_P)
+    mask_a = offs_a < A_IN
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    dabar_part_ptr += pid.to(tl.int64) * (MR * A_OUT * A_IN)
+    duf_part_ptr += pid.to(tl.int64) * (P * MR)
+    dvf_part_ptr += pid.to(tl.int64) * (Q * MR)
+
+    for j0 in range(0, MR, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < MR
+        vf = tl.load(vf_ptr + offs_q[:, None] * MR + offs_j[None, :],
+                     mask=mask_q[:, None] & mask_j[None, :], other=0.0)
+        uf = tl.load(uf_ptr + offs_p[:, None] * MR + offs_j[None, :],
+                     mask=mask_p[:, None] & mask_j[None, :], other=0.0)
+        duf_acc = tl.zeros((P_P, BLOCK_J), dtype=tl.float32)
+        dvf_acc = tl.zeros((Q_P, BLOCK_J), dtype=tl.float32)
+        for blk in range(pid, n_blocks, n_progs):
+            offs_n = (blk * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            mask_n = offs_n < n_rows
+            x2 = _load_tokens(x_ptr, offs_n, mask_n, stride_xn, stride_xk, A_IN, Q, A_IN_P, Q_P, BLOCK_N)
+            t3 = tl.reshape(tl.dot(x2, vf, input_precision=DOT_PRECISION), (BLOCK_N, A_IN_P, BLOCK_J))
+            r3 = tl.zeros((BLOCK_N, A_IN_P, BLOCK_J), dtype=tl.float32)
+            for o in range(A_OUT):
+                dy = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + (o * P + offs_p[None, :]) * stride_dyk,
+                             mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+                p_o = tl.dot(dy, uf, input_precision=DOT_PRECISION) * scale
+                abar = tl.load(abar_ptr + offs_a[:, None] * (A_OUT * MR) + o * MR + offs_j[None, :],
+                               mask=mask_a[:, None] & mask_j[None, :], other=0.0)
+                s = tl.sum(t3 * abar[None, :, :], axis=1)
+                duf_acc += tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
+                r3 += abar[None, :, :] * p_o[:, None, :]
+                # this program's partial dAbar^T[j, o, :] (zeroed by the launcher): too large
+                # to stay in registers across the a_out loop, it accumulates in L2
+                da = tl.sum(t3 * p_o[:, None, :], axis=0)
+                da_ptrs = dabar_part_ptr + offs_j[None, :] * (A_OUT * A_IN) + o * A_IN + offs_a[:, None]
+                mask_da = mask_a[:, None] & mask_j[None, :]
+                da += tl.load(da_ptrs, mask=mask_da, other=0.0)
+                tl.store(da_ptrs, da, mask=mask_da)
+            r2 = tl.reshape(r3, (BLOCK_N * A_IN_P, BLOCK_J))
+            dvf_acc += tl.dot(tl.trans(x2), r2, input_precision=DOT_PRECISION)
+            if NEED_DX:
+                dx = tl.reshape(tl.dot(r2, tl.trans(vf), input_precision=DOT_PRECISION), (BLOCK_N, A_IN_P, Q_P))
+                cols = offs_a[:, None] * Q + offs_q[None, :]
+                mask_dx = mask_n[:, None, None] & (mask_a[:, None] & mask_q[None, :])[None, :, :]
+                dx_ptrs = dx_ptr + offs_n[:, None, None] * stride_dxn + cols[None, :, :] * stride_dxk
+                if ACCUMULATE_DX:
+                    mask_prev = mask_dx
+                else:
+                    mask_prev = mask_dx & (j0 > 0)
+                dx += tl.load(dx_ptrs, mask=mask_prev, other=0.0).to(tl.float32)
+                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask_dx)
+        tl.store(duf_part_ptr + offs_p[:, None] * MR + offs_j[None, :], duf_acc * scale,
+                 mask=mask_p[:, None] & mask_j[None, :])
+        tl.store(dvf_part_ptr + offs_q[:, None] * MR + offs_j[None, :], dvf_acc,
+                 mask=mask_q[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _kron_delta_kernel(
+    a_ptr, u_ptr, v_ptr, out_ptr, scale,
+    M: tl.constexpr, A_OUT: tl.constexpr, A_IN: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """delta[(o, pp), (a, qq)] = scale * sum_i A[i, o, a] * sum_k U[i, pp, k] V[i, qq, k]."""
+    offs_row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_row = offs_row < A_OUT * P
+    mask_col = offs_col < A_IN * Q
+    o, pp = offs_row // P, offs_row % P
+    a, qq = offs_col // Q, offs_col % Q
+    mask = mask_row[:, None] & mask_col[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for i in range(M):
+        b = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k in range(R):
+            u = tl.load(u_ptr + (i * P + pp) * R + k, mask=mask_row, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + (i * Q + qq) * R + k, mask=mask_col, other=0.0).to(tl.float32)
+            b += u[:, None] * v[None, :]
+        a_ik = tl.load(a_ptr + (i * A_OUT + o[:, None]) * A_IN + a[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += a_ik * b
+    out_ptrs = out_ptr + offs_row[:, None].to(tl.int64) * (A_IN * Q) + offs_col[None, :]
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+def _pad(n: int) -> int:
+    """Power of two >= n and >= 16 (tl.arange needs powers of two, tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _persistent_programs(device_index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _persistent_programs(device.index if device.index is not None else torch.cuda.current_device())
+    return 8  # the interpreter: few programs keep CPU tests fast
+
+
+def _meta(x2, Abar, Uf, Vf):
+    a_in, a_out, mr = Abar.shape
+    p, q = Uf.shape[0], Vf.shape[0]
+    return dict(
+        A_IN=a_in, A_OUT=a_out, P=p, Q=q, MR=mr,
+        A_IN_P=triton.next_power_of_2(a_in), P_P=_pad(p), Q_P=_pad(q),
+        BLOCK_N=16, BLOCK_J=min(_pad(mr), 32),
+        # fp32 activations keep fp32 products; 16-bit activations already carry 2^-8 error, so tf32 is free
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+    )
+
+
+def kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale):
+    """``x2 @ weight.T + bias + scale * kron-term`` for 2-D ``x2``; weight/bias may be None."""
+    n = x2.shape[0]
+    d_out = Abar.shape[1] * Uf.shape[0]
+    accumulate = True
+    if weight is not None:
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    elif bias is not None:
+        y = bias.expand(n, d_out).contiguous()
+    else:
+        y = torch.empty((n, d_out), device=x2.device, dtype=x2.dtype)
+        accumulate = False
+    if n == 0:
+        return y
+    meta = _meta(x2, Abar, Uf, Vf)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]),)
+    _kron_fwd_kernel[grid](
+        x2, y, Abar, Uf, Vf, n, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), scale,
+        ACCUMULATE=accumulate, num_warps=8 if x2.is_cuda else 1, **meta,
+    )
+    return y
+
+
+def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
+    """Returns ``(dx, dAbar^T (MR, a_out, a_in), dUf, dVf)``; ``dx`` includes ``dy @ weight``."""
+    n = x2.shape[0]
+    a_in, a_out, mr = Abar.shape
+    p, q = Uf.shape[0], Vf.shape[0]
+    dx = None
+    accumulate_dx = False
+    if need_dx:
+        if weight is not None:
+            dx = dy2 @ weight
+            accumulate_dx = True
+        else:
+            dx = torch.empty((n, a_in * q), device=x2.device, dtype=x2.dtype)
+    if n == 0:
+        zeros = functools.partial(torch.zeros, device=x2.device, dtype=torch.float32)
+        if dx is not None and not accumulate_dx:
+            dx.zero_()
+        return dx, zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr))
+    meta = _meta(x2, Abar, Uf, Vf)
+    programs = min(triton.cdiv(n, meta["BLOCK_N"]), _max_programs(x2.device))
+    part = functools.partial(torch.empty, device=x2.device, dtype=torch.float32)
+    dabar_part = torch.zeros((programs, mr, a_out, a_in), device=x2.device, dtype=torch.float32)
+    duf_part = part((programs, p, mr))
+    dvf_part = part((programs, q, mr))
+    dx_arg = dx if dx is not None else x2
+    _kron_bwd_kernel[(programs,)](
+        x2, dy2, dx_arg, Abar, Uf, Vf, dabar_part, duf_part, dvf_part,
+        n, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx_arg.stride(0), dx_arg.stride(1), scale,
+        NEED_DX=dx is not None, ACCUMULATE_DX=accumulate_dx, num_warps=8 if x2.is_cuda else 1, **meta,
+    )
+    return dx, dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0)
+
+
+def kron_delta_forward(A, U, V, scale):
+    """The materialised ``(a_out*p, a_in*q)`` increment, in A's dtype."""
+    m, a_out, a_in = A.shape
+    p, r = U.shape[1], U.shape[2]
+    q = V.shape[1]
+    A, U, V = A.contiguous(), U.contiguous(), V.contiguous()
+    out = torch.empty((a_out * p, a_in * q), device=A.device, dtype=A.dtype)
+    block_r, block_c = 32, 64
+    grid = (triton.cdiv(a_out * p, block_r), triton.cdiv(a_in * q, block_c))
+    _kron_delta_kernel[grid](
+        A, U, V, out, scale, M=m, A_OUT=a_out, A_IN=a_in, P=p, Q=q, R=r,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if A.is_cuda else 1,
+    )
+    return out

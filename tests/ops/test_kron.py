@@ -1,0 +1,277 @@
+"""kron_delta / kron_matmul / kron_linear against the naive reference, on every backend."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kron_kernels as kk
+from conftest import INTERPRET
+from kron_kernels.reference import kadaptation as ref
+from utils import RTOL, compare_low_precision, compare_with_reference
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
+
+# (m, a_out, a_in, p, q, r, leading token shape): odd sizes, r = 1, N = 1, MR > 32 (rank chunks)
+SHAPES = [
+    pytest.param((3, 5, 4, 6, 7, 2, (9,)), id="m3-ao5-ai4-p6-q7-r2-N9"),
+    pytest.param((1, 1, 1, 1, 1, 1, (1,)), id="m1-a1-p1-q1-r1-N1"),
+    pytest.param((2, 3, 3, 5, 5, 1, (1,)), id="m2-a3-p5-q5-r1-N1"),
+    pytest.param((32, 4, 4, 24, 24, 1, (2, 7)), id="m32-d96-r1-B2x7"),
+    pytest.param((5, 5, 8, 40, 25, 3, (37,)), id="m5-d200-r3-N37"),
+    pytest.param((4, 8, 8, 6, 6, 20, (33,)), id="m4-d48-r20-N33-chunked"),
+]
+SMALL_SHAPES = SHAPES[:3]
+
+
+def make_inputs(shape, dtype=torch.float64, seed=0, weight_grad=False):
+    m, a_out, a_in, p, q, r, lead = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64).to(dtype)
+
+    x = rnd(*lead, a_in * q).requires_grad_()
+    W = rnd(a_out * p, a_in * q).requires_grad_(weight_grad)
+    b = rnd(a_out * p).requires_grad_(weight_grad)
+    A = rnd(m, a_out, a_in).requires_grad_()
+    U = rnd(m, p, r).requires_grad_()
+    V = rnd(m, q, r).requires_grad_()
+    return x, W, b, A, U, V
+
+
+SCALE = 0.7
+
+
+def fused_linear(x, W, b, A, U, V):
+    return kk.kron_linear(x, W, b, A, U, V, SCALE)
+
+
+def ref_linear(x, W, b, A, U, V):
+    return ref.kron_linear(x, W, b, A, U, V, SCALE)
+
+
+def fused_matmul(x, A, U, V):
+    return kk.kron_matmul(x, A, U, V, SCALE)
+
+
+def ref_matmul(x, A, U, V):
+    return ref.kron_matmul(x, A, U, V, SCALE)
+
+
+def fused_delta(A, U, V):
+    return kk.kron_delta(A, U, V, SCALE)
+
+
+def ref_delta(A, U, V):
+    return ref.kron_delta(A, U, V, SCALE)
+
+
+# ---------------------------------------------------------------------------- torch backend
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen", "trainable-weight"])
+def test_kron_linear_torch_float64(shape, weight_grad):
+    x, W, b, A, U, V = make_inputs(shape, weight_grad=weight_grad)
+    with kk.use_backend("torch"):
+        compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kron_matmul_torch_float64(shape):
+    x, _, _, A, U, V = make_inputs(shape)
+    with kk.use_backend("torch"):
+        compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kron_delta_torch_float64(shape):
+    _, _, _, A, U, V = make_inputs(shape)
+    with kk.use_backend("torch"):
+        compare_with_reference(fused_delta, ref_delta, [A, U, V], RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+def test_gradcheck_torch(shape):
+    x, W, b, A, U, V = make_inputs(shape, weight_grad=True)
+    with kk.use_backend("torch"):
+        assert torch.autograd.gradcheck(fused_linear, (x, W, b, A, U, V))
+        assert torch.autograd.gradcheck(fused_matmul, (x, A, U, V))
+        assert torch.autograd.gradcheck(fused_delta, (A, U, V))
+
+
+def test_kron_linear_without_bias():
+    x, W, _, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)))
+    with kk.use_backend("torch"):
+        compare_with_reference(
+            lambda x, A, U, V: kk.kron_linear(x, W, None, A, U, V),
+            lambda x, A, U, V: ref.kron_linear(x, W, None, A, U, V),
+            [x, A, U, V],
+            RTOL[torch.float64],
+        )
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest *new* tensor any aten op produces (views of inputs do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("op", ["kron_matmul", "kron_linear"])
+def test_never_materialises_delta(op):
+    """With few tokens every structured intermediate is far below d_out*d_in elements,
+    so any d x d tensor (the increment or a dense weight gradient) would show up."""
+    shape = (32, 32, 32, 24, 24, 1, (4,))  # d = 768, as KAdaptation on ViT-B
+    x, W, b, A, U, V = make_inputs(shape, dtype=torch.float32)
+    d2 = W.numel()
+    with kk.use_backend("torch"):
+        with _LargestAllocation() as mode:
+            y = kk.kron_matmul(x, A, U, V) if op == "kron_matmul" else kk.kron_linear(x, W, b, A, U, V)
+            y.sum().backward()
+    assert A.grad is not None and V.grad is not None and x.grad is not None
+    assert mode.largest < d2 // 8, f"an op produced {mode.largest} elements (d_out*d_in = {d2})"
+
+
+# ------------------------------------------------------------------- Triton (interpreter)
+@needs_interpreter
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kron_linear_triton_fp32(shape):
+    x, W, b, A, U, V = make_inputs(shape, dtype=torch.float32)
+    with kk.use_backend("triton"):
+        compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float32], torch.float64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kron_matmul_triton_fp32(shape):
+    x, _, _, A, U, V = make_inputs(shape, dtype=torch.float32)
+    with kk.use_backend("triton"):
+        compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float32], torch.float64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kron_delta_triton_fp32(shape):
+    _, _, _, A, U, V = make_inputs(shape, dtype=torch.float32)
+    with kk.use_backend("triton"):
+        compare_with_reference(fused_delta, ref_delta, [A, U, V], RTOL[torch.float32], torch.float64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5]])
+def test_kron_linear_triton_low_precision(shape, dtype):
+    x, W, b, A, U, V = make_inputs(shape, dtype=torch.float32)
+    with kk.use_backend("triton"):
+        compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], dtype, activations=(0, 1, 2))
+        compare_low_precision(fused_matmul, ref_matmul, [x, A, U, V], dtype)
+
+
+@needs_interpreter
+def test_triton_non_contiguous_x():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=torch.float32)
+    wide = torch.randn(9, 3 * x.shape[-1])
+    x_strided = wide[:, ::3].requires_grad_()  # column stride 3
+    x_transposed = torch.randn(x.shape[-1], 9).t().requires_grad_()  # row stride 1
+    for xn in (x_strided, x_transposed):
+        assert not xn.is_contiguous()
+        with kk.use_backend("triton"):
+            compare_with_reference(fused_linear, ref_linear, [xn, W, b, A, U, V], RTOL[torch.float32], torch.float64)
+
+
+def test_torch_non_contiguous_and_batch():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)))
+    xn = torch.randn(2, x.shape[-1], 9, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    with kk.use_backend("torch"):
+        compare_with_reference(fused_linear, ref_linear, [xn, W, b, A, U, V], RTOL[torch.float64])
+
+
+@needs_interpreter
+def test_triton_matches_torch_backend_bitwise_shape_and_dtype():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (2, 3)), dtype=torch.bfloat16)
+    A, U, V = (t.float() for t in (A, U, V))
+    outs = {}
+    for name in ("triton", "torch"):
+        with kk.use_backend(name):
+            outs[name] = kk.kron_linear(x, W, b, A, U, V)
+    assert outs["triton"].dtype == outs["torch"].dtype == torch.bfloat16
+    assert outs["triton"].shape == outs["torch"].shape == (2, 3, 30)
+
+
+# ---------------------------------------------------------------------------- dtype rules
+def test_autocast_runs_in_autocast_dtype():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kk.kron_linear(x, W, b, A, U, V)
+        expected = torch.nn.functional.linear(x, W, b)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- bad inputs
+def _bad_cases():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=torch.float32)
+    return [
+        pytest.param(lambda: kk.kron_matmul(x, A[0], U, V), ValueError, "A must be 3-D", id="A-2d"),
+        pytest.param(lambda: kk.kron_matmul(x, A, U[:2], V), ValueError, "number of Kronecker terms", id="m-mismatch"),
+        pytest.param(lambda: kk.kron_matmul(x, A, U, V[..., :1]), ValueError, "same rank", id="r-mismatch"),
+        pytest.param(lambda: kk.kron_matmul(x[:, :-1], A, U, V), ValueError, "x's last dim", id="x-width"),
+        pytest.param(lambda: kk.kron_matmul(x.long(), A, U, V), TypeError, "x must have dtype", id="x-int"),
+        pytest.param(lambda: kk.kron_matmul(x, A.int(), U, V), TypeError, "A must have dtype", id="A-int"),
+        pytest.param(lambda: kk.kron_matmul(x.to("meta"), A, U, V), ValueError, "x is on meta", id="x-device"),
+        pytest.param(lambda: kk.kron_matmul(x, A, U, V, scale=torch.tensor(1.0)), TypeError, "scale", id="scale"),
+        pytest.param(lambda: kk.kron_linear(x, W[:, :-1], b, A, U, V), ValueError, "weight must have shape", id="W-shape"),
+        pytest.param(lambda: kk.kron_linear(x, W.double(), b, A, U, V), TypeError, "weight has dtype", id="W-dtype"),
+        pytest.param(lambda: kk.kron_linear(x, W, b[:-1], A, U, V), ValueError, "bias must have shape", id="b-shape"),
+        pytest.param(lambda: kk.kron_linear(x, None, b, A, U, V), ValueError, "weight is required", id="W-none"),
+        pytest.param(lambda: kk.kron_delta(A, U[:, :, :0], V[:, :, :0]), ValueError, ">= 1", id="r0"),
+    ]
+
+
+@pytest.mark.parametrize("call, exc, match", _bad_cases())
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@needs_interpreter
+def test_triton_refuses_float64_clearly():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)))
+    with kk.use_backend("triton"), pytest.raises(kk.BackendUnavailableError, match="float64"):
+        kk.kron_matmul(x, A, U, V)
+
+
+# ---------------------------------------------------------------------------- GPU
+GPU_SHAPES = [
+    pytest.param((32, 32, 32, 24, 24, 1, (64 * 197,)), id="vitb-d768-n32-r1"),
+    pytest.param((32, 32, 32, 24, 24, 4, (64 * 197,)), id="vitb-d768-n32-r4"),
+    pytest.param((32, 32, 32, 32, 32, 1, (64 * 197,)), id="vitl-d1024-n32-r1"),
+    pytest.param((32, 32, 32, 32, 32, 4, (8, 197)), id="vitl-d1024-n32-r4-B8"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_fp32(shape):
+    x, W, b, A, U, V = (t.detach().cuda().requires_grad_(t.requires_grad) for t in make_inputs(shape, torch.float32))
+    # fp32 activations use IEEE dots: error ~ sqrt(d) * 2^-24 relative, well under 1e-4
+    compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float32], torch.float64)
+    compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float32], torch.float64)
+    compare_with_reference(fused_delta, ref_delta, [A, U, V], RTOL[torch.float32], torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_bf16(shape):
+    x, W, b, A, U, V = (t.detach().cuda().requires_grad_(t.requires_grad) for t in make_inputs(shape, torch.float32))
+    compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], torch.bfloat16, activations=(0, 1, 2))
+    compare_low_precision(fused_matmul, ref_matmul, [x, A, U, V], torch.bfloat16)
