@@ -143,6 +143,9 @@ def _kron_bwd_kernel(
                 da += tl.load(da_ptrs, mask=mask_da, other=0.0)
                 tl.store(da_ptrs, da, mask=mask_da)
             r2 = tl.reshape(r3, (BLOCK_N * A_IN_P, BLOCK_J))
+            # reload the (cache-hot) tokens rather than keep them live across the a_out loop:
+            # that frees BLOCK_N*a_in*q registers, the difference between spilling and not
+            x2 = _load_tokens(x_ptr, offs_n, mask_n, stride_xn, stride_xk, A_IN, Q, A_IN_P, Q_P, BLOCK_N)
             dvf_acc += tl.dot(tl.trans(x2), r2, input_precision=DOT_PRECISION)
             if NEED_DX:
                 dx = tl.reshape(tl.dot(r2, tl.trans(vf), input_precision=DOT_PRECISION), (BLOCK_N, A_IN_P, Q_P))
@@ -207,39 +210,56 @@ def _max_programs(device: torch.device) -> int:
     return 8  # the interpreter: few programs keep CPU tests fast
 
 
-def _meta(x2, Abar, Uf, Vf):
+def _meta(x2, Abar, Uf, Vf, max_block_j):
+    """Compile-time sizes. Resource use for ViT-B (a = 32, p = q = 24, bf16) on sm_90,
+    read off ptxas: forward BLOCK_N = 16, BLOCK_J = 32, 8 warps: 158 registers, no spill;
+    the backward holds three (BLOCK_N, a_in, BLOCK_J) tiles at once, so it takes BLOCK_J = 16
+    (255 registers, ~0.5 KB spill at 8 warps; BLOCK_J = 32 spills twice that)."""
     a_in, a_out, mr = Abar.shape
     p, q = Uf.shape[0], Vf.shape[0]
     return dict(
         A_IN=a_in, A_OUT=a_out, P=p, Q=q, MR=mr,
         A_IN_P=triton.next_power_of_2(a_in), P_P=_pad(p), Q_P=_pad(q),
-        BLOCK_N=16, BLOCK_J=min(_pad(mr), 32),
+        BLOCK_N=16, BLOCK_J=min(_pad(mr), max_block_j),
         # fp32 activations keep fp32 products; 16-bit activations already carry 2^-8 error, so tf32 is free
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
     )
+
+
+def _accumulator(base, shape, x2, chunks):
+    """The buffer the kernel writes into, and whether it adds onto what is there.
+
+    With several rank chunks every chunk adds onto the output; in a 16-bit output each
+    addition would round again, so then the kernel accumulates in an fp32 buffer
+    (initialised from ``base``, e.g. the base GEMM's result) that the launcher casts once."""
+    if chunks > 1 and x2.dtype != torch.float32:
+        if base is None:
+            return torch.empty(shape, device=x2.device, dtype=torch.float32), False
+        return base.float(), True
+    if base is None:
+        return torch.empty(shape, device=x2.device, dtype=x2.dtype), False
+    return base, True
 
 
 def kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale):
     """``x2 @ weight.T + bias + scale * kron-term`` for 2-D ``x2``; weight/bias may be None."""
     n = x2.shape[0]
     d_out = Abar.shape[1] * Uf.shape[0]
-    accumulate = True
+    base = None
     if weight is not None:
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        base = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
     elif bias is not None:
-        y = bias.expand(n, d_out).contiguous()
-    else:
-        y = torch.empty((n, d_out), device=x2.device, dtype=x2.dtype)
-        accumulate = False
+        base = bias.expand(n, d_out).contiguous()
     if n == 0:
-        return y
-    meta = _meta(x2, Abar, Uf, Vf)
+        return base if base is not None else torch.zeros((0, d_out), device=x2.device, dtype=x2.dtype)
+    meta = _meta(x2, Abar, Uf, Vf, max_block_j=32)
+    y, accumulate = _accumulator(base, (n, d_out), x2, triton.cdiv(meta["MR"], meta["BLOCK_J"]))
     grid = (triton.cdiv(n, meta["BLOCK_N"]),)
     _kron_fwd_kernel[grid](
         x2, y, Abar, Uf, Vf, n, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), scale,
         ACCUMULATE=accumulate, num_warps=8 if x2.is_cuda else 1, **meta,
     )
-    return y
+    return y.to(x2.dtype)
 
 
 def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
@@ -247,31 +267,27 @@ def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
     n = x2.shape[0]
     a_in, a_out, mr = Abar.shape
     p, q = Uf.shape[0], Vf.shape[0]
-    dx = None
-    accumulate_dx = False
-    if need_dx:
-        if weight is not None:
-            dx = dy2 @ weight
-            accumulate_dx = True
-        else:
-            dx = torch.empty((n, a_in * q), device=x2.device, dtype=x2.dtype)
     if n == 0:
         zeros = functools.partial(torch.zeros, device=x2.device, dtype=torch.float32)
-        if dx is not None and not accumulate_dx:
-            dx.zero_()
+        dx = zeros((0, a_in * q), dtype=x2.dtype) if need_dx else None
         return dx, zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr))
-    meta = _meta(x2, Abar, Uf, Vf)
+    meta = _meta(x2, Abar, Uf, Vf, max_block_j=16)
+    dx, accumulate_dx = None, False
+    if need_dx:
+        base = dy2 @ weight if weight is not None else None
+        dx, accumulate_dx = _accumulator(base, (n, a_in * q), x2, triton.cdiv(meta["MR"], meta["BLOCK_J"]))
     programs = min(triton.cdiv(n, meta["BLOCK_N"]), _max_programs(x2.device))
-    part = functools.partial(torch.empty, device=x2.device, dtype=torch.float32)
     dabar_part = torch.zeros((programs, mr, a_out, a_in), device=x2.device, dtype=torch.float32)
-    duf_part = part((programs, p, mr))
-    dvf_part = part((programs, q, mr))
+    duf_part = torch.empty((programs, p, mr), device=x2.device, dtype=torch.float32)
+    dvf_part = torch.empty((programs, q, mr), device=x2.device, dtype=torch.float32)
     dx_arg = dx if dx is not None else x2
     _kron_bwd_kernel[(programs,)](
         x2, dy2, dx_arg, Abar, Uf, Vf, dabar_part, duf_part, dvf_part,
         n, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx_arg.stride(0), dx_arg.stride(1), scale,
-        NEED_DX=dx is not None, ACCUMULATE_DX=accumulate_dx, num_warps=8 if x2.is_cuda else 1, **meta,
+        NEED_DX=need_dx, ACCUMULATE_DX=accumulate_dx, num_warps=8 if x2.is_cuda else 1, **meta,
     )
+    if dx is not None:
+        dx = dx.to(x2.dtype)
     return dx, dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0)
 
 
