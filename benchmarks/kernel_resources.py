@@ -42,16 +42,16 @@ def kron_cases(dtype="bf16", a=32, p=24, mr=32):
     act, f32 = f"*{dtype}", "*fp32"
     strides = {name: "i32" for name in ("n_rows", "stride_xn", "stride_xk")}
     yield "kron fwd", kron._kron_fwd_kernel, (
-        {"x_ptr": act, "y_ptr": act, "abar_ptr": f32, "uf_ptr": f32, "vf_ptr": f32},
+        {"x_ptr": act, "y_ptr": act, "bias_ptr": act, "abar_ptr": f32, "uf_ptr": f32, "vf_ptr": f32},
         {**strides, "stride_yn": "i32", "stride_yk": "i32", "scale": "fp32"},
-        {**sizes, "BLOCK_J": min(kron._pad(mr), 32), "ACCUMULATE": True},
+        {**sizes, "BLOCK_J": min(kron._pad(mr), 32), "HAS_BIAS": True},
     )
     yield "kron bwd", kron._kron_bwd_kernel, (
         {"x_ptr": act, "dy_ptr": act, "dx_ptr": act, "abar_ptr": f32, "uf_ptr": f32, "vf_ptr": f32,
          "dabar_part_ptr": f32, "duf_part_ptr": f32, "dvf_part_ptr": f32},
         {**strides, "stride_dyn": "i32", "stride_dyk": "i32", "stride_dxn": "i32", "stride_dxk": "i32",
          "scale": "fp32"},
-        {**sizes, "BLOCK_J": min(kron._pad(mr), 16), "NEED_DX": True, "ACCUMULATE_DX": True},
+        {**sizes, "BLOCK_J": min(kron._pad(mr), 16), "NEED_DX": True},
     )
 
 

@@ -45,12 +45,12 @@ def _load_tokens(x_ptr, offs_n, mask_n, stride_xn, stride_xk, A_IN: tl.constexpr
 
 @triton.jit
 def _kron_fwd_kernel(
-    x_ptr, y_ptr, abar_ptr, uf_ptr, vf_ptr,
+    x_ptr, y_ptr, bias_ptr, abar_ptr, uf_ptr, vf_ptr,
     n_rows, stride_xn, stride_xk, stride_yn, stride_yk, scale,
     A_IN: tl.constexpr, A_OUT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, MR: tl.constexpr,
     A_IN_P: tl.constexpr, P_P: tl.constexpr, Q_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -71,11 +71,8 @@ def _kron_fwd_kernel(
         # Uf^T chunk with the scale folded in: (BLOCK_J, P_P)
         uf_t = tl.load(uf_ptr + offs_p[None, :] * MR + offs_j[:, None],
                        mask=mask_j[:, None] & (offs_p[None, :] < P), other=0.0) * scale
-        # the first rank chunk writes (or adds onto a base output), later chunks add
-        if ACCUMULATE:
-            mask_prev = mask_y
-        else:
-            mask_prev = mask_y & (j0 > 0)
+        # the first rank chunk writes (with the bias), later chunks add
+        mask_prev = mask_y & (j0 > 0)
         for o in range(A_OUT):
             abar = tl.load(abar_ptr + offs_a[:, None] * (A_OUT * MR) + o * MR + offs_j[None, :],
                            mask=mask_a[:, None] & mask_j[None, :], other=0.0)
@@ -83,6 +80,9 @@ def _kron_fwd_kernel(
             y = tl.dot(s, uf_t, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + offs_n[:, None] * stride_yn + (o * P + offs_p[None, :]) * stride_yk
             y += tl.load(y_ptrs, mask=mask_prev, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + o * P + offs_p, mask=(offs_p < P) & (j0 == 0), other=0.0)
+                y += bias.to(tl.float32)[None, :]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
@@ -94,7 +94,7 @@ def _kron_bwd_kernel(
     A_IN: tl.constexpr, A_OUT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, MR: tl.constexpr,
     A_IN_P: tl.constexpr, P_P: tl.constexpr, Q_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    NEED_DX: tl.constexpr, ACCUMULATE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Per token block, with P = scale * dY Uf and R[a, j] = sum_o Abar[a, o, j] P[o, j]:
     dAbar^T[j, o, a] += P[o, j] T[a, j]; dUf += scale * dY^T S; dVf += X^T R; dx = R Vf^T."""
@@ -152,11 +152,7 @@ def _kron_bwd_kernel(
                 cols = offs_a[:, None] * Q + offs_q[None, :]
                 mask_dx = mask_n[:, None, None] & (mask_a[:, None] & mask_q[None, :])[None, :, :]
                 dx_ptrs = dx_ptr + offs_n[:, None, None] * stride_dxn + cols[None, :, :] * stride_dxk
-                if ACCUMULATE_DX:
-                    mask_prev = mask_dx
-                else:
-                    mask_prev = mask_dx & (j0 > 0)
-                dx += tl.load(dx_ptrs, mask=mask_prev, other=0.0).to(tl.float32)
+                dx += tl.load(dx_ptrs, mask=mask_dx & (j0 > 0), other=0.0).to(tl.float32)
                 tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask_dx)
         tl.store(duf_part_ptr + offs_p[:, None] * MR + offs_j[None, :], duf_acc * scale,
                  mask=mask_p[:, None] & mask_j[None, :])
@@ -226,44 +222,42 @@ def _meta(x2, Abar, Uf, Vf, max_block_j):
     )
 
 
-def _accumulator(base, shape, x2, chunks):
-    """The buffer the kernel writes into, and whether it adds onto what is there.
-
-    With several rank chunks every chunk adds onto the output; in a 16-bit output each
-    addition would round again, so then the kernel accumulates in an fp32 buffer
-    (initialised from ``base``, e.g. the base GEMM's result) that the launcher casts once."""
-    if chunks > 1 and x2.dtype != torch.float32:
-        if base is None:
-            return torch.empty(shape, device=x2.device, dtype=torch.float32), False
-        return base.float(), True
-    if base is None:
-        return torch.empty(shape, device=x2.device, dtype=x2.dtype), False
-    return base, True
+def _kron_buffer(shape, x2, meta):
+    """The buffer the kron kernels write: with several rank chunks every chunk adds onto it,
+    and in a 16-bit buffer each addition would round again, so then it is fp32."""
+    chunks = triton.cdiv(meta["MR"], meta["BLOCK_J"])
+    dtype = torch.float32 if chunks > 1 else x2.dtype
+    return torch.empty(shape, device=x2.device, dtype=dtype)
 
 
 def kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale):
-    """``x2 @ weight.T + bias + scale * kron-term`` for 2-D ``x2``; weight/bias may be None."""
+    """``x2 @ weight.T + bias + scale * kron-term`` for 2-D ``x2``; weight/bias may be None.
+
+    The kron kernel writes its term (and the bias) first; the frozen GEMM then adds onto it
+    through cuBLAS's ``beta = 1`` epilogue. The GEMM is compute-bound, so reading its C
+    operand is nearly free, whereas adding the kron term onto a finished GEMM output would
+    cost the memory-bound kernel an extra read of y."""
     n = x2.shape[0]
     d_out = Abar.shape[1] * Uf.shape[0]
-    base = None
-    if weight is not None:
-        base = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-    elif bias is not None:
-        base = bias.expand(n, d_out).contiguous()
     if n == 0:
-        return base if base is not None else torch.zeros((0, d_out), device=x2.device, dtype=x2.dtype)
-    meta = _meta(x2, Abar, Uf, Vf, max_block_j=32)
-    y, accumulate = _accumulator(base, (n, d_out), x2, triton.cdiv(meta["MR"], meta["BLOCK_J"]))
-    grid = (triton.cdiv(n, meta["BLOCK_N"]),)
-    _kron_fwd_kernel[grid](
-        x2, y, Abar, Uf, Vf, n, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), scale,
-        ACCUMULATE=accumulate, num_warps=8 if x2.is_cuda else 1, **meta,
-    )
-    return y.to(x2.dtype)
+        y = torch.zeros((0, d_out), device=x2.device, dtype=x2.dtype)
+    else:
+        meta = _meta(x2, Abar, Uf, Vf, max_block_j=32)
+        y = _kron_buffer((n, d_out), x2, meta)
+        _kron_fwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
+            x2, y, bias if bias is not None else y, Abar, Uf, Vf,
+            n, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), scale,
+            HAS_BIAS=bias is not None, num_warps=8 if x2.is_cuda else 1, **meta,
+        )
+        y = y.to(x2.dtype)
+    if weight is not None:
+        y.addmm_(x2, weight.t())
+    return y
 
 
 def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
-    """Returns ``(dx, dAbar^T (MR, a_out, a_in), dUf, dVf)``; ``dx`` includes ``dy @ weight``."""
+    """Returns ``(dx, dAbar^T (MR, a_out, a_in), dUf, dVf)``; ``dx`` includes ``dy @ weight``
+    (added by cuBLAS onto the kron kernel's output, as in the forward)."""
     n = x2.shape[0]
     a_in, a_out, mr = Abar.shape
     p, q = Uf.shape[0], Vf.shape[0]
@@ -272,10 +266,7 @@ def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
         dx = zeros((0, a_in * q), dtype=x2.dtype) if need_dx else None
         return dx, zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr))
     meta = _meta(x2, Abar, Uf, Vf, max_block_j=16)
-    dx, accumulate_dx = None, False
-    if need_dx:
-        base = dy2 @ weight if weight is not None else None
-        dx, accumulate_dx = _accumulator(base, (n, a_in * q), x2, triton.cdiv(meta["MR"], meta["BLOCK_J"]))
+    dx = _kron_buffer((n, a_in * q), x2, meta) if need_dx else None
     programs = min(triton.cdiv(n, meta["BLOCK_N"]), _max_programs(x2.device))
     dabar_part = torch.zeros((programs, mr, a_out, a_in), device=x2.device, dtype=torch.float32)
     duf_part = torch.empty((programs, p, mr), device=x2.device, dtype=torch.float32)
@@ -284,10 +275,12 @@ def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
     _kron_bwd_kernel[(programs,)](
         x2, dy2, dx_arg, Abar, Uf, Vf, dabar_part, duf_part, dvf_part,
         n, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx_arg.stride(0), dx_arg.stride(1), scale,
-        NEED_DX=need_dx, ACCUMULATE_DX=accumulate_dx, num_warps=8 if x2.is_cuda else 1, **meta,
+        NEED_DX=need_dx, num_warps=8 if x2.is_cuda else 1, **meta,
     )
     if dx is not None:
         dx = dx.to(x2.dtype)
+        if weight is not None:
+            dx.addmm_(dy2, weight)
     return dx, dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0)
 
 
