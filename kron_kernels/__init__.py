@@ -6,6 +6,8 @@ extension; each is probed lazily on the first call that needs it.
 from . import backend
 from .backend import BackendUnavailableError, get_backend, set_backend, use_backend
 from .ops import bottleneck_adapter, kron_delta, kron_linear, kron_matmul
+from . import nn
+from .adapt import METHODS, adapt, adapter_state_dict, load_adapter_state_dict, merge, unmerge
 
 __version__ = "0.1.0"
 
@@ -19,4 +21,11 @@ __all__ = [
     "kron_matmul",
     "kron_linear",
     "bottleneck_adapter",
+    "nn",
+    "METHODS",
+    "adapt",
+    "merge",
+    "unmerge",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
 ]

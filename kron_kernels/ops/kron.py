@@ -220,7 +220,8 @@ class KronDeltaFunction(torch.autograd.Function):
 # public functional API
 # ----------------------------------------------------------------------------------------
 def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``scale * sum_i kron(A[i], U[i] @ V[i].T)``, shape ``(a_out*p, a_in*q)``, in A's dtype.
+    """``scale * sum_i kron(A[i], U[i] @ V[i].T)``, shape ``(a_out*p, a_in*q)``, in A's dtype
+    (also under autocast).
 
     Use it to merge an increment into a frozen weight or to inspect it; to *apply* an
     increment to activations use :func:`kron_matmul` / :func:`kron_linear`, which never build it.
@@ -231,7 +232,10 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     if torch.float64 in (A.dtype, U.dtype, V.dtype):
         refuses = "its kernels compute in float32, got float64 factors"
     impl = backend.select("kron_delta", A.device, triton_refuses=refuses)
-    return KronDeltaFunction.apply(A, U, V, scale, impl)
+    # the increment is built in the factors' precision even under autocast: it is small, and
+    # the projection that consumes it runs at autocast precision anyway
+    with torch.autocast(device_type=A.device.type, enabled=False):
+        return KronDeltaFunction.apply(A, U, V, scale, impl)
 
 
 def _autocast_inputs(x, weight, bias):

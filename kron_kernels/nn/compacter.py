@@ -1,0 +1,207 @@
+"""Compacter: PHM layers and the sequential bottleneck adapter (DESIGN.md 4.1).
+
+A PHM layer's weight is ``sum_i kron(A_i, s_i t_i^T)`` (rank-one "LPHM" fast weights
+``s: (n, out/n, 1)``, ``t: (n, in/n, 1)``) plus a bias; it is built with
+:func:`kron_kernels.kron_delta` -- for the adapter's d x k and k x d layers the weight is
+small, and one dense GEMM beats the structured product. The adapter
+``h + up(GELU(down(h)))`` computes both weights and runs them through
+:func:`kron_kernels.ops.bottleneck_adapter`, one fused kernel on GPU that keeps the
+k-dim intermediate on chip.
+
+``A: (n, n, n)`` is one set shared by every PHM layer of a model: pass the Parameter, or
+the module that owns it as ``A`` (looked up on every call, so it survives
+``load_state_dict(assign=True)``); it is not registered by the layers that borrow it.
+
+Initialisation: ``A ~ N(0, 1/n)``, ``s ~ N(0, 1)``, ``t ~ N(0, 1/in)`` so that the PHM weight
+has entries of variance ``1/in`` (as a fan-in initialised Linear); biases 0; and the up
+layer's ``s = 0``, which makes the adapter exactly the identity at step 0. The first
+backward reaches ``up.s`` and ``up.bias``; from the second step on every factor gets a gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .kadaptation import init_shared_factor
+
+__all__ = ["PHMLinear", "CompacterAdapter", "AdapterWrapper"]
+
+SharedA = Union[None, nn.Parameter, nn.Module]
+
+_MERGE_ERROR = (
+    "Compacter adapters cannot be merged into the frozen weights: the GELU between the down "
+    "and up projections makes the adapter nonlinear"
+)
+
+
+def _check_phm_dims(in_features: int, out_features: int, n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+        if size % n:
+            raise ValueError(f"n={n} must divide {name}={size}")
+
+
+class PHMLinear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W = sum_i kron(A_i, s_i t_i^T)``.
+
+    Args:
+        in_features, out_features: the layer's sizes; ``n`` must divide both.
+        n: number of Kronecker terms and the size of each ``A_i``.
+        A: None to own ``A: (n, n, n)``; a shared ``nn.Parameter``; or the ``nn.Module``
+            that owns the shared Parameter as its attribute ``A``.
+        bias: add a bias (zero at init).
+        device, dtype: of the factors (float32 by default).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int = 4,
+        A: SharedA = None,
+        bias: bool = True,
+        device=None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        _check_phm_dims(in_features, out_features, n)
+        self.in_features, self.out_features, self.n = in_features, out_features, n
+        factory = dict(device=device, dtype=dtype or torch.float32)
+        names = []
+        if A is None:
+            self.A = nn.Parameter(torch.empty(n, n, n, **factory))
+            names.append("A")
+            self._shared = None
+        else:
+            shared = A if isinstance(A, torch.Tensor) else getattr(A, "A", None)
+            if not isinstance(A, (torch.Tensor, nn.Module)) or not isinstance(shared, torch.Tensor):
+                raise TypeError("A must be None, a Parameter, or a module owning a Parameter named 'A'")
+            if tuple(shared.shape) != (n, n, n):
+                raise ValueError(f"the shared A must have shape ({n}, {n}, {n}), got {tuple(shared.shape)}")
+            self._shared = (A,)  # a tuple: nn.Module registers Parameter/Module attributes, not tuples
+        self.s = nn.Parameter(torch.empty(n, out_features // n, 1, **factory))
+        self.t = nn.Parameter(torch.empty(n, in_features // n, 1, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        names += ["s", "t"] + (["bias"] if bias else [])
+        #: this module's own parameters that are adapter tensors (read by kk.adapter_state_dict)
+        self.kk_adapter_params = tuple(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """An owned ``A ~ N(0, 1/n)``; ``s ~ N(0, 1)``; ``t ~ N(0, 1/in)``; bias 0."""
+        with torch.no_grad():
+            if self._shared is None:
+                init_shared_factor(self.A)
+            self.s.normal_(0.0, 1.0)
+            self.t.normal_(0.0, 1.0 / math.sqrt(self.in_features))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    @property
+    def phm_rule(self) -> torch.Tensor:
+        """The (possibly shared) ``A: (n, n, n)``."""
+        if self._shared is None:
+            return self.A
+        owner = self._shared[0]
+        return owner if isinstance(owner, torch.Tensor) else owner.A
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``sum_i kron(A_i, s_i t_i^T)``, ``(out_features, in_features)``, differentiable."""
+        return ops.kron_delta(self.phm_rule, self.s, self.t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the weight is built in the factors' dtype and applied in the activations'
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, "
+            f"bias={self.bias is not None}, shared_A={self._shared is not None}"
+        )
+
+
+class CompacterAdapter(nn.Module):
+    """``h + up(GELU(down(h)))`` with PHM ``down`` (d -> k) and ``up`` (k -> d) sharing one ``A``.
+
+    Args:
+        d: hidden size; k: bottleneck size (default ``d // 32``); ``n`` must divide both.
+        n: Kronecker terms.
+        A: None (the adapter owns ``A``, shared by its two layers), a shared Parameter, or
+            the module owning it as ``A`` (see :class:`PHMLinear`).
+
+    Starts as the exact identity (``up.s = 0``, ``up.bias = 0``).
+    """
+
+    def __init__(
+        self, d: int, k: Optional[int] = None, n: int = 4, A: SharedA = None, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        k = d // 32 if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"the bottleneck size k must be a positive int, got {k!r} (default d // 32)")
+        _check_phm_dims(d, k, n)
+        factory = dict(device=device, dtype=dtype or torch.float32)
+        if A is None:
+            self.A = nn.Parameter(init_shared_factor(torch.empty(n, n, n, **factory)))
+            self.kk_adapter_params = ("A",)
+            A = self
+        else:
+            self.kk_adapter_params = ()
+        self.d, self.k, self.n = d, k, n
+        self.down = PHMLinear(d, k, n, A=A, **factory)
+        self.up = PHMLinear(k, d, n, A=A, **factory)
+        with torch.no_grad():
+            self.up.s.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        A = self.down.phm_rule
+        w_down = ops.kron_delta(A, self.down.s, self.down.t)  # (k, d), kk.kron_delta
+        w_up = ops.kron_delta(A, self.up.s, self.up.t)  # (d, k)
+        return ops.bottleneck_adapter(h, w_down, self.down.bias, w_up, self.up.bias)
+
+    def merge(self) -> None:
+        raise ValueError(_MERGE_ERROR)
+
+    unmerge = merge
+
+    @property
+    def merged(self) -> bool:
+        return False
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, k={self.k}, n={self.n}, shared_A={not self.kk_adapter_params}"
+
+
+class AdapterWrapper(nn.Module):
+    """``adapter(base(*args, **kwargs))``: an adapter on a submodule's output.
+
+    Every positional and keyword argument reaches ``base`` unchanged (timm's blocks call
+    ``attn(x, attn_mask=..., is_causal=...)``). Attributes the wrapper does not have are
+    read from ``base`` (``wrapped.num_heads``, ``wrapped.qkv``, ...).
+    """
+
+    def __init__(self, base: nn.Module, adapter: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.adapter(self.base(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapter", "_modules"):
+                raise
+            return getattr(self._modules["base"], name)

@@ -1,0 +1,267 @@
+"""kron_kernels.nn.KAdaptationLinear against the paper-style reference module."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kron_kernels as kk
+from conftest import INTERPRET
+from kron_kernels.nn import KAdaptationLinear
+from kron_kernels.reference import kadaptation as ref
+from utils import RTOL, assert_rel_close, rel_err
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
+
+# (in, out, base bias, targets, n, r, bias, scale): the q/v and q/k/v slices of a fused qkv,
+# a full-rows target (the kron_linear path), a non-power-of-two n, adapter bias on a
+# bias-free base (merge then has to create the bias)
+CASES = [
+    pytest.param((64, 192, True, {"q": (0, 64), "v": (128, 192)}, 8, 1, False, 1.0), id="qkv64-qv-n8"),
+    pytest.param((64, 192, False, {"q": (0, 64), "k": (64, 128), "v": (128, 192)}, 8, 2, True, 0.5),
+                 id="qkv64-qkv-n8-r2-bias-nobase"),
+    pytest.param((96, 96, True, {"proj": (0, 96)}, 6, 1, True, 1.0), id="proj96-n6-bias"),
+    pytest.param((48, 48, False, {"proj": (0, 48)}, 4, 3, False, 2.0), id="proj48-n4-r3-nobase"),
+    pytest.param((96, 288, True, {"v": (192, 288)}, 6, 1, False, 1.0), id="qkv96-v-n6"),
+]
+
+
+def make_base(d_in, d_out, base_bias, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out, bias=base_bias).to(dtype).requires_grad_(False)
+
+
+def make_shared(targets, n, dtype=torch.float64, seed=1):
+    """The module owning A_<target>, as kk.adapt builds it for a whole model."""
+    shared = nn.Module()
+    gen = torch.Generator().manual_seed(seed)
+    for name in targets:
+        shared.register_parameter(f"A_{name}", nn.Parameter(torch.randn(n, n, n, generator=gen, dtype=dtype)))
+    return shared
+
+
+def make_pair(case, shared: bool, dtype=torch.float64):
+    """(fused, reference) modules on copies of one frozen Linear, with the same random factors."""
+    d_in, d_out, base_bias, targets, n, r, bias, scale = case
+    owner = make_shared(targets, n, dtype) if shared else None
+    fused = KAdaptationLinear(make_base(d_in, d_out, base_bias, dtype), targets, n, r, bias, scale, shared=owner)
+    reference = ref.KAdaptationLinear(make_base(d_in, d_out, base_bias, dtype), targets, n, r, bias, scale, owner)
+    perturb(fused, seed=2)
+    reference.load_state_dict(fused.state_dict())  # same names and shapes: loads strictly
+    return fused, reference, owner
+
+
+def perturb(module, seed):
+    """Nonzero values for every adapter parameter (V is zero at init, hiding the increment)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in module.kk_adapter_params:
+            p = getattr(module, name)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+
+def outputs_and_grads(module, x, params, seed=0, autocast=None):
+    """{"out", "x", <param names>}: the output and the gradients of a fixed random cotangent.
+
+    With ``autocast`` (a dtype) the forward runs under CPU autocast and the backward outside it.
+    """
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = module(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, [x, *params.values()], g)
+    return {"out": out, "x": grads[0], **dict(zip(params, grads[1:]))}
+
+
+def trainable(module, owner):
+    params = dict(module.named_parameters())
+    if owner is not None:
+        params.update({f"shared.{k}": v for k, v in owner.named_parameters()})
+    return {k: v for k, v in params.items() if v.requires_grad}
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-A", "own-A"])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference_float64(case, shared):
+    fused, reference, owner = make_pair(case, shared)
+    x = torch.randn(2, 7, case[0], dtype=torch.float64)
+    got = outputs_and_grads(fused, x, trainable(fused, owner))
+    want = outputs_and_grads(reference, x, trainable(reference, owner))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]])
+def test_matches_reference_triton_fp32(case):
+    """The module on the Triton kernels (interpreted), fp32, against the reference in float64."""
+    fused, reference, owner = make_pair(case, shared=True)
+    fused32 = KAdaptationLinear(make_base(*case[:3], dtype=torch.float32), case[3], *case[4:], shared=owner)
+    fused32.load_state_dict(fused.state_dict())
+    x = torch.randn(5, case[0], dtype=torch.float64)
+    want = outputs_and_grads(reference, x, trainable(reference, owner))
+    with kk.use_backend("triton"):
+        got = outputs_and_grads(fused32, x.float(), trainable(fused32, owner))
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_autocast_bf16_low_precision_rule(case):
+    """fp32 frozen Linear and factors under bf16 autocast: every output and gradient error
+    against the float64 reference is at most twice the naive reference's under the same
+    autocast, plus 1e-3 (DESIGN.md 6)."""
+    d_in, d_out, base_bias, targets, n, r, bias, scale = case
+
+    def build(cls, dtype):
+        owner = make_shared(targets, n, dtype)
+        module = cls(make_base(d_in, d_out, base_bias, dtype), targets, n, r, bias, scale, shared=owner)
+        return module, owner
+
+    fused, owner = build(KAdaptationLinear, torch.float32)
+    perturb(fused, seed=6)
+    naive, naive_owner = build(ref.KAdaptationLinear, torch.float32)
+    exact, exact_owner = build(ref.KAdaptationLinear, torch.float64)
+    for module in (naive, exact):
+        module.load_state_dict(fused.state_dict())
+    x = torch.randn(40, d_in)
+    want = outputs_and_grads(exact, x.double(), trainable(exact, exact_owner))
+    got = outputs_and_grads(fused, x, trainable(fused, owner), autocast=torch.bfloat16)
+    base = outputs_and_grads(naive, x, trainable(naive, naive_owner), autocast=torch.bfloat16)
+    assert got["out"].dtype == torch.bfloat16
+    for name in want:
+        e_fused, e_naive = rel_err(got[name], want[name]), rel_err(base[name], want[name])
+        assert e_fused <= 2 * e_naive + 1e-3, f"{name}: fused {e_fused:.2e} vs naive bf16 {e_naive:.2e}"
+
+
+@pytest.mark.parametrize("cls", [KAdaptationLinear, ref.KAdaptationLinear], ids=["fused", "reference"])
+@pytest.mark.parametrize("case", CASES)
+def test_increment_is_exactly_zero_at_init(case, cls):
+    d_in, d_out, base_bias, targets, n, r, bias, scale = case
+    base = make_base(d_in, d_out, base_bias, torch.float32)
+    module = cls(base, targets, n, r, bias, scale)
+    x = torch.randn(3, 5, d_in)
+    assert torch.equal(module(x), F.linear(x, base.weight, base.bias))
+    assert all(not getattr(module, f"V_{t}").any() for t in targets)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_factor_learns_from_the_second_step(case):
+    d_in, d_out, base_bias, targets, n, r, bias, scale = case
+    torch.manual_seed(0)
+    module = KAdaptationLinear(make_base(d_in, d_out, base_bias), targets, n, r, bias, scale)
+    params = dict(module.named_parameters())
+    assert {k for k, p in params.items() if p.requires_grad} == set(module.kk_adapter_params)
+    initial = {k: p.detach().clone() for k, p in params.items()}
+    optimizer = torch.optim.SGD([p for p in params.values() if p.requires_grad], lr=0.1)
+    x, target = torch.randn(16, d_in, dtype=torch.float64), torch.randn(16, d_out, dtype=torch.float64)
+    for step in range(2):
+        optimizer.zero_grad()
+        F.mse_loss(module(x), target).backward()
+        if step == 0:  # the first backward reaches V (A and U are random); A and U wait for V to move
+            for t in targets:
+                assert module.get_parameter(f"V_{t}").grad.abs().max() > 0, f"V_{t}"
+        optimizer.step()
+    for name in module.kk_adapter_params:
+        assert params[name].grad.abs().max() > 0, f"{name} got no gradient in step 2"
+        assert not torch.equal(params[name], initial[name]), f"{name} did not change"
+    assert module.weight.grad is None and torch.equal(module.weight, initial["weight"])
+
+
+@pytest.mark.parametrize("cls", [KAdaptationLinear, ref.KAdaptationLinear], ids=["fused", "reference"])
+@pytest.mark.parametrize("case", CASES)
+def test_merge_unmerge_round_trip(case, cls):
+    d_in, d_out, base_bias, targets, n, r, bias, scale = case
+    module = cls(make_base(d_in, d_out, base_bias), targets, n, r, bias, scale)
+    perturb(module, seed=3)
+    weight0 = module.weight.detach().clone()
+    bias0 = None if module.bias is None else module.bias.detach().clone()
+    x = torch.randn(4, 3, d_in, dtype=torch.float64)
+    y0 = module(x)
+    module.merge()
+    assert module.merged
+    assert not torch.equal(module.weight, weight0)
+    # the merged forward is the plain Linear: the increment must not be added a second time
+    assert_rel_close(module(x), y0, RTOL[torch.float64], "merged output")
+    assert_rel_close(module(x), F.linear(x, module.weight, module.bias), 0.0, "merged = plain linear")
+    with pytest.raises(ValueError, match="already merged"):
+        module.merge()
+    module.unmerge()
+    assert not module.merged
+    assert torch.equal(module.weight, weight0), "unmerge must restore the weight bitwise"
+    if bias0 is None:
+        assert module.bias is None
+    else:
+        assert torch.equal(module.bias, bias0)
+    assert torch.equal(module(x), y0)
+    with pytest.raises(ValueError, match="not merged"):
+        module.unmerge()
+
+
+def test_merged_matches_materialised_increment():
+    """merge adds exactly kk.kron_delta of each target to its rows and leaves the others alone."""
+    case = CASES[0].values[0]
+    module = KAdaptationLinear(make_base(*case[:3]), case[3], *case[4:])
+    perturb(module, seed=4)
+    weight0 = module.weight.detach().clone()
+    module.merge()
+    expected = weight0.clone()
+    for name, (start, stop) in case[3].items():
+        expected[start:stop] += ref.kron_delta(*module.factors(name), case[7])
+    assert_rel_close(module.weight, expected, RTOL[torch.float64], "merged weight")
+    assert torch.equal(module.weight[64:128], weight0[64:128])
+
+
+def test_shared_A_is_borrowed_not_registered():
+    d, n = 64, 8
+    owner = make_shared({"q": None, "v": None}, n)
+    slices = {"q": (0, d), "v": (2 * d, 3 * d)}
+    layers = nn.ModuleList(KAdaptationLinear(make_base(d, 3 * d, True, seed=i), slices, n, shared=owner) for i in range(3))
+    model = nn.ModuleDict({"shared": owner, "layers": layers})
+    names = [k for k, _ in model.named_parameters()]
+    assert names.count("shared.A_q") == 1 and not any(".A_" in k for k in names if k.startswith("layers"))
+    assert not any("A_" in k for k in layers[0].state_dict())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * n**3 + 3 * 2 * (n * 8 + n * 8)
+    for layer in layers:
+        perturb(layer, seed=5)
+    x = torch.randn(2, d, dtype=torch.float64)
+    y = x
+    for layer in layers:
+        qkv = layer(y)
+        y = qkv[:, :d] + qkv[:, 2 * d:]
+    y.sum().backward()
+    assert owner.A_q.grad.abs().max() > 0 and owner.A_v.grad.abs().max() > 0
+    # replacing the owner's Parameter (load_state_dict(assign=True)) reaches every layer
+    new_A = torch.zeros(n, n, n, dtype=torch.float64)
+    model.load_state_dict({**model.state_dict(), "shared.A_q": new_A, "shared.A_v": new_A}, assign=True)
+    assert torch.equal(layers[1](x), F.linear(x, layers[1].weight, layers[1].bias))
+
+
+def test_extra_repr():
+    case = CASES[1].values[0]
+    module = KAdaptationLinear(make_base(*case[:3]), case[3], *case[4:])
+    for part in ("in_features=64", "out_features=192", "q[0:64]", "k[64:128]", "v[128:192]", "n=8", "r=2",
+                 "scale=0.5", "bias=True", "shared_A=False", "merged=False"):
+        assert part in repr(module), part
+    module.merge()
+    assert "merged=True" in repr(module)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param(dict(n=5), ValueError, r"n=5 must divide the layer's in_features=64", id="n-not-dividing-d"),
+        pytest.param(dict(targets={"q": (0, 60)}, n=8), ValueError, "n=8 must divide the 60 rows", id="rows"),
+        pytest.param(dict(targets={"q": (0, 64), "k": (32, 96)}), ValueError, "overlap", id="overlap"),
+        pytest.param(dict(targets={"q": (128, 256)}), ValueError, "not inside", id="out-of-range"),
+        pytest.param(dict(targets={}), ValueError, "at least one", id="no-targets"),
+        pytest.param(dict(r=0), ValueError, "r must be a positive int", id="rank0"),
+        pytest.param(dict(shared=nn.Module()), ValueError, "no tensor A_q", id="shared-without-A"),
+        pytest.param(dict(base=nn.Conv1d(64, 192, 1)), TypeError, "nn.Linear", id="not-linear"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = dict(base=make_base(64, 192, True), targets={"q": (0, 64)}, n=8)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        KAdaptationLinear(**args)
