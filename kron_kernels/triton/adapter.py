@@ -154,6 +154,10 @@ def _bottleneck_adapter_bwd_kernel(
         # written; later blocks add to it (columns < D). A scalar bound rather than
         # `mask & (blk != pid)` because the interpreter mistypes a block & scalar mask.
         d_summed = tl.where(blk == pid, 0, D)
+        # Threads re-read partial-sum elements that other threads of this program stored for
+        # the previous block (load and dot layouts differ): a CTA barrier orders those stores
+        # before these loads.
+        tl.debug_barrier()
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
@@ -172,10 +176,14 @@ def _bottleneck_adapter_bwd_kernel(
                 ).to(ACC_DTYPE)
                 mask_summed = (offs_d < d_summed)[None, :]
                 dw_up_t = tl.load(dw_up_t_part_ptr + offs_kd, mask=mask_summed, other=0.0)
-                dw_up_t = tl.dot(tl.trans(g), dout_tile, acc=dw_up_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                dw_up_t = tl.dot(
+                    tl.trans(g), dout_tile, acc=dw_up_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+                )
                 tl.store(dw_up_t_part_ptr + offs_kd, dw_up_t, mask=mask_d[None, :])
                 dw_down = tl.load(dw_down_part_ptr + offs_kd, mask=mask_summed, other=0.0)
-                dw_down = tl.dot(tl.trans(dz), h_tile, acc=dw_down, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                dw_down = tl.dot(
+                    tl.trans(dz), h_tile, acc=dw_down, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+                )
                 tl.store(dw_down_part_ptr + offs_kd, dw_down, mask=mask_d[None, :])
                 db_up = tl.load(db_up_part_ptr + offs_d, mask=offs_d < d_summed, other=0.0)
                 tl.store(db_up_part_ptr + offs_d, db_up + tl.sum(dout_tile, axis=0), mask=mask_d)
@@ -210,8 +218,8 @@ def _k_pad(k: int) -> int:
 def _config(h2: torch.Tensor, k_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
-    On CUDA the tiles are the largest that compile for sm_90 without register spills
-    (ptxas resource usage at K_PAD = 32; not yet timed on a GPU). The forward's second pass
+    On CUDA the tiles come from a ptxas resource sweep (sm_90, K_PAD = 32, Triton 3.6 and
+    3.9): none spills registers. They are not yet timed on a GPU. The forward's second pass
     re-reads a program's ``BLOCK_N x d`` rows from L2: 64 rows of 2-byte (32 of 4-byte)
     activations keep that <= 128 KiB at d = 1024. The backward's weight-gradient dots reduce
     over the ``BLOCK_N`` tokens with the loop-invariant ``g``/``dz`` as operands, which costs
@@ -276,7 +284,8 @@ def bottleneck_adapter_forward(
     cfg_n, cfg_d, num_warps, num_stages, _ = _config(h2, k_pad, backward=False)
     block_n, block_d = block_n or cfg_n, block_d or cfg_d
     _bottleneck_adapter_fwd_kernel[(triton.cdiv(n, block_n),)](
-        h2, w_down_p, w_down_p if b_down_p is None else b_down_p, w_up_t_p, w_up_t_p if b_up is None else b_up, out,
+        h2, w_down_p, w_down_p if b_down_p is None else b_down_p,
+        w_up_t_p, w_up_t_p if b_up is None else b_up, out,
         n, d,
         h2.stride(0), h2.stride(1), out.stride(0),
         HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
