@@ -11,14 +11,9 @@ viewed as ``(a_out, p)``. Neither this module's torch code nor the Triton kernel
 through the same structure, in O(N * r * m * (p + q + a_in * a_out)) work instead of the
 O(N * d_out * d_in) of a dense weight gradient.
 
-Both backends work on *flattened* factors, with ``j = i * r + k`` running over the
-``m * r`` rank-one terms:
-
-    Abar[a, o, j] = A[i, o, a]      (a_in, a_out, m*r)
-    Uf[p, j]      = U[i, p, k]      (p, m*r)
-    Vf[q, j]      = V[i, q, k]      (q, m*r)
-
-so that ``T = X Vf`` (a_in, m*r), ``S[o, j] = sum_a Abar[a, o, j] T[a, j]`` and ``Y = S Uf^T``.
+The torch backend below orders the work so that every step is one GEMM or one batched GEMM
+on views, with no permuted copies (``T``, ``S``, ``P``, ``R`` are the rank-term-major
+intermediates, ``(m*r, N*a)``); the Triton kernels (``triton/kron.py``) keep them on chip.
 """
 from __future__ import annotations
 
@@ -59,68 +54,65 @@ def _check_factors(A, U, V) -> Tuple[int, int, int, int, int, int]:
     return m, a_out, a_in, p, q, r
 
 
-def flatten_factors(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype):
-    """``(Abar, Uf, Vf)`` as in the module docstring, contiguous, in ``dtype``."""
+# ----------------------------------------------------------------------------------------
+# torch backend: structured (GEMMs on views of the factors), never the d x d delta
+# ----------------------------------------------------------------------------------------
+def _rank_major(F_: torch.Tensor) -> torch.Tensor:
+    """``(m, k, r) -> (m*r, k)``: row ``i*r + t`` is ``F_[i, :, t]`` (a tiny copy of a factor)."""
+    m, k, r = F_.shape
+    return F_.transpose(1, 2).reshape(m * r, k)
+
+
+def _torch_T(x2, V):
+    """``T[(i, t), (n, a)] = sum_q V[i, q, t] X_n[a, q]``, i.e. ``X_n V_i`` for every term."""
+    q = V.shape[1]
+    return _rank_major(V) @ x2.reshape(-1, q).t()  # (m*r, N*a_in)
+
+
+def _torch_S(T, A):
+    """``S[i, (t, n), o] = sum_a A[i, o, a] T[(i, t), (n, a)]`` as one batched GEMM over i."""
     m, a_out, a_in = A.shape
-    r = U.shape[2]
-    Abar = A.to(dtype).permute(2, 1, 0).repeat_interleave(r, dim=2).contiguous()
-    Uf = U.to(dtype).permute(1, 0, 2).reshape(U.shape[1], m * r).contiguous()
-    Vf = V.to(dtype).permute(1, 0, 2).reshape(V.shape[1], m * r).contiguous()
-    return Abar, Uf, Vf
+    return torch.bmm(T.view(m, -1, a_in), A.transpose(1, 2))  # (m, r*N, a_out)
 
 
-def unflatten_grads(dAbar_t, dUf, dVf, m: int, r: int):
-    """Map gradients of the flattened factors back: ``dAbar_t`` is laid out (m*r, a_out, a_in)."""
-    mr, a_out, a_in = dAbar_t.shape
-    dA = dAbar_t.reshape(m, r, a_out, a_in).sum(1)
-    dU = dUf.reshape(dUf.shape[0], m, r).permute(1, 0, 2)
-    dV = dVf.reshape(dVf.shape[0], m, r).permute(1, 0, 2)
-    return dA, dU, dV
-
-
-# ----------------------------------------------------------------------------------------
-# torch backend: structured (batched matmuls on the flattened factors), never the d x d delta
-# ----------------------------------------------------------------------------------------
-def _torch_kron_term(x2, Abar, Uf, Vf, scale):
-    n = x2.shape[0]
-    a_in, a_out, mr = Abar.shape
-    T = x2.reshape(n, a_in, Vf.shape[0]) @ Vf  # (N, a_in, MR)
-    S = torch.bmm(T.permute(2, 0, 1), Abar.permute(2, 0, 1))  # (MR, N, a_out)
-    Y = S.permute(1, 2, 0) @ Uf.t()  # (N, a_out, p)
-    return Y.reshape(n, a_out * Uf.shape[0]).mul_(scale)
-
-
-def _torch_forward(x2, weight, bias, Abar, Uf, Vf, scale):
+def _torch_forward(x2, weight, bias, A, U, V, scale):
     acc = compute_dtype(x2.dtype)
-    y = _torch_kron_term(x2.to(acc), Abar, Uf, Vf, scale)
+    A, U, V = A.to(acc), U.to(acc), V.to(acc)
+    xa = x2.to(acc)
+    n, m, r = x2.shape[0], A.shape[0], U.shape[2]
+    S = _torch_S(_torch_T(xa, V), A)
+    # Y[(n, o), p] = sum_{i,t} S[(i, t), (n, o)] U[i, p, t]
+    y = (S.view(m * r, -1).t() @ _rank_major(U)).view(n, -1).mul_(scale)
     if weight is not None:
-        y += F.linear(x2.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+        y += F.linear(xa, weight.to(acc), None if bias is None else bias.to(acc))
     elif bias is not None:
         y += bias.to(acc)
     return y.to(x2.dtype)
 
 
-def _torch_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx: bool):
-    """Returns (dx, dAbar_t (MR, a_out, a_in), dUf, dVf) in the accumulation dtype."""
+def _torch_backward(dy2, x2, weight, A, U, V, scale, need_dx: bool):
+    """Returns ``(dx, dA, dU, dV)`` in the accumulation dtype, from x and dy alone."""
     acc = compute_dtype(x2.dtype)
+    A, U, V = A.to(acc), U.to(acc), V.to(acc)
+    xa, dya = x2.to(acc), dy2.to(acc)
     n = x2.shape[0]
-    a_in, a_out, mr = Abar.shape
-    p, q = Uf.shape[0], Vf.shape[0]
-    x3 = x2.to(acc).reshape(n, a_in, q)
-    dy3 = dy2.to(acc).reshape(n, a_out, p)
-    Tj = (x3 @ Vf).permute(2, 0, 1)  # (MR, N, a_in)
-    S = torch.bmm(Tj, Abar.permute(2, 0, 1))  # (MR, N, a_out)
-    Pj = (dy3 @ Uf).mul_(scale).permute(2, 0, 1)  # (MR, N, a_out) = scale * dY Uf
-    dAbar_t = torch.bmm(Pj.transpose(1, 2), Tj)  # (MR, a_out, a_in)
-    R = torch.bmm(Pj, Abar.permute(2, 1, 0)).permute(1, 2, 0)  # (N, a_in, MR)
-    dVf = x3.reshape(n * a_in, q).t() @ R.reshape(n * a_in, mr)
-    dUf = (dy3.reshape(n * a_out, p).t() @ S.permute(1, 2, 0).reshape(n * a_out, mr)).mul_(scale)
+    m, a_out, a_in = A.shape
+    p, q, r = U.shape[1], V.shape[1], U.shape[2]
+    T = _torch_T(xa, V)  # (m*r, N*a_in)
+    S = _torch_S(T, A)  # (m, r*N, a_out)
+    # P[(i, t), (n, o)] = scale * sum_p U[i, p, t] dY_n[o, p]
+    P = (_rank_major(U) @ dya.reshape(-1, p).t()).mul_(scale)  # (m*r, N*a_out)
+    Pb = P.view(m, -1, a_out)
+    dA = torch.bmm(Pb.transpose(1, 2), T.view(m, -1, a_in))  # (m, a_out, a_in)
+    R = torch.bmm(Pb, A).view(m * r, -1)  # R[(i, t), (n, a)] = sum_o P A[i, o, a]
+    dV = (R @ xa.reshape(-1, q)).view(m, r, q).transpose(1, 2)
+    dU = (S.view(m * r, -1) @ dya.reshape(-1, p)).mul_(scale).view(m, r, p).transpose(1, 2)
     dx = None
     if need_dx:
-        dx = (R @ Vf.t()).reshape(n, a_in * q)
+        dx = (R.t() @ _rank_major(V)).view(n, a_in * q)
         if weight is not None:
-            dx += dy2.to(acc) @ weight.to(acc)
-    return dx, dAbar_t, dUf, dVf
+            dx += dya @ weight.to(acc)
+    return dx, dA, dU, dV
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,12 +129,8 @@ class KronLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, A, U, V, scale, impl):
-        acc = compute_dtype(x2.dtype)
-        Abar, Uf, Vf = flatten_factors(A, U, V, acc)
-        if impl == "triton":
-            y = _triton_kron().kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale)
-        else:
-            y = _torch_forward(x2, weight, bias, Abar, Uf, Vf, scale)
+        forward = _triton_kron().kron_linear_forward if impl == "triton" else _torch_forward
+        y = forward(x2, weight, bias, A, U, V, scale)
         ctx.save_for_backward(x2, weight, A, U, V)
         ctx.scale, ctx.impl = scale, impl
         ctx.has_bias = bias is not None
@@ -151,18 +139,10 @@ class KronLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy2):
         x2, weight, A, U, V = ctx.saved_tensors
-        m, r = A.shape[0], U.shape[2]
         acc = compute_dtype(x2.dtype)
-        Abar, Uf, Vf = flatten_factors(A, U, V, acc)
-        need_dx = ctx.needs_input_grad[0]
         dy2 = dy2.contiguous()
-        if ctx.impl == "triton":
-            dx, dAbar_t, dUf, dVf = _triton_kron().kron_linear_backward(
-                dy2, x2, weight, Abar, Uf, Vf, ctx.scale, need_dx
-            )
-        else:
-            dx, dAbar_t, dUf, dVf = _torch_backward(dy2, x2, weight, Abar, Uf, Vf, ctx.scale, need_dx)
-        dA, dU, dV = unflatten_grads(dAbar_t, dUf, dVf, m, r)
+        backward = _triton_kron().kron_linear_backward if ctx.impl == "triton" else _torch_backward
+        dx, dA, dU, dV = backward(dy2, x2, weight, A, U, V, ctx.scale, ctx.needs_input_grad[0])
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (dy2.to(acc).t() @ x2.to(acc)).to(weight.dtype)

@@ -1,7 +1,8 @@
 """Triton kernels for the Kronecker increment (DESIGN.md 4.1) and their launchers.
 
-Layout (see ops/kron.py): the factors arrive flattened over the ``m*r`` rank-one terms,
-``Abar (a_in, a_out, MR)``, ``Uf (p, MR)``, ``Vf (q, MR)``, fp32. A token row ``x`` is the
+Layout: the launchers flatten the factors over the ``MR = m*r`` rank-one terms,
+``j = i*r + t``: ``Abar[a, o, j] = A[i, o, a]`` (a_in, a_out, MR), ``Uf[p, j] = U[i, p, t]``
+(p, MR), ``Vf[q, j] = V[i, q, t]`` (q, MR), fp32 (tiny copies of the factors). A token row ``x`` is the
 block matrix ``X (a_in, q)``; with ``T = X Vf`` and ``S[o, j] = sum_a Abar[a, o, j] T[a, j]``
 the increment's output is ``Y = scale * S Uf^T`` viewed as ``(a_out, p)``.
 
@@ -190,6 +191,24 @@ def _kron_delta_kernel(
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
+def _flatten(A, U, V):
+    """``(Abar, Uf, Vf)`` of the module docstring, contiguous fp32."""
+    m, r = A.shape[0], U.shape[2]
+    Abar = A.float().permute(2, 1, 0).repeat_interleave(r, dim=2).contiguous()
+    Uf = U.float().permute(1, 0, 2).reshape(U.shape[1], m * r).contiguous()
+    Vf = V.float().permute(1, 0, 2).reshape(V.shape[1], m * r).contiguous()
+    return Abar, Uf, Vf
+
+
+def _unflatten_grads(dAbar_t, dUf, dVf, m, r):
+    """Gradients of ``(Abar^T (MR, a_out, a_in), Uf, Vf)`` mapped back to ``(A, U, V)``."""
+    _, a_out, a_in = dAbar_t.shape
+    dA = dAbar_t.view(m, r, a_out, a_in).sum(1)
+    dU = dUf.view(dUf.shape[0], m, r).permute(1, 0, 2)
+    dV = dVf.view(dVf.shape[0], m, r).permute(1, 0, 2)
+    return dA, dU, dV
+
+
 def _pad(n: int) -> int:
     """Power of two >= n and >= 16 (tl.arange needs powers of two, tl.dot needs >= 16)."""
     return max(16, triton.next_power_of_2(n))
@@ -230,13 +249,14 @@ def _kron_buffer(shape, x2, meta):
     return torch.empty(shape, device=x2.device, dtype=dtype)
 
 
-def kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale):
+def kron_linear_forward(x2, weight, bias, A, U, V, scale):
     """``x2 @ weight.T + bias + scale * kron-term`` for 2-D ``x2``; weight/bias may be None.
 
     The kron kernel writes its term (and the bias) first; the frozen GEMM then adds onto it
     through cuBLAS's ``beta = 1`` epilogue. The GEMM is compute-bound, so reading its C
     operand is nearly free, whereas adding the kron term onto a finished GEMM output would
     cost the memory-bound kernel an extra read of y."""
+    Abar, Uf, Vf = _flatten(A, U, V)
     n = x2.shape[0]
     d_out = Abar.shape[1] * Uf.shape[0]
     if n == 0:
@@ -255,16 +275,18 @@ def kron_linear_forward(x2, weight, bias, Abar, Uf, Vf, scale):
     return y
 
 
-def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
-    """Returns ``(dx, dAbar^T (MR, a_out, a_in), dUf, dVf)``; ``dx`` includes ``dy @ weight``
-    (added by cuBLAS onto the kron kernel's output, as in the forward)."""
+def kron_linear_backward(dy2, x2, weight, A, U, V, scale, need_dx):
+    """Returns ``(dx, dA, dU, dV)`` (fp32 factor gradients); ``dx`` includes ``dy @ weight``,
+    added by cuBLAS onto the kron kernel's output, as in the forward."""
+    m, r = A.shape[0], U.shape[2]
+    Abar, Uf, Vf = _flatten(A, U, V)
     n = x2.shape[0]
     a_in, a_out, mr = Abar.shape
     p, q = Uf.shape[0], Vf.shape[0]
     if n == 0:
         zeros = functools.partial(torch.zeros, device=x2.device, dtype=torch.float32)
         dx = zeros((0, a_in * q), dtype=x2.dtype) if need_dx else None
-        return dx, zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr))
+        return (dx,) + _unflatten_grads(zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr)), m, r)
     meta = _meta(x2, Abar, Uf, Vf, max_block_j=16)
     dx = _kron_buffer((n, a_in * q), x2, meta) if need_dx else None
     programs = min(triton.cdiv(n, meta["BLOCK_N"]), _max_programs(x2.device))
@@ -281,7 +303,7 @@ def kron_linear_backward(dy2, x2, weight, Abar, Uf, Vf, scale, need_dx):
         dx = dx.to(x2.dtype)
         if weight is not None:
             dx.addmm_(dy2, weight)
-    return dx, dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0)
+    return (dx,) + _unflatten_grads(dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0), m, r)
 
 
 def kron_delta_forward(A, U, V, scale):
