@@ -1,0 +1,780 @@
+"""Cases, variants, timing, peak memory and provenance shared by the pytest suite and the report.
+
+A *case* is one op at one shape in one mode (``fwd+bwd`` or ``fwd``); each case runs in
+several *variants*:
+
+* ``fused``      -- the kron_kernels op (activations need grad, fp32 factors trainable,
+                    the dense weight frozen);
+* ``reference``  -- ``kron_kernels.reference`` (the papers' way: the increment materialised
+                    through the 5-D einsum, a dense matmul, and so a dense d x d gradient);
+* ``floor``      -- the frozen layer alone: ``F.linear(x, W, b)`` forward + input gradient
+                    (weight frozen); for the adapter a copy forward + a copy backward, i.e.
+                    the memcpy roofline (``torch.clone``);
+* ``peft_lokr``  -- a PEFT LoKr-adapted ``nn.Linear`` of the same shape, where peft is importable.
+
+``build`` turns (case, variant, device, tokens) into a zero-argument step function; the
+step runs forward and, in ``fwd+bwd`` mode, ``torch.autograd.grad`` on every trainable
+input (so no ``.grad`` accumulates between repeats). ``measure_case`` records each
+variant's peak extra memory and times them (``do_bench`` on CUDA; ``perf_counter`` on
+CPU, the variants taking turns so that a shared machine's load skews them alike).
+
+Nothing here touches CUDA or imports Triton/PEFT at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kron_kernels as kk
+from kron_kernels.reference import compacter as ref_compacter
+from kron_kernels.reference import kadaptation as ref_kadaptation
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+VIT_TOKENS = 197  # 14 x 14 patches + the class token at 224 px, patch 16
+VARIANTS = ("fused", "reference", "floor", "peft_lokr")
+FWD_BWD, FWD = "fwd+bwd", "fwd"
+
+
+# ----------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape in one mode; ``params`` as (key, value) pairs so the case hashes."""
+
+    op: str
+    shape: str
+    mode: str
+    variants: Tuple[str, ...]
+    params: Tuple[Tuple[str, Any], ...]
+
+    @property
+    def p(self) -> Dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def group(self) -> str:
+        """The pytest-benchmark group and the report's case label, e.g. ``kron_linear-d768-n32-r1``."""
+        suffix = "" if self.mode == FWD_BWD else f"-{self.mode}"
+        return f"{self.op}-{self.shape}{suffix}"
+
+
+# (d, n, p): d = n * p; A: (n, n, n), U, V: (n, p, r)  (DESIGN.md 4.1, KAdaptation defaults n = 32)
+KRON_SHAPES = (("ViT-B", 768, 32, 24), ("ViT-L", 1024, 32, 32))
+KRON_RANKS = (1, 4)
+# Compacter: bottleneck k = d / 32, PHM n = 4, rank-one fast weights
+ADAPTER_SHAPES = (("ViT-B", 768, 24), ("ViT-L", 1024, 32))
+PHM_N = 4
+
+
+def kron_ops_cases(quick: bool = False) -> List[Case]:
+    """The first benchmark set: Kronecker ops and the Compacter adapter at ViT-B/L shapes
+    (``quick``: the default rank r = 1 only)."""
+    cases = []
+    for op, variants in (
+        ("kron_linear", ("fused", "reference", "floor", "peft_lokr")),
+        ("kron_matmul", ("fused", "reference", "floor")),
+    ):
+        for model, d, n, p in KRON_SHAPES:
+            for r in KRON_RANKS[:1] if quick else KRON_RANKS:
+                params = (("model", model), ("d", d), ("n", n), ("p", p), ("r", r))
+                cases.append(Case(op, f"d{d}-n{n}-r{r}", FWD_BWD, variants, params))
+    for model, d, k in ADAPTER_SHAPES:
+        params = (("model", model), ("d", d), ("k", k), ("n", PHM_N))
+        # training step: PHM weights rebuilt from their factors, adapter forward + backward
+        cases.append(Case("compacter_adapter", f"d{d}-k{k}-n{PHM_N}", FWD_BWD, ("fused", "reference", "floor"), params))
+        # the adapter kernel alone (weights prebuilt, no autograd): the bandwidth target
+        cases.append(Case("bottleneck_adapter", f"d{d}-k{k}", FWD, ("fused", "reference", "floor"), params))
+    return cases
+
+
+def select_cases(cases: Sequence[Case], patterns: Optional[Sequence[str]]) -> List[Case]:
+    """Cases whose label (``group``) contains any of the substrings (all when none given)."""
+    if not patterns:
+        return list(cases)
+    return [c for c in cases if any(pat in c.group for pat in patterns)]
+
+
+# ----------------------------------------------------------------------------------------
+# devices and dtypes
+# ----------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def activation_dtype(device: torch.device) -> torch.dtype:
+    """bf16 activations and frozen weights on GPU, fp32 on CPU; factors are always fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def default_tokens(device: torch.device, quick: bool = False) -> int:
+    """Tokens per step: a batch of 64 ViT images on GPU, 8 on CPU (quick: 8 on GPU, 1 on CPU)."""
+    if device.type == "cuda":
+        return (8 if quick else 64) * VIT_TOKENS
+    return (1 if quick else 8) * VIT_TOKENS
+
+
+# ----------------------------------------------------------------------------------------
+# building the step functions
+# ----------------------------------------------------------------------------------------
+class Unavailable(Exception):
+    """A variant that cannot run here (a missing optional dependency); shown as skipped."""
+
+
+@dataclass
+class Bench:
+    """A ready-to-run step: ``fn()`` does one forward (+ backward); returns nothing so that
+    everything it allocates is freed when it returns."""
+
+    fn: Callable[[], None]
+    bytes_moved: Optional[int] = None  # the memcpy-roofline bytes (read input + write output), fwd cases
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class _CopyForwardCopyBackward(torch.autograd.Function):
+    """``x.clone()`` whose backward also copies: one read + one write of the activation each
+    way, the memory-traffic floor of any residual adapter (clone's own backward is free)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+def _randn(gen, *shape, std=1.0, device, dtype, requires_grad=False):
+    t = (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _step(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: Optional[torch.Tensor]):
+    """One step: forward, then (with ``grad_out``) the gradients of every input in ``inputs``."""
+    if grad_out is None:
+
+        def fwd_only():
+            with torch.no_grad():
+                forward()
+
+        return fwd_only
+
+    inputs = tuple(inputs)
+
+    def fwd_bwd():
+        torch.autograd.grad(forward(), inputs, grad_out)
+
+    return fwd_bwd
+
+
+def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int = 0) -> Bench:
+    """The step function of ``variant`` of ``case``; raises :class:`Unavailable` to skip."""
+    if variant not in case.variants:
+        raise ValueError(f"case {case.group} has no variant {variant!r} (it has {case.variants})")
+    gen = torch.Generator().manual_seed(seed)
+    if case.op in ("kron_linear", "kron_matmul"):
+        return _build_kron(case, variant, device, tokens, gen)
+    if case.op == "compacter_adapter":
+        return _build_compacter(case, variant, device, tokens, gen)
+    if case.op == "bottleneck_adapter":
+        return _build_adapter_forward(case, variant, device, tokens, gen)
+    raise ValueError(f"unknown op {case.op!r}")
+
+
+def _build_kron(case, variant, device, tokens, gen) -> Bench:
+    prm = case.p
+    d, n, p, r = prm["d"], prm["n"], prm["p"], prm["r"]
+    dtype = activation_dtype(device)
+    linear = case.op == "kron_linear"
+    x = _randn(gen, tokens, d, device=device, dtype=dtype, requires_grad=True)
+    weight = _randn(gen, d, d, std=d**-0.5, device=device, dtype=dtype)  # frozen
+    bias = _randn(gen, d, std=0.02, device=device, dtype=dtype) if linear else None
+    A = _randn(gen, n, n, n, std=n**-0.5, device=device, dtype=torch.float32, requires_grad=True)
+    U = _randn(gen, n, p, r, std=p**-0.5, device=device, dtype=torch.float32, requires_grad=True)
+    V = _randn(gen, n, p, r, std=p**-0.5, device=device, dtype=torch.float32, requires_grad=True)
+    grad_out = _randn(gen, tokens, d, device=device, dtype=dtype)
+    scale = 1.0
+    factors = (x, A, U, V)
+    extra: Dict[str, Any] = {}
+
+    if variant == "fused":
+        if linear:
+            forward = lambda: kk.kron_linear(x, weight, bias, A, U, V, scale)  # noqa: E731
+        else:
+            forward = lambda: kk.kron_matmul(x, A, U, V, scale)  # noqa: E731
+        return Bench(_step(forward, factors, grad_out), extra=extra)
+    if variant == "reference":
+        if linear:
+            forward = lambda: ref_kadaptation.kron_linear(x, weight, bias, A, U, V, scale)  # noqa: E731
+        else:
+            forward = lambda: ref_kadaptation.kron_matmul(x, A, U, V, scale)  # noqa: E731
+        return Bench(_step(forward, factors, grad_out), extra=extra)
+    if variant == "floor":
+        forward = lambda: F.linear(x, weight, bias)  # noqa: E731
+        extra["floor"] = "frozen F.linear(x, W, b): forward + input gradient only"
+        return Bench(_step(forward, (x,), grad_out), extra=extra)
+    if variant == "peft_lokr":
+        return _build_peft_lokr(x, weight, bias, n, r, grad_out)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+class _OneLinear(nn.Module):
+    """The smallest module PEFT can adapt: one ``nn.Linear`` named ``linear``."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def _build_peft_lokr(x, weight, bias, n, r, grad_out) -> Bench:
+    try:
+        import peft
+        from peft import LoKrConfig, get_peft_model
+    except Exception as exc:  # ImportError, or a peft/transformers version clash
+        raise Unavailable(f"peft is not importable ({type(exc).__name__}: {exc})") from None
+    d_out, d_in = weight.shape
+    module = _OneLinear(d_in, d_out, bias is not None).to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        module.linear.weight.copy_(weight)
+        if bias is not None:
+            module.linear.bias.copy_(bias)
+    # decompose_factor = n gives w1: (n, n) and w2 = w2_a @ w2_b: (d/n, d/n) of rank r -- the
+    # same block structure as one of our n Kronecker terms (LoKr has a single term).
+    config = LoKrConfig(r=r, alpha=r, target_modules=["linear"], decompose_factor=n, init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(module, config)
+    model.train()
+    trainable = [t for t in model.parameters() if t.requires_grad]
+    if not trainable:
+        raise RuntimeError("PEFT LoKr produced no trainable parameter")
+    shapes = {
+        name.split("linear.")[-1].replace(".default", ""): list(t.shape)
+        for name, t in model.named_parameters()
+        if t.requires_grad
+    }
+    extra = {
+        "peft_version": getattr(peft, "__version__", "unknown"),
+        "peft_lokr": (
+            f"LoKrConfig(r={r}, alpha={r}, decompose_factor={n}): one Kronecker term kron(w1, w2_a @ w2_b) "
+            f"with trainable {shapes}, dtype {trainable[0].dtype}; ours has {n} terms of rank {r}"
+        ),
+    }
+    return Bench(_step(lambda: model(x), (x, *trainable), grad_out), extra=extra)
+
+
+def _phm_factors(case, device, gen):
+    """Shared A (n, n, n) and rank-one s/t factors of the down (d->k) and up (k->d) PHM layers."""
+    prm = case.p
+    d, k, n = prm["d"], prm["k"], prm["n"]
+    f32 = dict(device=device, dtype=torch.float32, requires_grad=True)
+    A = _randn(gen, n, n, n, std=n**-0.5, **f32)
+    s_down = _randn(gen, n, k // n, 1, std=(k // n) ** -0.5, **f32)
+    t_down = _randn(gen, n, d // n, 1, std=(d // n) ** -0.5, **f32)
+    b_down = _randn(gen, k, std=0.02, **f32)
+    s_up = _randn(gen, n, d // n, 1, std=(d // n) ** -0.5, **f32)
+    t_up = _randn(gen, n, k // n, 1, std=(k // n) ** -0.5, **f32)
+    b_up = _randn(gen, d, std=0.02, **f32)
+    return A, s_down, t_down, b_down, s_up, t_up, b_up
+
+
+def _bottleneck_adapter_op():
+    op = getattr(kk, "bottleneck_adapter", None)
+    if op is None:
+        raise Unavailable(
+            "kk.bottleneck_adapter is not in this checkout yet (kron_kernels/ops/adapter.py); "
+            "the fused adapter variants are skipped"
+        )
+    return op
+
+
+def _build_compacter(case, variant, device, tokens, gen) -> Bench:
+    d = case.p["d"]
+    dtype = activation_dtype(device)
+    h = _randn(gen, tokens, d, device=device, dtype=dtype, requires_grad=True)
+    factors = _phm_factors(case, device, gen)
+    A, s_down, t_down, b_down, s_up, t_up, b_up = factors
+    grad_out = _randn(gen, tokens, d, device=device, dtype=dtype)
+    inputs = (h, *factors)
+
+    if variant == "fused":
+        adapter = _bottleneck_adapter_op()
+
+        def forward():
+            # as kron_kernels.nn's Compacter adapter does: the (k x d) PHM weights are rebuilt from
+            # the factors every step and passed in the factors' dtype; the op casts them
+            w_down = kk.kron_delta(A, s_down, t_down)
+            w_up = kk.kron_delta(A, s_up, t_up)
+            return adapter(h, w_down, b_down, w_up, b_up)
+
+        return Bench(_step(forward, inputs, grad_out))
+    if variant == "reference":
+        forward = lambda: ref_compacter.compacter_adapter(h, *factors)  # noqa: E731
+        return Bench(_step(forward, inputs, grad_out))
+    if variant == "floor":
+        forward = lambda: _CopyForwardCopyBackward.apply(h)  # noqa: E731
+        return Bench(
+            _step(forward, (h,), grad_out),
+            extra={"floor": "memcpy roofline: clone forward + clone backward of the activation"},
+        )
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _build_adapter_forward(case, variant, device, tokens, gen) -> Bench:
+    d = case.p["d"]
+    dtype = activation_dtype(device)
+    h = _randn(gen, tokens, d, device=device, dtype=dtype)
+    A, s_down, t_down, b_down, s_up, t_up, b_up = _phm_factors(case, device, gen)
+    with torch.no_grad():  # fp32 as the nn module passes them; the reference's F.linear needs h's dtype
+        w_down, w_up = kk.kron_delta(A, s_down, t_down), kk.kron_delta(A, s_up, t_up)
+        weights = tuple(t.detach() for t in (w_down, b_down, w_up, b_up))
+        weights_cast = tuple(t.to(dtype) for t in weights)
+    bytes_moved = 2 * h.numel() * h.element_size()  # read h, write the output
+    extra = {"note": "forward alone under no_grad, PHM weights prebuilt"}
+    if variant == "fused":
+        adapter = _bottleneck_adapter_op()
+        forward = lambda: adapter(h, *weights)  # noqa: E731
+    elif variant == "reference":
+        forward = lambda: ref_compacter.bottleneck_adapter(h, *weights_cast)  # noqa: E731
+    elif variant == "floor":
+        forward = lambda: torch.clone(h)  # noqa: E731
+        extra = {"floor": "torch.clone(h): the memcpy roofline"}
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return Bench(_step(forward, (), None), bytes_moved=bytes_moved, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------
+# which backend a call actually took
+# ----------------------------------------------------------------------------------------
+def observed_backends(fn: Callable[[], None]) -> List[str]:
+    """Run ``fn`` once and return ``"op:impl"`` for every kron_kernels dispatch it made.
+
+    The ops ask ``kron_kernels.backend.select``; wrapping it for one call shows what was
+    really chosen (auto may fall back, e.g. for a dtype the Triton kernels refuse).
+    """
+    seen: List[str] = []
+    original = kk.backend.select
+
+    def recording(op, *args, **kwargs):
+        impl = original(op, *args, **kwargs)
+        entry = f"{op}:{impl}"
+        if entry not in seen:
+            seen.append(entry)
+        return impl
+
+    kk.backend.select = recording
+    try:
+        fn()
+    finally:
+        kk.backend.select = original
+    return seen
+
+
+# ----------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------
+@dataclass
+class TimingConfig:
+    reps: int = 20  # CPU: timed repeats
+    warmup: int = 3  # CPU: untimed calls first
+    rep_ms: int = 200  # CUDA: do_bench timing budget (ms)
+    warmup_ms: int = 50  # CUDA: do_bench warm-up budget (ms)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    method: str
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of an already sorted sequence."""
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _cpu_repeat_plan(fn: Callable[[], None], warmup: int, min_repeat_s: float) -> int:
+    """Run the warm-up calls; the last one sizes a repeat (how many calls it loops)."""
+    estimate = 0.0
+    for _ in range(max(warmup, 1)):
+        start = time.perf_counter()
+        fn()
+        estimate = time.perf_counter() - start
+    return max(1, math.ceil(min_repeat_s / estimate)) if estimate > 0 else 1
+
+
+def _summary(samples: List[float], method: str) -> Timing:
+    samples = sorted(samples)
+    return Timing(_quantile(samples, 0.5), _quantile(samples, 0.2), _quantile(samples, 0.8), method)
+
+
+def time_cpu_interleaved(
+    fns: Dict[str, Callable[[], None]], reps: int = 20, warmup: int = 3, min_repeat_s: float = 2e-3
+) -> Dict[str, Any]:
+    """Median and 20/80th percentiles (ms) of ``reps`` repeats of each function, the functions
+    taking turns repeat by repeat (in rotating order) so that every one of them sees the same
+    machine: on a shared CPU, load that comes and goes then skews them alike and the ratios
+    between them hold. A repeat loops fast calls until it lasts ``min_repeat_s`` so that timer
+    resolution never dominates. Values are :class:`Timing`, or the exception a function raised.
+    """
+    results: Dict[str, Any] = {}
+    inner: Dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            inner[name] = _cpu_repeat_plan(fn, warmup, min_repeat_s)
+        except Exception as exc:
+            results[name] = exc
+    live = [name for name in fns if name in inner]
+    samples: Dict[str, List[float]] = {name: [] for name in live}
+    for rep in range(max(reps, 1)):
+        order = live[rep % len(live):] + live[: rep % len(live)] if live else []
+        for name in order:
+            if name in results:
+                continue
+            fn, calls = fns[name], inner[name]
+            try:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / calls * 1e3)
+            except Exception as exc:
+                results[name] = exc
+    for name in live:
+        if name not in results:
+            method = f"perf_counter, variants interleaved: {warmup} warm-up + {reps} repeats x {inner[name]} call(s)"
+            results[name] = _summary(samples[name], method)
+    return results
+
+
+def time_cpu(fn: Callable[[], None], reps: int = 20, warmup: int = 3, min_repeat_s: float = 2e-3) -> Timing:
+    """:func:`time_cpu_interleaved` for one function."""
+    result = time_cpu_interleaved({"fn": fn}, reps, warmup, min_repeat_s)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def time_cuda(fn: Callable[[], None], rep_ms: int = 200, warmup_ms: int = 50) -> Timing:
+    """``triton.testing.do_bench`` (CUDA events, L2 flushed between calls): median, p20, p80 in ms."""
+    from triton.testing import do_bench
+
+    fn()  # first call: Triton compilation / autotuning, cuBLAS workspaces
+    torch.cuda.synchronize()
+    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    method = f"triton.testing.do_bench(warmup={warmup_ms}ms, rep={rep_ms}ms)"
+    return Timing(float(median), float(p20), float(p80), method)
+
+
+def time_many(fns: Dict[str, Callable[[], None]], device: torch.device, cfg: TimingConfig) -> Dict[str, Any]:
+    """Timings of several step functions (values: :class:`Timing` or the exception raised):
+    interleaved on CPU, one after another with ``do_bench`` on CUDA (a GPU is not shared)."""
+    if device.type != "cuda":
+        return time_cpu_interleaved(fns, cfg.reps, cfg.warmup)
+    results: Dict[str, Any] = {}
+    for name, fn in fns.items():
+        try:
+            results[name] = time_cuda(fn, cfg.rep_ms, cfg.warmup_ms)
+        except Exception as exc:
+            results[name] = exc
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# peak memory
+# ----------------------------------------------------------------------------------------
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated - memory_allocated before the step"
+CPU_MEMORY_METHOD = "torch.profiler(profile_memory=True): peak of the running sum of CPU allocator events"
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what the profiler's C++ side prints on fd 2 (Kineto start/stop lines)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_cuda(fn: Callable[[], None], warm: bool = True) -> int:
+    """Bytes allocated by one step beyond what was allocated before it (inputs, weights).
+
+    The step must have run once before (``warm=True`` runs it here): the first call also
+    allocates cuBLAS workspaces and Triton autotuning buffers that are not the step's.
+    """
+    if warm:
+        fn()
+    torch.cuda.synchronize()
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def peak_memory_cpu(fn: Callable[[], None], warm: bool = True) -> Optional[int]:
+    """Peak extra CPU bytes of one step from the profiler's allocator events, or None.
+
+    Every torch CPU tensor goes through the c10 allocator, which reports each allocation and
+    free to the profiler with its size; the running sum's maximum is the step's peak.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        if warm:
+            fn()
+        with _quiet_native_stderr():
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+        cpu = torch.autograd.DeviceType.CPU
+        allocations = sorted(  # stable: events with equal timestamps keep their recorded order
+            (
+                (ev.start_ns(), ev.nbytes())
+                for ev in prof.profiler.kineto_results.events()
+                if ev.name() == "[memory]" and ev.device_type() == cpu
+            ),
+            key=lambda event: event[0],
+        )
+    except Exception:
+        return None
+    if not allocations:
+        return None
+    running = peak = 0
+    for _, nbytes in allocations:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device, warm: bool = True) -> Tuple[Optional[int], str]:
+    if device.type == "cuda":
+        return peak_memory_cuda(fn, warm), CUDA_MEMORY_METHOD
+    return peak_memory_cpu(fn, warm), CPU_MEMORY_METHOD
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------
+# one measured row
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    suite: str
+    case: str
+    op: str
+    shape: str
+    mode: str
+    variant: str
+    params: Dict[str, Any]
+    device: str
+    dtype: str
+    tokens: int
+    status: str = "ok"  # ok | skipped | error
+    reason: str = ""
+    backend: str = ""
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    timing_method: str = ""
+    peak_extra_bytes: Optional[int] = None
+    memory_method: str = ""
+    bytes_moved: Optional[int] = None
+    gbps: Optional[float] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def variant_backend(variant: str, fn: Callable[[], None]) -> str:
+    """Runs ``fn`` once and says what served it: for ``fused`` the kron_kernels dispatches observed."""
+    seen = observed_backends(fn)
+    if variant == "fused":
+        return ", ".join(seen) if seen else "no kron_kernels dispatch observed"
+    return {"reference": "kron_kernels.reference (torch)", "floor": "torch", "peft_lokr": "peft"}.get(variant, "")
+
+
+def _failure(row: Row, exc: BaseException) -> None:
+    if isinstance(exc, Unavailable):
+        row.status, row.reason = "skipped", str(exc)
+        return
+    row.status, row.reason = "error", f"{type(exc).__name__}: {exc}".strip()
+    if len(row.reason) > 500:
+        row.reason = row.reason[:500] + " ..."
+
+
+def measure_case(
+    suite: str,
+    case: Case,
+    device: torch.device,
+    tokens: int,
+    cfg: TimingConfig,
+    variants: Optional[Sequence[str]] = None,
+) -> List[Row]:
+    """Build, memory-profile and time the variants of one case; never raises (a variant that
+    fails or cannot run becomes an ``error`` / ``skipped`` row)."""
+    rows: Dict[str, Row] = {}
+    benches: Dict[str, Bench] = {}
+    for variant in variants or case.variants:
+        row = rows[variant] = Row(
+            suite=suite,
+            case=case.group,
+            op=case.op,
+            shape=case.shape,
+            mode=case.mode,
+            variant=variant,
+            params=case.p,
+            device=device.type,
+            dtype=str(activation_dtype(device)).replace("torch.", ""),
+            tokens=tokens,
+        )
+        try:
+            bench = build(case, variant, device, tokens)
+            row.extra.update(bench.extra)
+            row.backend = variant_backend(variant, bench.fn)  # also the first (compiling, warming) call
+            row.peak_extra_bytes, row.memory_method = peak_memory(bench.fn, device, warm=False)
+            benches[variant] = bench
+        except Exception as exc:  # an op that fails is reported, not allowed to end the run
+            _failure(row, exc)
+    try:
+        timings = time_many({v: b.fn for v, b in benches.items()}, device, cfg)
+        for variant, timing in timings.items():
+            row, bench = rows[variant], benches[variant]
+            if isinstance(timing, Exception):
+                _failure(row, timing)
+                continue
+            row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+            row.timing_method = timing.method
+            if bench.bytes_moved is not None:
+                row.bytes_moved = bench.bytes_moved
+                row.gbps = bench.bytes_moved / (timing.median_ms * 1e-3) / 1e9
+    finally:
+        benches.clear()
+        free_memory(device)
+    return list(rows.values())
+
+
+def measure(suite: str, case: Case, variant: str, device: torch.device, tokens: int, cfg: TimingConfig) -> Row:
+    """:func:`measure_case` for one variant."""
+    return measure_case(suite, case, device, tokens, cfg, [variant])[0]
+
+
+# ----------------------------------------------------------------------------------------
+# provenance
+# ----------------------------------------------------------------------------------------
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=True
+        )
+    except Exception:
+        return None
+    return out.stdout.strip()
+
+
+def _version(module_name: str) -> Optional[str]:
+    try:
+        module = __import__(module_name)
+    except Exception:
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def cpu_name() -> str:
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "CPU"
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def device_label(device: torch.device) -> str:
+    """The results folder name: the GPU's name as a slug (``NVIDIA-H100-80GB-HBM3``), or ``CPU``."""
+    if device.type == "cuda":
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-") or "GPU"
+    return "CPU"
+
+
+def provenance(device: torch.device) -> Dict[str, Any]:
+    """Where and with what the numbers were measured."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    info: Dict[str, Any] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+        "kron_kernels": getattr(kk, "__version__", "unknown"),
+        "kron_kernels_backend_setting": kk.get_backend(),
+        "compiled_extension": "available" if kk.backend.extension_status()[0] else "not built",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "peft": _version("peft"),
+        "cpu": cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: say how busy it was
+        info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["gpu_sm_count"] = props.multi_processor_count
+    return info

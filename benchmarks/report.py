@@ -1,0 +1,478 @@
+"""The benchmark report (``make bench``): ``python -m benchmarks.report [--quick] [--cases ...]``.
+
+Runs every case of every selected suite in each of its variants, prints a Markdown report
+(results, adapter bandwidth, targets), and writes ``<suite>.md``, ``<suite>.json`` (rows,
+derived ratios, targets, provenance) and ``<suite>.png`` under
+``benchmarks/results/<device>/``; its last line on stdout is that folder.
+
+A *suite* is a list of cases, the function that measures one (case, variant) into a
+:class:`~benchmarks.common.Row`, and the targets read from its rows. Model-level suites
+(e.g. a timm ViT training step per method) are added by appending to :data:`SUITES`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import kron_kernels as kk
+
+from . import common
+from .common import FWD, Case, Row, TimingConfig
+
+MIB = 2**20
+
+
+@dataclass
+class RunConfig:
+    device: torch.device
+    tokens: int
+    default_tokens: int  # the token count the suite's targets are stated at
+    timing: TimingConfig
+    quick: bool = False
+    case_patterns: List[str] = field(default_factory=list)
+    backend: str = "auto"
+
+    def describe(self) -> Dict[str, Any]:
+        timing = (
+            {"rep_ms": self.timing.rep_ms, "warmup_ms": self.timing.warmup_ms}
+            if self.device.type == "cuda"
+            else {"reps": self.timing.reps, "warmup": self.timing.warmup}
+        )
+        return {
+            "device": self.device.type,
+            "tokens": self.tokens,
+            "dtype": _dtype(self.device),
+            "factor_dtype": "float32",
+            "quick": self.quick,
+            "cases": self.case_patterns or "all",
+            "backend": self.backend,
+            "timing": timing,
+        }
+
+
+@dataclass
+class Target:
+    """One performance goal, checked against the measured rows (reported, never asserted)."""
+
+    goal: str
+    case: str
+    measured: str
+    status: str  # met | not met | n/a: ... | not measured: ...
+
+
+@dataclass
+class Suite:
+    name: str  # file stem of its results
+    title: str
+    cases: Callable[[bool], List[Case]]  # quick -> the cases
+    targets: Callable[[List[Row], RunConfig], List[Target]]
+    measure: Callable[..., List[Row]] = common.measure_case  # (suite, case, device, tokens, timing) -> rows
+
+
+# ----------------------------------------------------------------------------------------
+# derived ratios
+# ----------------------------------------------------------------------------------------
+def _ok(rows: Sequence[Row], case: str, variant: str) -> Optional[Row]:
+    for row in rows:
+        if row.case == case and row.variant == variant and row.status == "ok":
+            return row
+    return None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def derived(row: Row, rows: Sequence[Row]) -> Dict[str, Optional[float]]:
+    """Ratios of a row against its case's reference and floor."""
+    ref, floor = _ok(rows, row.case, "reference"), _ok(rows, row.case, "floor")
+    ok = row.status == "ok"
+    return {
+        "speedup_vs_reference": _ratio(ref.median_ms, row.median_ms) if ok and ref else None,
+        "time_vs_floor": _ratio(row.median_ms, floor.median_ms) if ok and floor else None,
+        "memory_ratio_vs_reference": _ratio(row.peak_extra_bytes, ref.peak_extra_bytes) if ok and ref else None,
+        "bandwidth_vs_floor": _ratio(row.gbps, floor.gbps) if ok and floor else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# targets of the kron ops suite (issue: first benchmark set)
+# ----------------------------------------------------------------------------------------
+def _check(value: Optional[float], ok: Callable[[float], bool], applies: Optional[str], missing: str) -> str:
+    if value is None:
+        return f"not measured: {missing}"
+    if applies:
+        return f"n/a: {applies}"
+    return "met" if ok(value) else "not met"
+
+
+def _missing(rows: Sequence[Row], case: str, variants: Sequence[str]) -> str:
+    reasons = []
+    for variant in variants:
+        found = [r for r in rows if r.case == case and r.variant == variant]
+        if not found:
+            reasons.append(f"{variant} not run")
+        elif found[0].status != "ok":
+            reasons.append(f"{variant} {found[0].status}")
+    return "; ".join(reasons) or "no data"
+
+
+def kron_ops_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
+    gpu, cpu = cfg.device.type == "cuda", cfg.device.type == "cpu"
+    at_size = cfg.tokens == cfg.default_tokens
+    size_note = f"this run used N={cfg.tokens}, the target is stated at N={cfg.default_tokens}"
+    gpu_na = None if gpu and at_size else ("GPU target, this run is on CPU" if not gpu else size_note)
+    cpu_n = 8 * common.VIT_TOKENS
+    targets: List[Target] = []
+
+    for r in common.KRON_RANKS:
+        case = f"kron_linear-d768-n32-r{r}"
+        fused, ref, floor = (_ok(rows, case, v) for v in ("fused", "reference", "floor"))
+        vs_floor = _ratio(fused and fused.median_ms, floor and floor.median_ms)
+        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+        memory = _ratio(fused and fused.peak_extra_bytes, ref and ref.peak_extra_bytes)
+        targets += [
+            Target(
+                "GPU bf16 ViT-B: kron_linear fwd+bwd time <= 1.5x floor",
+                case,
+                "-" if vs_floor is None else f"{vs_floor:.2f}x floor",
+                _check(vs_floor, lambda v: v <= 1.5, gpu_na, _missing(rows, case, ("fused", "floor"))),
+            ),
+            Target(
+                "GPU bf16 ViT-B: kron_linear fwd+bwd >= 3x faster than reference",
+                case,
+                "-" if speedup is None else f"{speedup:.2f}x faster",
+                _check(speedup, lambda v: v >= 3.0, gpu_na, _missing(rows, case, ("fused", "reference"))),
+            ),
+            Target(
+                "GPU bf16 ViT-B: kron_linear fwd+bwd peak memory <= reference",
+                case,
+                "-" if memory is None else f"{memory:.3f}x reference",
+                _check(memory, lambda v: v <= 1.0, gpu_na, _missing(rows, case, ("fused", "reference"))),
+            ),
+        ]
+    for _, d, k in common.ADAPTER_SHAPES:
+        case = f"bottleneck_adapter-d{d}-k{k}-{FWD}"
+        fused, floor = _ok(rows, case, "fused"), _ok(rows, case, "floor")
+        frac = _ratio(fused and fused.gbps, floor and floor.gbps)
+        measured = "-" if frac is None else f"{frac:.0%} of clone ({fused.gbps:.1f} / {floor.gbps:.1f} GB/s)"
+        targets.append(
+            Target(
+                "GPU: Compacter adapter forward >= 70% of torch.clone bandwidth",
+                case,
+                measured,
+                _check(frac, lambda v: v >= 0.7, gpu_na, _missing(rows, case, ("fused", "floor"))),
+            )
+        )
+    for r in common.KRON_RANKS:
+        case = f"kron_linear-d768-n32-r{r}"
+        fused, ref = _ok(rows, case, "fused"), _ok(rows, case, "reference")
+        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+        if not cpu:
+            na = "CPU target, this run is on CUDA"
+        elif cfg.tokens != cpu_n:
+            na = f"this run used N={cfg.tokens}, the target is stated at N={cpu_n}"
+        elif fused is not None and "torch" not in fused.backend:
+            na = f"the fused row ran on {fused.backend}, the target is for the torch backend"
+        else:
+            na = None
+        targets.append(
+            Target(
+                f"CPU: torch-backend kron_linear fwd+bwd >= 2x faster than reference (N={cpu_n}, d=768)",
+                case,
+                "-" if speedup is None else f"{speedup:.2f}x faster",
+                _check(speedup, lambda v: v >= 2.0, na, _missing(rows, case, ("fused", "reference"))),
+            )
+        )
+    return targets
+
+
+SUITES: Dict[str, Suite] = {
+    "kron_ops": Suite(
+        name="kron_ops",
+        title="Kronecker ops and the Compacter adapter",
+        cases=common.kron_ops_cases,
+        targets=kron_ops_targets,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------------------
+def _dtype(device: torch.device) -> str:
+    return str(common.activation_dtype(device)).replace("torch.", "")
+
+
+def _num(value: Optional[float]) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _times(row: Row) -> str:
+    if row.status != "ok":
+        return row.status
+    return f"{_num(row.median_ms)} ({_num(row.p20_ms)}–{_num(row.p80_ms)})"
+
+
+def _x(value: Optional[float]) -> str:
+    return "-" if value is None else f"{_num(value)}×"
+
+
+def _mib(nbytes: Optional[int]) -> str:
+    return "n/a" if nbytes is None else _num(nbytes / MIB)
+
+
+def _note(row: Row) -> str:
+    if row.status != "ok":
+        return row.reason.replace("|", "\\|").replace("\n", " ")
+    if row.variant == "fused":
+        return row.backend
+    if row.variant == "peft_lokr":
+        return "PEFT LoKr, 1 Kronecker term (see notes)"
+    return ""
+
+
+def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfig, prov: Dict[str, Any]) -> str:
+    lines = [f"# {suite.title} — {prov['device']}", ""]
+    lines += [
+        f"Measured {prov['date_utc']} on **{prov['device']}**; commit `{prov['git_commit'][:12]}`"
+        + (" (uncommitted changes)" if prov.get("git_dirty") else "")
+        + f"; torch {prov['torch']}, triton {prov['triton']}, CUDA {prov['torch_cuda']}, "
+        f"timm {prov['timm']}, peft {prov['peft']}; kron_kernels backend `{cfg.backend}`.",
+        "",
+        f"N = {cfg.tokens} tokens per step, activations and frozen weight "
+        f"{_dtype(cfg.device)}, trainable factors float32."
+        + (" **Quick run** (small sizes, few repeats): indicative only." if cfg.quick else ""),
+        "",
+        "| case | variant | time median (p20–p80) ms | speed-up vs reference | time / floor "
+        "| peak extra memory MiB | memory ratio vs reference | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratios = derived(row, rows)
+        label = row.case if row.mode != FWD else f"{row.case} (no_grad)"
+        lines.append(
+            f"| {label} | {row.variant} | {_times(row)} | {_x(ratios['speedup_vs_reference'])} "
+            f"| {_x(ratios['time_vs_floor'])} | {_mib(row.peak_extra_bytes) if row.status == 'ok' else '-'} "
+            f"| {_x(ratios['memory_ratio_vs_reference'])} | {_note(row)} |"
+        )
+    bandwidth = [r for r in rows if r.bytes_moved is not None and r.status == "ok"]
+    if bandwidth:
+        lines += [
+            "",
+            "## Adapter forward bandwidth",
+            "",
+            "Bytes moved = read h + write the output (the memcpy roofline's traffic); the floor is `torch.clone(h)`.",
+            "",
+            "| case | variant | time median ms | GB/s | fraction of clone bandwidth |",
+            "|---|---|---|---|---|",
+        ]
+        for row in bandwidth:
+            frac = derived(row, rows)["bandwidth_vs_floor"]
+            lines.append(
+                f"| {row.case} | {row.variant} | {_num(row.median_ms)} | {_num(row.gbps)} "
+                f"| {'-' if frac is None else f'{frac:.0%}'} |"
+            )
+    lines += ["", "## Targets", "", "| target | case | measured | status |", "|---|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t.goal} | {t.case} | {t.measured} | {t.status} |")
+    peft_notes = sorted({r.extra["peft_lokr"] for r in rows if "peft_lokr" in r.extra})
+    timing_methods = sorted({r.timing_method.split(":")[0] for r in rows if r.timing_method})
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- **fused**: the kron_kernels op (activations need grad, factors trainable, dense weight frozen); "
+        "the notes column names the backend each dispatch actually took.",
+        "- **reference**: `kron_kernels.reference` (the papers' way: the increment materialised through the "
+        "5-D einsum, added to the weight, a dense matmul, so a dense d×d gradient flows to the factors).",
+        "- **floor**: for kron_linear/kron_matmul the frozen `F.linear(x, W, b)` forward + input gradient "
+        "(weight frozen); for the adapter a copy forward + a copy backward (`torch.clone`), the memcpy roofline.",
+        "- **peft_lokr**: a PEFT LoKr-adapted `nn.Linear` of the same shape (kron_linear only).",
+        "- `(no_grad)` rows: the adapter forward alone with the PHM weights prebuilt; every other row is one "
+        "forward + `torch.autograd.grad` of every trainable input.",
+        f"- Timing: {', '.join(timing_methods) or '-'}; peak memory: "
+        f"{common.CUDA_MEMORY_METHOD if cfg.device.type == 'cuda' else common.CPU_MEMORY_METHOD} "
+        "(bytes beyond the inputs and weights allocated before the step).",
+    ]
+    if cfg.device.type == "cpu":
+        lines.append(
+            f"- CPU: {prov['cpu']}, {prov['torch_threads']} torch threads; 1-min load average "
+            f"{prov.get('load_average_1min_at_start', 'n/a')} at the start, "
+            f"{prov.get('load_average_1min_at_end', 'n/a')} at the end (a load above the core count means other "
+            "work shared the CPU: the variants of a case are timed in turns, so their ratios hold better "
+            "than their absolute times)."
+        )
+    for note in peft_notes:
+        lines.append(f"- PEFT: {note}.")
+    problems = [r for r in rows if r.status != "ok"]
+    for row in problems:
+        lines.append(f"- {row.status}: {row.case} / {row.variant}: {row.reason}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(suite: Suite, rows: List[Row], cfg: RunConfig, prov: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in rows))
+    variants = [v for v in common.VARIANTS if any(r.variant == v for r in rows)]
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(cases) + 2), 5.5))
+    for i, variant in enumerate(variants):
+        xs, ys, lo, hi = [], [], [], []
+        for j, case in enumerate(cases):
+            row = _ok(rows, case, variant)
+            if row is None:
+                continue
+            xs.append(j + (i - (len(variants) - 1) / 2) * width)
+            ys.append(row.median_ms)
+            lo.append(max(row.median_ms - row.p20_ms, 0.0))
+            hi.append(max(row.p80_ms - row.median_ms, 0.0))
+        if xs:
+            ax.bar(xs, ys, width, label=variant, yerr=[lo, hi], capsize=2)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("time per step, median (ms, log scale; bars p20–p80)")
+    ax.set_title(f"{suite.title}: {prov['device']}, N={cfg.tokens}, {_dtype(cfg.device)}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------
+def run_suite(suite: Suite, cfg: RunConfig, progress) -> List[Row]:
+    rows = []
+    for case in common.select_cases(suite.cases(cfg.quick), cfg.case_patterns):
+        progress.set_postfix_str(case.group, refresh=True)
+        rows += suite.measure(suite.name, case, cfg.device, cfg.tokens, cfg.timing)
+        progress.update(len(case.variants))
+    return rows
+
+
+def results_folder(root: Path, cfg: RunConfig, tokens_overridden: bool) -> Path:
+    """``<root>/<device>``; runs that are not the full default one get a suffix so that they
+    never overwrite the committed results (``-quick``, ``-N<tokens>``, ``-partial``, ``-<backend>``)."""
+    parts = [common.device_label(cfg.device)]
+    if cfg.quick:
+        parts.append("quick")
+    if tokens_overridden:
+        parts.append(f"N{cfg.tokens}")
+    if cfg.case_patterns:
+        parts.append("partial")
+    if cfg.backend != "auto":
+        parts.append(cfg.backend)
+    return root / "-".join(parts)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Benchmark kron_kernels against the naive reference, the frozen floor and PEFT; "
+        "write Markdown, JSON and a PNG under benchmarks/results/<device>/.",
+    )
+    parser.add_argument("--cases", nargs="+", default=[], metavar="SUBSTRING",
+                        help="run only cases whose label contains one of these (e.g. kron_linear d768 adapter)")
+    parser.add_argument("--suite", nargs="+", choices=sorted(SUITES), default=sorted(SUITES), help="suites to run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: fewer tokens, the default rank only, few repeats")
+    parser.add_argument("--reps", type=int, default=None, help="CPU: timed repeats per variant (default 20, quick 3)")
+    parser.add_argument("--rep-ms", type=int, default=None,
+                        help="CUDA: do_bench timing budget per variant in ms (default 200, quick 50)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per step N (default 64*197 on GPU, 8*197 on CPU; quick 8*197 / 197)")
+    parser.add_argument("--backend", choices=kk.backend.BACKENDS, default="auto", help="kron_kernels backend")
+    parser.add_argument("--out", type=Path, default=common.REPO_ROOT / "benchmarks" / "results",
+                        help="results root (default benchmarks/results)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    device = common.default_device()
+    kk.set_backend(args.backend)
+    tokens = args.tokens if args.tokens is not None else common.default_tokens(device, args.quick)
+    if tokens < 1:
+        raise SystemExit(f"--tokens must be >= 1, got {tokens}")
+    timing = TimingConfig(
+        reps=args.reps if args.reps is not None else (3 if args.quick else 20),
+        warmup=1 if args.quick else 3,
+        rep_ms=args.rep_ms if args.rep_ms is not None else (50 if args.quick else 200),
+        warmup_ms=10 if args.quick else 50,
+    )
+    cfg = RunConfig(
+        device=device,
+        tokens=tokens,
+        default_tokens=common.default_tokens(device),
+        timing=timing,
+        quick=args.quick,
+        case_patterns=list(args.cases),
+        backend=args.backend,
+    )
+    suites = [SUITES[name] for name in args.suite]
+    jobs = sum(len(c.variants) for s in suites for c in common.select_cases(s.cases(cfg.quick), cfg.case_patterns))
+    if jobs == 0:
+        raise SystemExit(f"no case matches --cases {' '.join(args.cases)}")
+    prov = common.provenance(device)
+    folder = results_folder(args.out, cfg, tokens_overridden=args.tokens is not None)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    errors = 0
+    with tqdm(total=jobs, desc=f"bench {common.device_label(device)} N={tokens}", unit="run", file=sys.stderr) as bar:
+        results = [(suite, run_suite(suite, cfg, bar)) for suite in suites]
+    if "load_average_1min_at_start" in prov:
+        prov["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    for suite, rows in results:
+        targets = suite.targets(rows, cfg)
+        text = markdown(suite, rows, targets, cfg, prov)
+        (folder / f"{suite.name}.md").write_text(text)
+        payload = {
+            "suite": suite.name,
+            "title": suite.title,
+            "provenance": prov,
+            "config": cfg.describe(),
+            "rows": [dict(r.to_dict(), **derived(r, rows)) for r in rows],
+            "targets": [t.__dict__ for t in targets],
+        }
+        (folder / f"{suite.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        if any(r.status == "ok" for r in rows):
+            plot(suite, rows, cfg, prov, folder / f"{suite.name}.png")
+        print(text)
+        errors += sum(r.status == "error" for r in rows)
+    if errors:
+        print(f"{errors} benchmark run(s) failed; see the notes above", file=sys.stderr)
+    sys.stderr.flush()
+    print(folder)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
