@@ -751,6 +751,9 @@ def provenance(device: torch.device) -> Dict[str, Any]:
     """Where and with what the numbers were measured."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    if commit is None:
+        # a copy of the tree without .git (the lent GPU machine): gpu_session.sh passes it on
+        commit = os.environ.get("KRON_KERNELS_COMMIT")
     info: Dict[str, Any] = {
         "device": device_name(device),
         "device_type": device.type,
