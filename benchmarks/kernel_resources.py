@@ -51,7 +51,7 @@ def kron_cases(dtype="bf16", a=32, p=24, mr=32):
          "dabar_part_ptr": f32, "duf_part_ptr": f32, "dvf_part_ptr": f32},
         {**strides, "stride_dyn": "i32", "stride_dyk": "i32", "stride_dxn": "i32", "stride_dxk": "i32",
          "scale": "fp32"},
-        {**sizes, "BLOCK_J": min(kron._pad(mr), 16), "NEED_DX": True},
+        {**sizes, "BLOCK_J": min(kron._pad(mr), 16), "NEED_DX": True, "ACCUMULATE_DX": True},
     )
 
 

@@ -5,7 +5,17 @@ extension; each is probed lazily on the first call that needs it.
 """
 from . import backend
 from .backend import BackendUnavailableError, get_backend, set_backend, use_backend
-from .ops import bottleneck_adapter, kron_delta, kron_linear, kron_matmul
+from .ops import (
+    arc,
+    bottleneck_adapter,
+    fact_tk_delta,
+    fact_tt_delta,
+    kron_delta,
+    kron_linear,
+    kron_linear_slices,
+    kron_matmul,
+    losa_mixer,
+)
 from . import nn
 from .adapt import METHODS, adapt, adapter_state_dict, load_adapter_state_dict, merge, unmerge
 
@@ -20,7 +30,12 @@ __all__ = [
     "kron_delta",
     "kron_matmul",
     "kron_linear",
+    "kron_linear_slices",
     "bottleneck_adapter",
+    "fact_tt_delta",
+    "fact_tk_delta",
+    "arc",
+    "losa_mixer",
     "nn",
     "METHODS",
     "adapt",

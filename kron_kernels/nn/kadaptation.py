@@ -161,25 +161,21 @@ class KAdaptationLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        if len(self.targets) == 1:
-            (name, (start, stop)), = self.targets.items()
-            if (start, stop) == (0, self.out_features):
-                # one target covering every row (e.g. proj): the base GEMM and the increment fuse
-                bias = self.bias
-                if self.has_bias:
-                    extra = getattr(self, f"bias_{name}")
-                    bias = extra.to(self.weight.dtype) if bias is None else bias + extra.to(bias.dtype)
-                return ops.kron_linear(x, self.weight, bias, *self.factors(name), scale=self.scale)
-        # one GEMM for every row (as the frozen layer), then each slice's increment added in place:
-        # F.linear does not save its output for backward, so the in-place add is autograd-safe
-        # and avoids a torch.cat copy of the whole (N, out_features) output
-        y = F.linear(x, self.weight, self.bias)
-        for name, (start, stop) in self.targets.items():
-            increment = ops.kron_matmul(x, *self.factors(name), scale=self.scale)
-            if self.has_bias:
-                increment = increment + getattr(self, f"bias_{name}").to(increment.dtype)
-            y[..., start:stop] += increment
-        return y
+        bias = self.bias
+        if self.has_bias:
+            # the per-target trainable biases join the frozen bias (an O(out_features) vector)
+            parts, row = [], 0
+            for name, (start, stop) in self.targets.items():
+                frozen = None if bias is None else bias[row:start]
+                parts.append(frozen if frozen is not None else self.weight.new_zeros(start - row))
+                extra = getattr(self, f"bias_{name}").to(self.weight.dtype)
+                parts.append(extra if bias is None else bias[start:stop] + extra)
+                row = stop
+            parts.append(bias[row:] if bias is not None else self.weight.new_zeros(self.out_features - row))
+            bias = torch.cat(parts)
+        # one frozen GEMM for every row and one Kronecker kernel per target, writing into its rows
+        targets = [(start, *self.factors(name)) for name, (start, _) in self.targets.items()]
+        return ops.kron_linear_slices(x, self.weight, bias, targets, scale=self.scale)
 
     @torch.no_grad()
     def merge(self) -> None:

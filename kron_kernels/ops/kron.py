@@ -17,7 +17,7 @@ intermediates, ``(m*r, N*a)``); the Triton kernels (``triton/kron.py``) keep the
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from .. import backend
 from ._common import autocast_dtype, check_scale, check_tensor, compute_dtype
 
-__all__ = ["kron_delta", "kron_matmul", "kron_linear", "KronDeltaFunction", "KronLinearFunction"]
+__all__ = [
+    "kron_delta",
+    "kron_matmul",
+    "kron_linear",
+    "kron_linear_slices",
+    "KronDeltaFunction",
+    "KronLinearFunction",
+]
 
 _FACTOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -75,44 +82,62 @@ def _torch_S(T, A):
     return torch.bmm(T.view(m, -1, a_in), A.transpose(1, 2))  # (m, r*N, a_out)
 
 
-def _torch_forward(x2, weight, bias, A, U, V, scale):
-    acc = compute_dtype(x2.dtype)
-    A, U, V = A.to(acc), U.to(acc), V.to(acc)
-    xa = x2.to(acc)
-    n, m, r = x2.shape[0], A.shape[0], U.shape[2]
+def _torch_kron_term(xa, A, U, V, scale):
+    """``scale * x @ delta.T`` in xa's dtype: ``Y[(n, o), p] = sum_{i,t} S[(i, t), (n, o)] U[i, p, t]``."""
+    m, r = A.shape[0], U.shape[2]
     S = _torch_S(_torch_T(xa, V), A)
-    # Y[(n, o), p] = sum_{i,t} S[(i, t), (n, o)] U[i, p, t]
-    y = (S.view(m * r, -1).t() @ _rank_major(U)).view(n, -1).mul_(scale)
-    if weight is not None:
-        y += F.linear(xa, weight.to(acc), None if bias is None else bias.to(acc))
-    elif bias is not None:
-        y += bias.to(acc)
-    return y.to(x2.dtype)
+    return (S.view(m * r, -1).t() @ _rank_major(U)).view(xa.shape[0], -1).mul_(scale)
 
 
-def _torch_backward(dy2, x2, weight, A, U, V, scale, need_dx: bool):
-    """Returns ``(dx, dA, dU, dV)`` in the accumulation dtype, from x and dy alone."""
-    acc = compute_dtype(x2.dtype)
-    A, U, V = A.to(acc), U.to(acc), V.to(acc)
-    xa, dya = x2.to(acc), dy2.to(acc)
-    n = x2.shape[0]
+def _torch_kron_backward(dy, xa, A, U, V, scale, need_dx: bool):
+    """``(dx_term, dA, dU, dV)`` of one increment from its output-gradient columns ``dy``."""
     m, a_out, a_in = A.shape
     p, q, r = U.shape[1], V.shape[1], U.shape[2]
     T = _torch_T(xa, V)  # (m*r, N*a_in)
     S = _torch_S(T, A)  # (m, r*N, a_out)
+    dy = dy.reshape(-1, p)
     # P[(i, t), (n, o)] = scale * sum_p U[i, p, t] dY_n[o, p]
-    P = (_rank_major(U) @ dya.reshape(-1, p).t()).mul_(scale)  # (m*r, N*a_out)
+    P = (_rank_major(U) @ dy.t()).mul_(scale)  # (m*r, N*a_out)
     Pb = P.view(m, -1, a_out)
     dA = torch.bmm(Pb.transpose(1, 2), T.view(m, -1, a_in))  # (m, a_out, a_in)
     R = torch.bmm(Pb, A).view(m * r, -1)  # R[(i, t), (n, a)] = sum_o P A[i, o, a]
     dV = (R @ xa.reshape(-1, q)).view(m, r, q).transpose(1, 2)
-    dU = (S.view(m * r, -1) @ dya.reshape(-1, p)).mul_(scale).view(m, r, p).transpose(1, 2)
-    dx = None
-    if need_dx:
-        dx = (R.t() @ _rank_major(V)).view(n, a_in * q)
-        if weight is not None:
-            dx += dya @ weight.to(acc)
+    dU = (S.view(m * r, -1) @ dy).mul_(scale).view(m, r, p).transpose(1, 2)
+    dx = (R.t() @ _rank_major(V)).view(xa.shape[0], a_in * q) if need_dx else None
     return dx, dA, dU, dV
+
+
+def _torch_forward(x2, weight, bias, targets, d_out, scale):
+    acc = compute_dtype(x2.dtype)
+    xa = x2.to(acc)
+    terms = [(start, _torch_kron_term(xa, A.to(acc), U.to(acc), V.to(acc), scale)) for start, A, U, V in targets]
+    if weight is None and bias is None and len(terms) == 1 and terms[0][1].shape[1] == d_out:
+        return terms[0][1].to(x2.dtype)  # kron_matmul: the increment is the whole output
+    if weight is not None:
+        y = F.linear(xa, weight.to(acc), None if bias is None else bias.to(acc))
+    else:
+        y = torch.zeros((x2.shape[0], d_out), device=x2.device, dtype=acc)
+        if bias is not None:
+            y += bias.to(acc)
+    for start, term in terms:
+        y[:, start:start + term.shape[1]] += term
+    return y.to(x2.dtype)
+
+
+def _torch_backward(dy2, x2, weight, targets, scale, need_dx: bool):
+    """``(dx, [(dA, dU, dV) per target])`` in the accumulation dtype, from x and dy alone."""
+    acc = compute_dtype(x2.dtype)
+    xa, dya = x2.to(acc), dy2.to(acc)
+    dx = dya @ weight.to(acc) if need_dx and weight is not None else None
+    grads = []
+    for start, A, U, V in targets:
+        A, U, V = A.to(acc), U.to(acc), V.to(acc)
+        rows = A.shape[1] * U.shape[1]
+        dx_t, dA, dU, dV = _torch_kron_backward(dya[:, start:start + rows], xa, A, U, V, scale, need_dx)
+        if dx_t is not None:
+            dx = dx_t if dx is None else dx.add_(dx_t)
+        grads.append((dA, dU, dV))
+    return dx, grads
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,39 +150,38 @@ def _triton_kron():
 
 
 class KronLinearFunction(torch.autograd.Function):
-    """``y = x @ weight.T + bias + x @ delta.T`` on 2-D ``x``; ``weight``/``bias`` may be None."""
+    """``y = x @ weight.T + bias`` plus, for each target ``(start, A, U, V)``, ``x @ delta.T``
+    added to output rows ``[start, start + a_out*p)``; on 2-D ``x``. ``weight``/``bias`` may
+    be None. The factors arrive flattened as ``*factors = A_0, U_0, V_0, A_1, ...``."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, U, V, scale, impl):
+    def forward(ctx, x2, weight, bias, scale, impl, d_out, starts, *factors):
+        targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
         forward = _triton_kron().kron_linear_forward if impl == "triton" else _torch_forward
-        y = forward(x2, weight, bias, A, U, V, scale)
-        ctx.save_for_backward(x2, weight, A, U, V)
-        ctx.scale, ctx.impl = scale, impl
+        y = forward(x2, weight, bias, targets, d_out, scale)
+        ctx.save_for_backward(x2, weight, *factors)
+        ctx.scale, ctx.impl, ctx.starts = scale, impl, starts
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy2):
-        x2, weight, A, U, V = ctx.saved_tensors
+        x2, weight, *factors = ctx.saved_tensors
+        targets = list(zip(ctx.starts, factors[0::3], factors[1::3], factors[2::3]))
         acc = compute_dtype(x2.dtype)
         dy2 = dy2.contiguous()
         backward = _triton_kron().kron_linear_backward if ctx.impl == "triton" else _torch_backward
-        dx, dA, dU, dV = backward(dy2, x2, weight, A, U, V, ctx.scale, ctx.needs_input_grad[0])
+        dx, grads = backward(dy2, x2, weight, targets, ctx.scale, ctx.needs_input_grad[0])
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (dy2.to(acc).t() @ x2.to(acc)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy2.to(acc).sum(0)
-        return (
-            None if dx is None else dx.to(x2.dtype),
-            dweight,
-            None if dbias is None else dbias.to(x2.dtype),
-            dA.to(A.dtype) if ctx.needs_input_grad[3] else None,
-            dU.to(U.dtype) if ctx.needs_input_grad[4] else None,
-            dV.to(V.dtype) if ctx.needs_input_grad[5] else None,
-            None,
-            None,
-        )
+            dbias = dy2.to(acc).sum(0).to(x2.dtype)
+        dfactors = [
+            g.to(f.dtype) if needed else None
+            for g, f, needed in zip((g for triple in grads for g in triple), factors, ctx.needs_input_grad[7:])
+        ]
+        return (None if dx is None else dx.to(x2.dtype), dweight, dbias, None, None, None, None, *dfactors)
 
 
 class KronDeltaFunction(torch.autograd.Function):
@@ -226,21 +250,47 @@ def _autocast_inputs(x, weight, bias):
     return tuple(None if t is None else t.to(cast) for t in (x, weight, bias))
 
 
-def _kron_apply(x, weight, bias, A, U, V, scale, op):
-    m, a_out, a_in, p, q, r = _check_factors(A, U, V)
-    check_tensor("x", x, min_ndim=1, device=A.device)
-    d_in, d_out = a_in * q, a_out * p
+def _kron_apply(x, weight, bias, targets, d_out, scale, op):
+    """Validate, apply autocast, flatten batch dims and run :class:`KronLinearFunction`.
+
+    ``targets`` is a list of ``(start, A, U, V)``; ``d_out`` the output width."""
+    device = targets[0][1].device if isinstance(targets[0][1], torch.Tensor) else None
+    d_in = None
+    flat, starts, spans = [], [], []
+    for k, (start, A, U, V) in enumerate(targets):
+        where = "" if len(targets) == 1 else f" (target {k})"
+        try:
+            m, a_out, a_in, p, q, r = _check_factors(A, U, V)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc}{where}") from None
+        if A.device != device:
+            raise ValueError(f"A{where} is on {A.device}, expected {device} (all factors must share a device)")
+        if d_in is not None and a_in * q != d_in:
+            raise ValueError(f"every target must take the same input width: a_in*q = {a_in * q}{where}, not {d_in}")
+        d_in = a_in * q
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + a_out * p > d_out:
+            raise ValueError(
+                f"target rows [{start}, {start}+{a_out * p}){where} must lie within the {d_out} output rows"
+            )
+        spans.append((start, start + a_out * p))
+        starts.append(start)
+        flat += [A, U, V]
+    for (s0, e0), (s1, e1) in zip(sorted(spans), sorted(spans)[1:]):
+        if s1 < e0:
+            raise ValueError(f"target rows [{s0}, {e0}) and [{s1}, {e1}) overlap")
+    check_tensor("x", x, min_ndim=1, device=device)
     if x.shape[-1] != d_in:
+        A, V = targets[0][1], targets[0][3]
         raise ValueError(
-            f"x's last dim must be a_in*q = {a_in}*{q} = {d_in} (from A {tuple(A.shape)} and V {tuple(V.shape)}), "
+            f"x's last dim must be a_in*q = {d_in} (from A {tuple(A.shape)} and V {tuple(V.shape)}), "
             f"got x of shape {tuple(x.shape)}"
         )
     if weight is not None:
-        check_tensor("weight", weight, ndim=2, device=A.device)
+        check_tensor("weight", weight, ndim=2, device=device)
         if tuple(weight.shape) != (d_out, d_in):
             raise ValueError(f"weight must have shape (d_out, d_in) = ({d_out}, {d_in}), got {tuple(weight.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, device=A.device)
+        check_tensor("bias", bias, ndim=1, device=device)
         if bias.shape[0] != d_out:
             raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
     scale = check_scale(scale)
@@ -255,13 +305,14 @@ def _kron_apply(x, weight, bias, A, U, V, scale, op):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        y2 = KronLinearFunction.apply(x2, weight, bias, A, U, V, scale, impl)
+        y2 = KronLinearFunction.apply(x2, weight, bias, scale, impl, d_out, tuple(starts), *flat)
     return y2.reshape(*lead, d_out)
 
 
 def kron_matmul(x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``x @ kron_delta(A, U, V, scale).T`` for ``x: (..., a_in*q)``, without materialising the delta."""
-    return _kron_apply(x, None, None, A, U, V, scale, "kron_matmul")
+    _check_factors(A, U, V)
+    return _kron_apply(x, None, None, [(0, A, U, V)], A.shape[1] * U.shape[1], scale, "kron_matmul")
 
 
 def kron_linear(
@@ -277,4 +328,32 @@ def kron_linear(
     typically frozen (they get gradients only if they require them)."""
     if weight is None:
         raise ValueError("weight is required for kron_linear (use kron_matmul for the increment alone)")
-    return _kron_apply(x, weight, bias, A, U, V, scale, "kron_linear")
+    _check_factors(A, U, V)
+    return _kron_apply(x, weight, bias, [(0, A, U, V)], A.shape[1] * U.shape[1], scale, "kron_linear")
+
+
+def kron_linear_slices(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: Sequence[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` with Kronecker increments on row slices of the output, fused.
+
+    ``targets`` is a sequence of ``(start, A, U, V)``: the increment ``kron_delta(A, U, V,
+    scale)`` is added to output rows ``[start, start + a_out*p)``; slices must not overlap,
+    and rows no target covers are the plain linear layer's. This is KAdaptation on the q and
+    v rows of a fused qkv projection, in one pass: one frozen GEMM (cuBLAS adds it onto the
+    increments in its epilogue) and one Kronecker kernel per target writing straight into
+    its rows, forward and backward.
+    """
+    if weight is None:
+        raise ValueError("weight is required for kron_linear_slices")
+    check_tensor("weight", weight, ndim=2)
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not targets:
+        raise ValueError("targets must be a non-empty sequence of (start, A, U, V)")
+    for k, target in enumerate(targets):
+        if not isinstance(target, (tuple, list)) or len(target) != 4:
+            raise ValueError(f"targets[{k}] must be a (start, A, U, V) tuple")
+    return _kron_apply(x, weight, bias, [tuple(t) for t in targets], weight.shape[0], scale, "kron_linear")

@@ -95,7 +95,7 @@ def _kron_bwd_kernel(
     A_IN: tl.constexpr, A_OUT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, MR: tl.constexpr,
     A_IN_P: tl.constexpr, P_P: tl.constexpr, Q_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    NEED_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DX: tl.constexpr, ACCUMULATE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Per token block, with P = scale * dY Uf and R[a, j] = sum_o Abar[a, o, j] P[o, j]:
     dAbar^T[j, o, a] += P[o, j] T[a, j]; dUf += scale * dY^T S; dVf += X^T R; dx = R Vf^T."""
@@ -153,7 +153,12 @@ def _kron_bwd_kernel(
                 cols = offs_a[:, None] * Q + offs_q[None, :]
                 mask_dx = mask_n[:, None, None] & (mask_a[:, None] & mask_q[None, :])[None, :, :]
                 dx_ptrs = dx_ptr + offs_n[:, None, None] * stride_dxn + cols[None, :, :] * stride_dxk
-                dx += tl.load(dx_ptrs, mask=mask_dx & (j0 > 0), other=0.0).to(tl.float32)
+                # the first rank chunk of the first target writes, everything after adds
+                if ACCUMULATE_DX:
+                    mask_prev = mask_dx
+                else:
+                    mask_prev = mask_dx & (j0 > 0)
+                dx += tl.load(dx_ptrs, mask=mask_prev, other=0.0).to(tl.float32)
                 tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask_dx)
         tl.store(duf_part_ptr + offs_p[:, None] * MR + offs_j[None, :], duf_acc * scale,
                  mask=mask_p[:, None] & mask_j[None, :])
@@ -241,69 +246,95 @@ def _meta(x2, Abar, Uf, Vf, max_block_j):
     )
 
 
-def _kron_buffer(shape, x2, meta):
-    """The buffer the kron kernels write: with several rank chunks every chunk adds onto it,
-    and in a 16-bit buffer each addition would round again, so then it is fp32."""
-    chunks = triton.cdiv(meta["MR"], meta["BLOCK_J"])
-    dtype = torch.float32 if chunks > 1 else x2.dtype
-    return torch.empty(shape, device=x2.device, dtype=dtype)
+def _buffer_dtype(x2, metas):
+    """With several rank chunks every chunk adds onto the output; in a 16-bit buffer each
+    addition would round again, so then the kernels accumulate in fp32."""
+    chunked = any(triton.cdiv(meta["MR"], meta["BLOCK_J"]) > 1 for meta in metas)
+    return torch.float32 if chunked else x2.dtype
 
 
-def kron_linear_forward(x2, weight, bias, A, U, V, scale):
-    """``x2 @ weight.T + bias + scale * kron-term`` for 2-D ``x2``; weight/bias may be None.
+def _launch_setup(x2, targets, max_block_j):
+    """Per target: (start, rows, flattened factors, compile-time sizes)."""
+    setup = []
+    for start, A, U, V in targets:
+        Abar, Uf, Vf = _flatten(A, U, V)
+        setup.append((start, A.shape[1] * U.shape[1], (Abar, Uf, Vf), _meta(x2, Abar, Uf, Vf, max_block_j)))
+    return setup
 
-    The kron kernel writes its term (and the bias) first; the frozen GEMM then adds onto it
-    through cuBLAS's ``beta = 1`` epilogue. The GEMM is compute-bound, so reading its C
-    operand is nearly free, whereas adding the kron term onto a finished GEMM output would
-    cost the memory-bound kernel an extra read of y."""
-    Abar, Uf, Vf = _flatten(A, U, V)
+
+def kron_linear_forward(x2, weight, bias, targets, d_out, scale):
+    """``x2 @ weight.T + bias`` plus each target's ``scale * kron-term`` on its output rows.
+
+    The kron kernels write their terms (and the bias) first, straight into their row slices;
+    rows no target covers start as the bias (or zero). The frozen GEMM then adds onto all of it
+    through cuBLAS's ``beta = 1`` epilogue: the GEMM is compute-bound, so reading its C operand
+    is nearly free, whereas adding the terms onto a finished GEMM output would cost the
+    memory-bound kernels an extra read and write of y."""
     n = x2.shape[0]
-    d_out = Abar.shape[1] * Uf.shape[0]
-    if n == 0:
-        y = torch.zeros((0, d_out), device=x2.device, dtype=x2.dtype)
-    else:
-        meta = _meta(x2, Abar, Uf, Vf, max_block_j=32)
-        y = _kron_buffer((n, d_out), x2, meta)
-        _kron_fwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-            x2, y, bias if bias is not None else y, Abar, Uf, Vf,
-            n, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), scale,
-            HAS_BIAS=bias is not None, num_warps=8 if x2.is_cuda else 1, **meta,
-        )
-        y = y.to(x2.dtype)
+    setup = _launch_setup(x2, targets, max_block_j=32)
+    y = torch.empty((n, d_out), device=x2.device, dtype=_buffer_dtype(x2, [meta for *_, meta in setup]))
+    covered = sorted((start, start + rows) for start, rows, _, _ in setup)
+    gaps = [(a, b) for a, b in zip([0] + [e for _, e in covered], [s for s, _ in covered] + [d_out]) if b > a]
+    for g0, g1 in gaps:
+        if bias is not None:
+            y[:, g0:g1] = bias[g0:g1]
+        else:
+            y[:, g0:g1] = 0
+    if n > 0:
+        for start, rows, (Abar, Uf, Vf), meta in setup:
+            y_rows = y[:, start:start + rows]
+            bias_rows = bias[start:start + rows] if bias is not None else y_rows
+            _kron_fwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
+                x2, y_rows, bias_rows, Abar, Uf, Vf,
+                n, x2.stride(0), x2.stride(1), y_rows.stride(0), y_rows.stride(1), scale,
+                HAS_BIAS=bias is not None, num_warps=8 if x2.is_cuda else 1, **meta,
+            )
+    y = y.to(x2.dtype)
     if weight is not None:
         y.addmm_(x2, weight.t())
     return y
 
 
-def kron_linear_backward(dy2, x2, weight, A, U, V, scale, need_dx):
-    """Returns ``(dx, dA, dU, dV)`` (fp32 factor gradients); ``dx`` includes ``dy @ weight``,
-    added by cuBLAS onto the kron kernel's output, as in the forward."""
-    m, r = A.shape[0], U.shape[2]
-    Abar, Uf, Vf = _flatten(A, U, V)
+def kron_linear_backward(dy2, x2, weight, targets, scale, need_dx):
+    """``(dx, [(dA, dU, dV) per target])`` with fp32 factor gradients; ``dx`` includes
+    ``dy @ weight``, added by cuBLAS onto the kron kernels' output, as in the forward."""
     n = x2.shape[0]
-    a_in, a_out, mr = Abar.shape
-    p, q = Uf.shape[0], Vf.shape[0]
-    if n == 0:
-        zeros = functools.partial(torch.zeros, device=x2.device, dtype=torch.float32)
-        dx = zeros((0, a_in * q), dtype=x2.dtype) if need_dx else None
-        return (dx,) + _unflatten_grads(zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr)), m, r)
-    meta = _meta(x2, Abar, Uf, Vf, max_block_j=16)
-    dx = _kron_buffer((n, a_in * q), x2, meta) if need_dx else None
-    programs = min(triton.cdiv(n, meta["BLOCK_N"]), _max_programs(x2.device))
-    dabar_part = torch.zeros((programs, mr, a_out, a_in), device=x2.device, dtype=torch.float32)
-    duf_part = torch.empty((programs, p, mr), device=x2.device, dtype=torch.float32)
-    dvf_part = torch.empty((programs, q, mr), device=x2.device, dtype=torch.float32)
-    dx_arg = dx if dx is not None else x2
-    _kron_bwd_kernel[(programs,)](
-        x2, dy2, dx_arg, Abar, Uf, Vf, dabar_part, duf_part, dvf_part,
-        n, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx_arg.stride(0), dx_arg.stride(1), scale,
-        NEED_DX=need_dx, num_warps=8 if x2.is_cuda else 1, **meta,
-    )
-    if dx is not None:
+    setup = _launch_setup(x2, targets, max_block_j=16)
+    dx = None
+    if need_dx:
+        dtype = _buffer_dtype(x2, [meta for *_, meta in setup])
+        dx = torch.empty((n, x2.shape[1]), device=x2.device, dtype=dtype)
+        if n == 0:
+            dx = dx.to(x2.dtype)
+    grads = []
+    for k, (start, rows, (Abar, Uf, Vf), meta) in enumerate(setup):
+        m, r = targets[k][1].shape[0], targets[k][2].shape[2]
+        mr, a_out, a_in = meta["MR"], meta["A_OUT"], meta["A_IN"]
+        p, q = meta["P"], meta["Q"]
+        if n == 0:
+            zeros = functools.partial(torch.zeros, device=x2.device, dtype=torch.float32)
+            grads.append(_unflatten_grads(zeros((mr, a_out, a_in)), zeros((p, mr)), zeros((q, mr)), m, r))
+            continue
+        programs = min(triton.cdiv(n, meta["BLOCK_N"]), _max_programs(x2.device))
+        dabar_part = torch.zeros((programs, mr, a_out, a_in), device=x2.device, dtype=torch.float32)
+        duf_part = torch.empty((programs, p, mr), device=x2.device, dtype=torch.float32)
+        dvf_part = torch.empty((programs, q, mr), device=x2.device, dtype=torch.float32)
+        dy_rows = dy2[:, start:start + rows]
+        dx_arg = dx if dx is not None else x2
+        _kron_bwd_kernel[(programs,)](
+            x2, dy_rows, dx_arg, Abar, Uf, Vf, dabar_part, duf_part, dvf_part,
+            n, x2.stride(0), x2.stride(1), dy_rows.stride(0), dy_rows.stride(1),
+            dx_arg.stride(0), dx_arg.stride(1), scale,
+            NEED_DX=need_dx, ACCUMULATE_DX=k > 0, num_warps=8 if x2.is_cuda else 1, **meta,
+        )
+        grads.append(_unflatten_grads(dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0), m, r))
+    if dx is not None and n > 0:
         dx = dx.to(x2.dtype)
         if weight is not None:
             dx.addmm_(dy2, weight)
-    return (dx,) + _unflatten_grads(dabar_part.sum(0), duf_part.sum(0), dvf_part.sum(0), m, r)
+    elif dx is not None and weight is not None:
+        dx = dy2 @ weight
+    return dx, grads
 
 
 def kron_delta_forward(A, U, V, scale):

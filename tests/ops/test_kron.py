@@ -206,6 +206,86 @@ def test_triton_matches_torch_backend_bitwise_shape_and_dtype():
     assert outs["triton"].shape == outs["torch"].shape == (2, 3, 30)
 
 
+# ------------------------------------------------------------------- row-slice targets
+def make_slice_inputs(dtype=torch.float64, seed=1, lead=(2, 9)):
+    """A fused-qkv-like layer: d_in = 4*6 = 24, three 30-row slices, increments on the first
+    (m=3, a_out=5, p=6) and the last (m=2, a_out=3, p=10, r=3)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, grad=True):
+        return torch.randn(*size, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(grad)
+
+    x = rnd(*lead, 24)
+    W, b = rnd(90, 24, grad=False), rnd(90, grad=False)
+    q = (rnd(3, 5, 4), rnd(3, 6, 2), rnd(3, 6, 2))
+    v = (rnd(2, 3, 2), rnd(2, 10, 3), rnd(2, 12, 3))
+    return x, W, b, q, v
+
+
+def fused_slices(x, W, b, Aq, Uq, Vq, Av, Uv, Vv):
+    return kk.kron_linear_slices(x, W, b, [(0, Aq, Uq, Vq), (60, Av, Uv, Vv)], SCALE)
+
+
+def ref_slices(x, W, b, Aq, Uq, Vq, Av, Uv, Vv):
+    full = torch.zeros_like(W)
+    full = full.index_add(0, torch.arange(0, 30), ref.kron_delta(Aq, Uq, Vq, SCALE).to(W.dtype))
+    full = full.index_add(0, torch.arange(60, 90), ref.kron_delta(Av, Uv, Vv, SCALE).to(W.dtype))
+    return torch.nn.functional.linear(x, W + full, b)
+
+
+def test_kron_linear_slices_torch_float64():
+    x, W, b, q, v = make_slice_inputs()
+    with kk.use_backend("torch"):
+        compare_with_reference(fused_slices, ref_slices, [x, W, b, *q, *v], RTOL[torch.float64])
+
+
+@needs_interpreter
+def test_kron_linear_slices_triton_fp32():
+    x, W, b, q, v = make_slice_inputs(torch.float32)
+    with kk.use_backend("triton"):
+        compare_with_reference(fused_slices, ref_slices, [x, W, b, *q, *v], RTOL[torch.float32], torch.float64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kron_linear_slices_triton_low_precision(dtype):
+    x, W, b, q, v = make_slice_inputs(torch.float32)
+    with kk.use_backend("triton"):
+        compare_low_precision(fused_slices, ref_slices, [x, W, b, *q, *v], dtype, activations=(0, 1, 2))
+
+
+def test_kron_linear_slices_matches_kron_linear_on_full_rows():
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)))
+    with kk.use_backend("torch"):
+        full = kk.kron_linear(x, W, b, A, U, V, SCALE)
+        sliced = kk.kron_linear_slices(x, W, b, [(0, A, U, V)], SCALE)
+    assert torch.equal(full, sliced)
+
+
+@pytest.mark.parametrize(
+    "targets, match",
+    [
+        pytest.param(lambda q, v: [(0, *q), (20, *v)], "overlap", id="overlap"),
+        pytest.param(lambda q, v: [(0, *q), (61, *v)], "within the 90 output rows", id="out-of-range"),
+        pytest.param(lambda q, v: [(0, *q), (60, q[0], q[1], v[2])], "number of Kronecker terms", id="bad-factors"),
+        pytest.param(lambda q, v: [], "non-empty sequence", id="empty"),
+        pytest.param(lambda q, v: [(0, q[0], q[1])], r"targets\[0\] must be", id="short"),
+        pytest.param(lambda q, v: [(0.5, *q)], "must lie within", id="float-start"),
+    ],
+)
+def test_kron_linear_slices_bad_targets(targets, match):
+    x, W, b, q, v = make_slice_inputs(torch.float32)
+    with pytest.raises(ValueError, match=match):
+        kk.kron_linear_slices(x, W, b, targets(q, v))
+
+
+def test_kron_linear_slices_target_input_widths_must_agree():
+    x, W, b, q, v = make_slice_inputs(torch.float32)
+    other = (torch.randn(3, 5, 2), torch.randn(3, 6, 2), torch.randn(3, 6, 2))  # a_in*q = 12, not 24
+    with pytest.raises(ValueError, match="same input width"):
+        kk.kron_linear_slices(x, W, b, [(0, *q), (60, *other)])
+
+
 # ---------------------------------------------------------------------------- dtype rules
 def test_autocast_runs_in_autocast_dtype():
     x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=torch.float32)
