@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kron_kernels as kk
 from conftest import INTERPRET
 from kron_kernels.reference import kadaptation as ref
-from utils import RTOL, compare_low_precision, compare_with_reference
+from utils import RTOL, assert_rel_close, compare_low_precision, compare_with_reference, outputs_and_grads
 
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
 
@@ -355,3 +355,19 @@ def test_gpu_bf16(shape):
     x, W, b, A, U, V = (t.detach().cuda().requires_grad_(t.requires_grad) for t in make_inputs(shape, torch.float32))
     compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], torch.bfloat16, activations=(0, 1, 2))
     compare_low_precision(fused_matmul, ref_matmul, [x, A, U, V], torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_torch_compile_fullgraph_torch_backend():
+    """The ops trace into one graph (forward and backward) with no graph break."""
+    x, W, b, q, v = make_slice_inputs(torch.float32)
+
+    def fn(x, Aq, Uq, Vq, Av, Uv, Vv):
+        return kk.kron_linear_slices(x, W, b, [(0, Aq, Uq, Vq), (60, Av, Uv, Vv)], SCALE)
+
+    with kk.use_backend("torch"):
+        got = outputs_and_grads(torch.compile(fn, fullgraph=True), [x, *q, *v])
+        want = outputs_and_grads(fn, [x, *q, *v])
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
