@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 __all__ = ["bottleneck_adapter_forward", "bottleneck_adapter_backward"]
 
 # constexpr: compiled kernels may read module globals only when they are tl.constexpr
@@ -256,6 +258,7 @@ def _padded_weights(w_down, b_down, w_up, k_pad: int, acc: torch.dtype):
     return w_down_p, b_down_p, w_up_t_p
 
 
+@on_device
 def bottleneck_adapter_forward(
     h2: torch.Tensor,
     w_down: torch.Tensor,
@@ -296,6 +299,7 @@ def bottleneck_adapter_forward(
     return out
 
 
+@on_device
 def bottleneck_adapter_backward(
     dout2: torch.Tensor,
     h2: torch.Tensor,

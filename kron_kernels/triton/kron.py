@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 __all__ = ["kron_linear_forward", "kron_linear_backward", "kron_delta_forward"]
 
 
@@ -262,6 +264,7 @@ def _launch_setup(x2, targets, max_block_j):
     return setup
 
 
+@on_device
 def kron_linear_forward(x2, weight, bias, targets, d_out, scale):
     """``x2 @ weight.T + bias`` plus each target's ``scale * kron-term`` on its output rows.
 
@@ -295,6 +298,7 @@ def kron_linear_forward(x2, weight, bias, targets, d_out, scale):
     return y
 
 
+@on_device
 def kron_linear_backward(dy2, x2, weight, targets, scale, need_dx):
     """``(dx, [(dA, dU, dV) per target])`` with fp32 factor gradients; ``dx`` includes
     ``dy @ weight``, added by cuBLAS onto the kron kernels' output, as in the forward."""
@@ -337,6 +341,7 @@ def kron_linear_backward(dy2, x2, weight, targets, scale, need_dx):
     return dx, grads
 
 
+@on_device
 def kron_delta_forward(A, U, V, scale):
     """The materialised ``(a_out*p, a_in*q)`` increment, in A's dtype."""
     m, a_out, a_in = A.shape
