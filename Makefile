@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 .PHONY: test bench bench-ops install clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja pybind11
 	$(PY) -m pip install -q torch
