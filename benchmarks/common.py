@@ -43,13 +43,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kron_kernels as kk
+from kron_kernels.reference import arc as ref_arc
 from kron_kernels.reference import compacter as ref_compacter
+from kron_kernels.reference import fact as ref_fact
+from kron_kernels.reference import losa as ref_losa
 from kron_kernels.reference import kadaptation as ref_kadaptation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VIT_TOKENS = 197  # 14 x 14 patches + the class token at 224 px, patch 16
-VARIANTS = ("fused", "reference", "floor", "peft_lokr")
+VARIANTS = ("fused", "triton", "reference", "floor", "peft_lokr", "fast_hadamard_transform")
 FWD_BWD, FWD = "fwd+bwd", "fwd"
 
 
@@ -103,6 +106,70 @@ def kron_ops_cases(quick: bool = False) -> List[Case]:
         cases.append(Case("compacter_adapter", f"d{d}-k{k}-n{PHM_N}", FWD_BWD, ("fused", "reference", "floor"), params))
         # the adapter kernel alone (weights prebuilt, no autograd): the bandwidth target
         cases.append(Case("bottleneck_adapter", f"d{d}-k{k}", FWD, ("fused", "reference", "floor"), params))
+    return cases
+
+
+# Walsh-Hadamard transform (issue 4): row lengths 2^8 ... 2^15; a batch of 16 * 2048 rows on GPU,
+# on CPU 256 rows up to n = 4096 (the CPU target's shape) and 2^20 elements beyond
+FWHT_LOGS = tuple(range(8, 16))
+FWHT_DTYPES = ("float16", "bfloat16", "float32")
+FWHT_GPU_ROWS = 16 * 2048
+FWHT_CPU_ROWS = 256
+FWHT_CPU_ELEMENTS = 2**20
+
+
+def fwht_cases(quick: bool = False) -> List[Case]:
+    """kk.fwht forward (``fwd``: no autograd; the backward is the same transform) per row length
+    and dtype, in the variants ``fused`` (auto: the compiled extension), ``triton``,
+    ``reference`` (the torch butterfly, one vectorised stage per bit), ``floor``
+    (``torch.clone``, the memcpy roofline) and Dao's ``fast_hadamard_transform`` where it is
+    installed (quick: n = 2^8, 2^12, 2^15 in bf16 and fp32)."""
+    logs = (8, 12, 15) if quick else FWHT_LOGS
+    dtypes = ("bfloat16", "float32") if quick else FWHT_DTYPES
+    variants = ("fused", "triton", "reference", "floor", "fast_hadamard_transform")
+    return [
+        Case("fwht", f"n{2**k}-{dtype}", FWD, variants, (("n", 2**k), ("dtype", dtype)))
+        for k in logs
+        for dtype in dtypes
+    ]
+
+
+def fwht_rows(n: int, device: torch.device, tokens: int) -> int:
+    """Rows of an fwht case: the suite's batch at the default token count, else ``tokens``
+    (``--tokens`` / quick runs scale the batch down)."""
+    if tokens != default_tokens(device):
+        return tokens
+    if device.type == "cuda":
+        return FWHT_GPU_ROWS
+    return max(1, min(FWHT_CPU_ROWS, FWHT_CPU_ELEMENTS // n))
+
+
+# The low-rank bottleneck family (issue 3) at ViT-B: d = 768, 197 tokens per image; FacT r = 8
+# over S = 144 slots (12 layers x 12), ARC r = 50 with its default dropout 0.1, LoSA r = 64
+BOTTLENECK_D = 768
+FACT_R, FACT_SLOTS, FACT_SLOTS_QUICK = 8, 144, 12
+ARC_R, ARC_DROPOUT = 50, 0.1
+LOSA_R = 64
+
+
+def bottleneck_cases(quick: bool = False) -> List[Case]:
+    """kk.fact_tt_delta / fact_tk_delta (fwd+bwd: the (S, d, d) increments and their factor
+    gradients; quick: S = 12), kk.arc and kk.losa_mixer (channel and token) in a training step
+    (fwd+bwd) and forward alone (``fwd``: the bandwidth target), each against its reference
+    and the memcpy floor."""
+    d, variants = BOTTLENECK_D, ("fused", "reference", "floor")
+    slots = FACT_SLOTS_QUICK if quick else FACT_SLOTS
+    cases = [
+        Case(op, f"d{d}-r{FACT_R}-S{slots}", FWD_BWD, variants,
+             (("model", "ViT-B"), ("d", d), ("r", FACT_R), ("S", slots)))
+        for op in ("fact_tt_delta", "fact_tk_delta")
+    ]
+    for mode in (FWD_BWD, FWD):
+        cases.append(Case("arc", f"d{d}-r{ARC_R}", mode, variants,
+                          (("model", "ViT-B"), ("d", d), ("r", ARC_R), ("dropout", ARC_DROPOUT))))
+        for axis in ("channel", "token"):
+            cases.append(Case(f"losa_{axis}", f"d{d}-r{LOSA_R}", mode, variants,
+                              (("model", "ViT-B"), ("d", d), ("r", LOSA_R), ("axis", axis))))
     return cases
 
 
@@ -196,6 +263,12 @@ def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int
         return _build_compacter(case, variant, device, tokens, gen)
     if case.op == "bottleneck_adapter":
         return _build_adapter_forward(case, variant, device, tokens, gen)
+    if case.op == "fwht":
+        return _build_fwht(case, variant, device, tokens, gen)
+    if case.op in ("fact_tt_delta", "fact_tk_delta"):
+        return _build_fact_delta(case, variant, device, gen)
+    if case.op == "arc" or case.op.startswith("losa_"):
+        return _build_bottleneck(case, variant, device, tokens, gen)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -363,6 +436,123 @@ def _build_adapter_forward(case, variant, device, tokens, gen) -> Bench:
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return Bench(_step(forward, (), None), bytes_moved=bytes_moved, extra=extra)
+
+
+def _build_fwht(case, variant, device, tokens, gen) -> Bench:
+    n, dtype = case.p["n"], getattr(torch, case.p["dtype"])
+    rows = fwht_rows(n, device, tokens)
+    x = _randn(gen, rows, n, device=device, dtype=dtype)
+    bytes_moved = 2 * x.numel() * x.element_size()  # read x, write the transform
+    extra: Dict[str, Any] = {"rows": rows}
+    if variant == "fused":
+        forward = lambda: kk.fwht(x)  # noqa: E731
+    elif variant in ("triton", "reference"):
+        impl = "triton" if variant == "triton" else "torch"
+        if impl == "triton":
+            ok, reason = kk.backend.triton_status(device)
+            if not ok:
+                raise Unavailable(f"Triton cannot run here: {reason}")
+        else:
+            extra["note"] = "the torch butterfly (kron_kernels' torch backend: one vectorised stage per bit)"
+
+        def forward():
+            with kk.use_backend(impl):
+                kk.fwht(x)
+
+    elif variant == "floor":
+        forward = lambda: torch.clone(x)  # noqa: E731
+        extra["floor"] = "torch.clone(x): the memcpy roofline"
+    elif variant == "fast_hadamard_transform":
+        if device.type != "cuda":
+            raise Unavailable("fast_hadamard_transform (Dao) runs on CUDA only")
+        try:
+            from fast_hadamard_transform import hadamard_transform
+        except Exception as exc:
+            raise Unavailable(f"fast_hadamard_transform is not importable ({type(exc).__name__}: {exc})") from None
+        forward = lambda: hadamard_transform(x, 1.0)  # noqa: E731
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return Bench(_step(forward, (), None), bytes_moved=bytes_moved, extra=extra)
+
+
+def _build_fact_delta(case, variant, device, gen) -> Bench:
+    """The FacT increments and their factor gradients (independent of the token count)."""
+    d, r, S = case.p["d"], case.p["r"], case.p["S"]
+    f32 = dict(device=device, dtype=torch.float32, requires_grad=True)
+    U, V = _randn(gen, d, r, std=d**-0.5, **f32), _randn(gen, d, r, std=d**-0.5, **f32)
+    grad_out = _randn(gen, S, d, d, device=device, dtype=torch.float32)
+    if case.op == "fact_tt_delta":
+        factors = (U, V, _randn(gen, S, r, r, **f32))
+        fused, ref = kk.fact_tt_delta, ref_fact.fact_tt_delta
+    else:
+        factors = (U, V, _randn(gen, r, r, r, std=r**-0.5, **f32), _randn(gen, S, r, **f32))
+        fused, ref = kk.fact_tk_delta, ref_fact.fact_tk_delta
+    if variant == "fused":
+        extra = {"note": "torch matmul/bmm on every backend (cuBLAS on CUDA)"}
+        return Bench(_step(lambda: fused(*factors), factors, grad_out), extra=extra)
+    if variant == "reference":
+        return Bench(_step(lambda: ref(*factors), factors, grad_out))
+    if variant == "floor":
+        delta = _randn(gen, S, d, d, device=device, dtype=torch.float32, requires_grad=True)
+        forward = lambda: _CopyForwardCopyBackward.apply(delta)  # noqa: E731
+        return Bench(_step(forward, (delta,), grad_out),
+                     extra={"floor": "memcpy roofline: clone forward + clone backward of the (S, d, d) increments"})
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _build_bottleneck(case, variant, device, tokens, gen) -> Bench:
+    """ARC (``x`` trainable-through, U / lam / bias trainable, dropout 0.1) and the LoSA mixer
+    (``h`` the side network's state, ``z`` the frozen backbone's output without grad; the
+    token mixer takes ``max(1, tokens // 197)`` images of 197 tokens)."""
+    d, r = case.p["d"], case.p["r"]
+    dtype = activation_dtype(device)
+    f32 = dict(device=device, dtype=torch.float32, requires_grad=True)
+    train = case.mode == FWD_BWD
+    act = dict(device=device, dtype=dtype)
+    if case.op == "arc":
+        shape = (tokens, d)
+        x = _randn(gen, *shape, **act, requires_grad=train)
+        U, lam, bias = _randn(gen, d, r, std=d**-0.5, **f32), _randn(gen, r, **f32), _randn(gen, d, std=0.02, **f32)
+        p = case.p["dropout"] if train else 0.0
+        inputs, acts = (x, U, lam, bias), (x,)
+        fused = lambda: kk.arc(x, U, lam, bias, p)  # noqa: E731
+        # the reference's matmuls need one dtype: factors cast to the activations' (a graph op)
+        ref = lambda: _ref_arc_in_dtype(x, U, lam, bias, p, dtype)  # noqa: E731
+        bytes_moved = 2 * x.numel() * x.element_size()  # read x, write the output
+    else:
+        axis = case.p["axis"]
+        shape = (tokens, d) if axis == "channel" else (max(1, tokens // VIT_TOKENS), VIT_TOKENS, d)
+        n = d if axis == "channel" else VIT_TOKENS
+        h = _randn(gen, *shape, **act, requires_grad=train)
+        z = _randn(gen, *shape, **act)
+        W_down, W_up = _randn(gen, n, r, std=n**-0.5, **f32), _randn(gen, r, n, std=r**-0.5, **f32)
+        alpha = torch.ones((), **f32)
+        inputs, acts = (h, W_down, W_up, alpha), (h,)
+        fused = lambda: kk.losa_mixer(h, z, W_down, W_up, alpha, axis)  # noqa: E731
+        ref = lambda: ref_losa.losa_mixer(h, z, W_down.to(dtype), W_up.to(dtype), alpha.to(dtype), axis)  # noqa: E731
+        bytes_moved = 3 * h.numel() * h.element_size()  # read h and z, write the output
+    grad_out = _randn(gen, *shape, **act) if train else None
+    extra: Dict[str, Any] = {"shape": list(shape)}
+    if variant == "fused":
+        step = _step(fused, inputs if train else (), grad_out)
+    elif variant == "reference":
+        step = _step(ref, inputs if train else (), grad_out)
+    elif variant == "floor":
+        base = acts[0]
+        if train:
+            step = _step(lambda: _CopyForwardCopyBackward.apply(base), (base,), grad_out)
+            extra["floor"] = "memcpy roofline: clone forward + clone backward of the activation"
+        else:
+            step = _step(lambda: torch.clone(base), (), None)
+            extra["floor"] = "torch.clone of the activation: the memcpy roofline"
+            bytes_moved = 2 * base.numel() * base.element_size()
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return Bench(step, bytes_moved=None if train else bytes_moved, extra=extra)
+
+
+def _ref_arc_in_dtype(x, U, lam, bias, p, dtype):
+    return ref_arc.arc(x, U.to(dtype), lam.to(dtype), bias.to(dtype), p)
 
 
 # ----------------------------------------------------------------------------------------
@@ -629,8 +819,10 @@ class Row:
 def variant_backend(variant: str, fn: Callable[[], None]) -> str:
     """Runs ``fn`` once and says what served it: for ``fused`` the kron_kernels dispatches observed."""
     seen = observed_backends(fn)
+    if seen:  # also variants that call kron_kernels on a fixed backend (e.g. fwht's triton, torch)
+        return ", ".join(seen)
     if variant == "fused":
-        return ", ".join(seen) if seen else "no kron_kernels dispatch observed"
+        return "no kron_kernels dispatch observed"
     return {"reference": "kron_kernels.reference (torch)", "floor": "torch", "peft_lokr": "peft"}.get(variant, "")
 
 
@@ -665,7 +857,7 @@ def measure_case(
             variant=variant,
             params=case.p,
             device=device.type,
-            dtype=str(activation_dtype(device)).replace("torch.", ""),
+            dtype=case.p.get("dtype", str(activation_dtype(device)).replace("torch.", "")),
             tokens=tokens,
         )
         try:

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kron_kernels.triton import kron
+from kron_kernels.triton import bottleneck, kron
 
 
 def _usage(kernel) -> str:
@@ -30,10 +30,11 @@ def _usage(kernel) -> str:
     return lines[0] if lines else out.strip()
 
 
-def _compile(fn, pointers, scalars, constexprs, arch, warps):
+def _compile(fn, pointers, scalars, constexprs, arch, warps, stages=None):
     signature = {**pointers, **scalars, **{k: "constexpr" for k in constexprs}}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def kron_cases(dtype="bf16", a=32, p=24, mr=32):
@@ -55,13 +56,47 @@ def kron_cases(dtype="bf16", a=32, p=24, mr=32):
     )
 
 
+def bottleneck_cases(dtype="bf16"):
+    """The low-rank bottleneck kernels at their ViT-B configurations (``bottleneck._config``
+    for 2-byte activations): ARC (diagonal, tied, dropout, r = 50 -> R_PAD 64), the LoSA
+    mixer (GELU, x2 = z, r = 64) along channels and along tokens (rows blocked: C = 768 is a
+    multiple of BLOCK_N) and FacT's core middle (r = 8 -> R_PAD 16)."""
+    act, f32 = f"*{dtype}", "*fp32"
+    runtime = {"n_rows": "i32", "n_inner": "i32", "D": "i32", "R": "i32", "seed": "i32",
+               "p_drop": "fp32", "drop_scale": "fp32"}
+    x_strides = {f"stride_{t}{k}": "i32" for t in ("x", "x2") for k in "oid"}
+    weights = {"down_t_ptr": f32, "up_t_ptr": f32, "core_ptr": f32, "diag_ptr": f32, "scale_ptr": f32}
+    variants = (
+        ("arc", dict(MIDDLE=1, HAS_X2=False, HAS_DROPOUT=True, ROWS_BLOCKED=False, R_PAD=64), True),
+        ("losa", dict(MIDDLE=2, HAS_X2=True, HAS_DROPOUT=False, ROWS_BLOCKED=False, R_PAD=64), False),
+        ("losa tok", dict(MIDDLE=2, HAS_X2=True, HAS_DROPOUT=False, ROWS_BLOCKED=True, R_PAD=64), False),
+        ("fact core", dict(MIDDLE=0, HAS_X2=False, HAS_DROPOUT=True, ROWS_BLOCKED=False, R_PAD=16), False),
+    )
+    for name, flags, tied in variants:
+        yield f"{name} fwd", bottleneck._bottleneck_fwd_kernel, (
+            {"x_ptr": act, "x2_ptr": act, **weights, "bias_ptr": f32, "out_ptr": act},
+            {**runtime, **x_strides, **{f"stride_o{k}": "i32" for k in "oid"}},
+            {**flags, "HAS_RESIDUAL": name != "fact core", "HAS_BIAS": name == "arc", "DOT_PRECISION": "tf32",
+             "BLOCK_N": 64, "BLOCK_D": 64},
+            2,  # num_stages, as bottleneck._config
+        )
+        yield f"{name} bwd", bottleneck._bottleneck_bwd_kernel, (
+            {"x_ptr": act, "x2_ptr": act, "dout_ptr": act, **weights, "dx_ptr": act, "dx2_ptr": act,
+             **{f"{g}_part_ptr": f32 for g in ("ddown_t", "dup_t", "dcore", "ddiag", "dscale", "dbias")}},
+            {**runtime, **x_strides, **{f"stride_{t}{k}": "i32" for t in ("g", "dx") for k in "oid"}},
+            {**flags, "HAS_RESIDUAL": name != "fact core", "TIED": tied, "NEED_DX": True, "NEED_DX2": False,
+             "NEED_DW": True, "DOT_PRECISION": "tf32", "BLOCK_N": 64, "BLOCK_D": 32},
+            1,
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--warps", type=int, default=8)
     args = parser.parse_args(argv)
-    for name, fn, (pointers, scalars, constexprs) in kron_cases():
-        kernel = _compile(fn, pointers, scalars, constexprs, args.arch, args.warps)
+    for name, fn, (pointers, scalars, constexprs, *stages) in (*kron_cases(), *bottleneck_cases()):
+        kernel = _compile(fn, pointers, scalars, constexprs, args.arch, args.warps, *stages)
         print(f"sm_{args.arch} {args.warps} warps  {name:10s} {_usage(kernel)}  triton-shared={kernel.metadata.shared}")
 
 

@@ -75,6 +75,7 @@ class Suite:
     cases: Callable[[bool], List[Case]]  # quick -> the cases
     targets: Callable[[List[Row], RunConfig], List[Target]]
     measure: Callable[..., List[Row]] = common.measure_case  # (suite, case, device, tokens, timing) -> rows
+    notes: Optional[Sequence[str]] = None  # what the variants are; None: the Kronecker suite's notes
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,12 +198,126 @@ def kron_ops_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
     return targets
 
 
+def fwht_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
+    """Issue 4: GPU fwht <= 1.3x torch.clone for n <= 2^13 in fp16/bf16; CPU compiled kernel
+    >= 3x faster than the torch butterfly at 256 x 4096 fp32."""
+    gpu, cpu = cfg.device.type == "cuda", cfg.device.type == "cpu"
+    at_size = cfg.tokens == cfg.default_tokens
+    targets: List[Target] = []
+    for k in common.FWHT_LOGS:
+        if 2**k > 2**13:
+            continue
+        for dtype in ("float16", "bfloat16"):
+            case = f"fwht-n{2**k}-{dtype}-{FWD}"
+            if not any(r.case == case for r in rows):
+                continue
+            fused, floor = _ok(rows, case, "fused"), _ok(rows, case, "floor")
+            vs_floor = _ratio(fused and fused.median_ms, floor and floor.median_ms)
+            na = None
+            if not gpu:
+                na = "GPU target, this run is on CPU"
+            elif not at_size:
+                na = f"this run used {cfg.tokens} rows, the target is stated at {common.FWHT_GPU_ROWS}"
+            targets.append(Target(
+                "GPU fp16/bf16: fwht time <= 1.3x torch.clone (n <= 2^13, 16*2048 rows)",
+                case,
+                "-" if vs_floor is None else f"{vs_floor:.2f}x clone",
+                _check(vs_floor, lambda v: v <= 1.3, na, _missing(rows, case, ("fused", "floor"))),
+            ))
+    case = f"fwht-n4096-float32-{FWD}"
+    fused, ref = _ok(rows, case, "fused"), _ok(rows, case, "reference")
+    speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+    if not cpu:
+        na = "CPU target, this run is on CUDA"
+    elif fused is not None and fused.extra.get("rows") != common.FWHT_CPU_ROWS:
+        na = f"this run used {fused.extra.get('rows')} rows, the target is stated at {common.FWHT_CPU_ROWS}"
+    elif fused is not None and "fwht:cuda" not in fused.backend:
+        na = f"the fused row ran on {fused.backend}, the target is for the compiled CPU kernel"
+    else:
+        na = None
+    if any(r.case == case for r in rows):
+        targets.append(Target(
+            "CPU: compiled kk.fwht >= 3x faster than the torch butterfly (256 x 4096, fp32)",
+            case,
+            "-" if speedup is None else f"{speedup:.2f}x faster",
+            _check(speedup, lambda v: v >= 3.0, na, _missing(rows, case, ("fused", "reference"))),
+        ))
+    return targets
+
+
+FWHT_NOTES = (
+    "- **fused**: `kk.fwht` on the default backend (the compiled extension: CUDA kernels on GPU, the "
+    "cache-blocked C++ kernel on CPU); the notes column names the backend each dispatch took.",
+    "- **triton**: `kk.fwht` on the Triton backend (GPU only).",
+    "- **reference**: the torch butterfly (kron_kernels' torch backend, one vectorised stage per bit).",
+    "- **floor**: `torch.clone(x)`, the memcpy roofline: the transform reads and writes x once.",
+    "- **fast_hadamard_transform**: Dao's package, where it is installed (GPU only).",
+    "- Every row is the forward alone (no autograd; the backward is the same transform).",
+)
+
+
+def bottleneck_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
+    """Issue 3 (GPU bf16, ViT-B): ARC and LoSA mixers forward >= 75% of torch.clone bandwidth;
+    each fused op >= 2x faster than its reference."""
+    gpu = cfg.device.type == "cuda"
+    na = None
+    if not gpu:
+        na = "GPU target, this run is on CPU"
+    elif cfg.tokens != cfg.default_tokens:
+        na = f"this run used N={cfg.tokens}, the target is stated at N={cfg.default_tokens}"
+    targets: List[Target] = []
+    for op in ("arc", "losa_channel", "losa_token"):
+        r = common.ARC_R if op == "arc" else common.LOSA_R
+        case = f"{op}-d{common.BOTTLENECK_D}-r{r}-{FWD}"
+        fused, floor = _ok(rows, case, "fused"), _ok(rows, case, "floor")
+        frac = _ratio(fused and fused.gbps, floor and floor.gbps)
+        measured = "-" if frac is None else f"{frac:.0%} of clone ({fused.gbps:.1f} / {floor.gbps:.1f} GB/s)"
+        if any(row.case == case for row in rows):
+            targets.append(Target("GPU bf16: forward >= 75% of torch.clone bandwidth", case, measured,
+                                  _check(frac, lambda v: v >= 0.75, na, _missing(rows, case, ("fused", "floor")))))
+    for case in sorted({row.case for row in rows}):
+        fused, ref = _ok(rows, case, "fused"), _ok(rows, case, "reference")
+        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+        targets.append(Target("GPU bf16: fused >= 2x faster than its reference", case,
+                              "-" if speedup is None else f"{speedup:.2f}x faster",
+                              _check(speedup, lambda v: v >= 2.0, na, _missing(rows, case, ("fused", "reference")))))
+    return targets
+
+
+BOTTLENECK_NOTES = (
+    "- **fused**: `kk.fact_tt_delta` / `kk.fact_tk_delta` (torch matmul/bmm on every backend), "
+    "`kk.arc`, `kk.losa_mixer` on the default backend (Triton on CUDA); the notes column names "
+    "the backend each dispatch took.",
+    "- **reference**: `kron_kernels.reference.fact` (the paper's einsum), `.arc` (two matmuls, "
+    "F.dropout), `.losa` (plain torch; token mixing through transposes).",
+    "- **floor**: the memcpy roofline: `torch.clone` of the activation (of the (S, d, d) increments "
+    "for FacT), plus a clone in the backward for fwd+bwd rows.",
+    "- fwd+bwd rows: ARC trains x, U, lam, bias with dropout 0.1; LoSA trains h, W_down, W_up, alpha "
+    "(z, the frozen backbone's output, needs no gradient); the token mixer runs on "
+    "max(1, N // 197) images of 197 tokens. fwd rows: forward alone under no_grad, no dropout.",
+)
+
+
 SUITES: Dict[str, Suite] = {
     "kron_ops": Suite(
         name="kron_ops",
         title="Kronecker ops and the Compacter adapter",
         cases=common.kron_ops_cases,
         targets=kron_ops_targets,
+    ),
+    "fwht": Suite(
+        name="fwht",
+        title="Walsh-Hadamard transform",
+        cases=common.fwht_cases,
+        targets=fwht_targets,
+        notes=FWHT_NOTES,
+    ),
+    "bottleneck": Suite(
+        name="bottleneck",
+        title="Low-rank bottleneck ops: FacT increments, ARC, LoSA mixers",
+        cases=common.bottleneck_cases,
+        targets=bottleneck_targets,
+        notes=BOTTLENECK_NOTES,
     ),
 }
 
@@ -244,11 +359,20 @@ def _mib(nbytes: Optional[int]) -> str:
 def _note(row: Row) -> str:
     if row.status != "ok":
         return row.reason.replace("|", "\\|").replace("\n", " ")
-    if row.variant == "fused":
+    if row.variant in ("fused", "triton"):
         return row.backend
     if row.variant == "peft_lokr":
         return "PEFT LoKr, 1 Kronecker term (see notes)"
     return ""
+
+
+def _size_line(suite: Suite, rows: List[Row], cfg: RunConfig) -> str:
+    if suite.name == "fwht":
+        batch = sorted({r.extra["rows"] for r in rows if "rows" in r.extra})
+        return (f"x of shape (rows, n), rows = {', '.join(map(str, batch)) or '-'} "
+                "(fewer for long rows on CPU); the dtype is in the case label.")
+    return (f"N = {cfg.tokens} tokens per step, activations and frozen weight "
+            f"{_dtype(cfg.device)}, trainable factors float32.")
 
 
 def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfig, prov: Dict[str, Any]) -> str:
@@ -259,8 +383,7 @@ def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfi
         + f"; torch {prov['torch']}, triton {prov['triton']}, CUDA {prov['torch_cuda']}, "
         f"timm {prov['timm']}, peft {prov['peft']}; kron_kernels backend `{cfg.backend}`.",
         "",
-        f"N = {cfg.tokens} tokens per step, activations and frozen weight "
-        f"{_dtype(cfg.device)}, trainable factors float32."
+        _size_line(suite, rows, cfg)
         + (" **Quick run** (small sizes, few repeats): indicative only." if cfg.quick else ""),
         "",
         "| case | variant | time median (p20–p80) ms | speed-up vs reference | time / floor "
@@ -279,9 +402,10 @@ def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfi
     if bandwidth:
         lines += [
             "",
-            "## Adapter forward bandwidth",
+            "## Forward bandwidth",
             "",
-            "Bytes moved = read h + write the output (the memcpy roofline's traffic); the floor is `torch.clone(h)`.",
+            "Bytes moved = read the input + write the output (the memcpy roofline's traffic); the floor is "
+            "`torch.clone` of the input.",
             "",
             "| case | variant | time median ms | GB/s | fraction of clone bandwidth |",
             "|---|---|---|---|---|",
@@ -297,10 +421,7 @@ def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfi
         lines.append(f"| {t.goal} | {t.case} | {t.measured} | {t.status} |")
     peft_notes = sorted({r.extra["peft_lokr"] for r in rows if "peft_lokr" in r.extra})
     timing_methods = sorted({r.timing_method.split(":")[0] for r in rows if r.timing_method})
-    lines += [
-        "",
-        "## Notes",
-        "",
+    variant_notes = list(suite.notes) if suite.notes is not None else [
         "- **fused**: the kron_kernels op (activations need grad, factors trainable, dense weight frozen); "
         "the notes column names the backend each dispatch actually took.",
         "- **reference**: `kron_kernels.reference` (the papers' way: the increment materialised through the "
@@ -310,6 +431,8 @@ def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfi
         "- **peft_lokr**: a PEFT LoKr-adapted `nn.Linear` of the same shape (kron_linear only).",
         "- `(no_grad)` rows: the adapter forward alone with the PHM weights prebuilt; every other row is one "
         "forward + `torch.autograd.grad` of every trainable input.",
+    ]
+    lines += ["", "## Notes", ""] + variant_notes + [
         f"- Timing: {', '.join(timing_methods) or '-'}; peak memory: "
         f"{common.CUDA_MEMORY_METHOD if cfg.device.type == 'cuda' else common.CPU_MEMORY_METHOD} "
         "(bytes beyond the inputs and weights allocated before the step).",

@@ -6,11 +6,16 @@ extension; each is probed lazily on the first call that needs it.
 from . import backend
 from .backend import BackendUnavailableError, get_backend, set_backend, use_backend
 from .ops import (
+    arc,
     bottleneck_adapter,
+    fact_tk_delta,
+    fact_tt_delta,
+    fwht,
     kron_delta,
     kron_linear,
     kron_linear_slices,
     kron_matmul,
+    losa_mixer,
 )
 from . import nn
 from .adapt import METHODS, adapt, adapter_state_dict, load_adapter_state_dict, merge, unmerge
@@ -28,6 +33,11 @@ __all__ = [
     "kron_linear",
     "kron_linear_slices",
     "bottleneck_adapter",
+    "fact_tt_delta",
+    "fact_tk_delta",
+    "arc",
+    "losa_mixer",
+    "fwht",
     "nn",
     "METHODS",
     "adapt",

@@ -112,10 +112,19 @@ def _load_extension():
     try:
         return importlib.import_module("kron_kernels._C"), ""
     except ImportError as exc:
-        return None, (
-            f"the compiled extension kron_kernels._C is not available ({exc}); "
-            "reinstall with a C++/CUDA toolchain present (pip install --no-build-isolation -e .)"
-        )
+        missing = exc
+    from . import _build  # standard library only; torch's JIT loader is imported when asked for
+
+    if _build.jit_requested():  # a source checkout: compile csrc/ now (cached across runs)
+        try:
+            return _build.jit_load(), ""
+        except Exception as exc:  # a compiler error is reported where the extension is needed
+            return None, f"the compiled extension kron_kernels._C is not installed and its JIT build failed: {exc}"
+    return None, (
+        f"the compiled extension kron_kernels._C is not available ({missing}); "
+        "reinstall with a C++/CUDA toolchain present (pip install --no-build-isolation -e .), "
+        f"or set {_build.JIT_ENV_VAR}=1 to compile it from this checkout on first use"
+    )
 
 
 def extension_status() -> Tuple[bool, str]:

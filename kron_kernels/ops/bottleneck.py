@@ -1,0 +1,483 @@
+"""The low-rank bottleneck family (DESIGN.md 4.2-4.5): FacT increments, ARC, the LoSA mixer.
+
+Every op here is one instance of ``x -> x @ D -> middle -> @ Up^T (* scale) (+ residual)``:
+
+* :func:`arc`: ``x + drop((x @ U) * lam) @ U.T + bias`` -- diagonal middle, ``Up = D = U``;
+* :func:`losa_mixer`: ``h + alpha * GELU((z + h) @ W_down) @ W_up`` -- GELU middle, along
+  the channels or, in token mode, along the token axis of ``(..., T, C)`` activations;
+* :func:`fact_tt_delta` / :func:`fact_tk_delta`: the FacT slots' ``r x r`` core middles,
+  materialised as the ``(S, d, d)`` stack of ``nn.Linear`` weight increments (for merging
+  and inspection; applying FacT to activations never needs them).
+
+``arc`` and ``losa_mixer`` run on the Triton kernels of ``triton/bottleneck.py`` on CUDA
+(the r-dim intermediate stays on chip, forward and backward each one kernel) and on the
+structured torch code below elsewhere; both backends share one autograd Function and the
+same backward algebra (see the Triton module's docstring). Neither ever forms a ``d x d``
+matrix.
+
+Dropout (``arc``) acts on the r-dim intermediate after the middle, keeps each element with
+probability ``1 - p`` and scales kept ones by ``1 / (1 - p)``. The mask is a function of a
+``seed`` and the element's (row, j) position -- Philox in the Triton kernels, a seeded
+``torch.Generator`` on the torch backend -- so the backward regenerates (Triton) or reuses
+(torch) exactly the forward's mask. A seed of None draws one from torch's global generator,
+so ``torch.manual_seed`` makes runs reproducible; the two backends draw different masks for
+the same seed. ``dropout_keep_mask`` returns the mask a backend uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend
+from ._common import FLOAT_DTYPES, LOW_PRECISION, check_scale, check_tensor, compute_dtype
+
+__all__ = [
+    "fact_tt_delta",
+    "fact_tk_delta",
+    "arc",
+    "losa_mixer",
+    "dropout_keep_mask",
+    "BottleneckFunction",
+]
+
+_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_REFUSES_FP64 = "its kernels take float16/bfloat16/float32 activations, got float64"
+
+
+# ----------------------------------------------------------------------------------------
+# FacT increments: small batched GEMMs in torch on every backend
+# ----------------------------------------------------------------------------------------
+def _check_fact_uv(U, V):
+    check_tensor("U", U, ndim=2)
+    check_tensor("V", V, ndim=2, device=U.device)
+    d, r = U.shape
+    if d < 1 or r < 1:
+        raise ValueError(f"U must have shape (d, r) with d, r >= 1, got {tuple(U.shape)}")
+    if tuple(V.shape) != (d, r):
+        raise ValueError(f"V must have the shape of U, (d, r) = ({d}, {r}), got {tuple(V.shape)}")
+    return d, r
+
+
+def _fact_delta_from_cores(U, V, cores, scale: float) -> torch.Tensor:
+    dtype = torch.promote_types(torch.promote_types(U.dtype, V.dtype), cores.dtype)
+    acc = compute_dtype(dtype)
+    with torch.autocast(device_type=U.device.type, enabled=False):
+        # V @ cores[i]^T first: (S, d, r), r x r work per row; then one (S, d, r) @ (r, d) bmm
+        # whose output write is the whole cost
+        v_cores = torch.matmul(V.to(acc), cores.to(acc).transpose(1, 2))
+        delta = torch.matmul(v_cores, U.to(acc).t())
+        if scale != 1.0:
+            delta = delta * scale
+        return delta.to(dtype)
+
+
+def fact_tt_delta(U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """FacT-TT increments: ``(S, d, d)`` with ``delta[i] = scale * V @ cores[i].T @ U.T``, the
+    ``nn.Linear`` weight increment of slot ``i`` (DESIGN.md 4.2: ``delta_i(x) = s ((x U) Σ_i) V^T``).
+
+    ``U, V: (d, r)``, ``cores: (S, r, r)``. Accumulates in fp32 (fp64 for fp64 factors); the
+    result has the factors' promoted dtype, also under autocast. Gradients come from torch's
+    autograd of the two matmuls.
+
+    This op runs in torch on every backend (cuBLAS on CUDA): its cost is writing the
+    ``S d^2`` output (144 x 768^2 floats at ViT-B), which a batched GEMM with a rank-r inner
+    dimension already does at memory bandwidth, and its backward is two such GEMMs reading
+    the ``(S, d, d)`` gradient once each. A fused kernel would save nothing; training FacT
+    should apply the factors to activations instead of materialising increments.
+    """
+    d, r = _check_fact_uv(U, V)
+    check_tensor("cores", cores, ndim=3, device=U.device)
+    if tuple(cores.shape[1:]) != (r, r):
+        raise ValueError(f"cores must have shape (S, r, r) with r = {r}, got {tuple(cores.shape)}")
+    return _fact_delta_from_cores(U, V, cores, check_scale(scale))
+
+
+def fact_tk_delta(
+    U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, P: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """FacT-TK increments: :func:`fact_tt_delta` with ``cores[i] = sum_t P[i, t] C[t]``;
+    ``C: (r, r, r)``, ``P: (S, r)``. Torch on every backend, for the reasons given there (the
+    ``(S, r) @ (r, r*r)`` core contraction is tiny)."""
+    d, r = _check_fact_uv(U, V)
+    check_tensor("C", C, ndim=3, device=U.device)
+    check_tensor("P", P, ndim=2, device=U.device)
+    if tuple(C.shape) != (r, r, r):
+        raise ValueError(f"C must have shape (r, r, r) = ({r}, {r}, {r}), got {tuple(C.shape)}")
+    if P.shape[1] != r:
+        raise ValueError(f"P must have shape (S, r) with r = {r}, got {tuple(P.shape)}")
+    acc = compute_dtype(torch.promote_types(C.dtype, P.dtype))
+    with torch.autocast(device_type=U.device.type, enabled=False):
+        cores = (P.to(acc) @ C.to(acc).reshape(r, r * r)).view(-1, r, r)
+    return _fact_delta_from_cores(U, V, cores, check_scale(scale))
+
+
+# ----------------------------------------------------------------------------------------
+# the bottleneck: spec, torch backend, autograd Function
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Spec:
+    """What a bottleneck call computes besides its tensors."""
+
+    mode: str  # "channel": rows of a 2-D (N, d); "token": a 3-D (B, T, C) mixed along T
+    middle: str  # "diag" | "gelu"  (the Triton kernels also take "core")
+    residual: bool  # add x1 to the output
+    p_drop: float
+    seed: int
+    reduced_precision: bool  # fp16/bf16 activations: TF32 dots in the kernels
+
+
+def _torch_keep_mask(n_rows: int, r: int, p_drop: float, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand((n_rows, r), generator=gen, device=device) >= p_drop
+
+
+def _mask_scale(spec: _Spec, n_rows: int, r: int, device, acc, batch: int) -> Optional[torch.Tensor]:
+    """The scaled keep mask in the torch intermediate's layout: ``(N, r)`` (channel) or
+    ``(B, r, C)`` (token; rows are ``(b, c)``), or None without dropout."""
+    if spec.p_drop <= 0.0:
+        return None
+    keep = _torch_keep_mask(n_rows, r, spec.p_drop, spec.seed, device).to(acc) / (1.0 - spec.p_drop)
+    if spec.mode == "token":
+        keep = keep.view(batch, -1, r).transpose(1, 2)
+    return keep
+
+
+class _TorchBottleneck:
+    """Structured torch code for one call: channel mode on ``(N, d)`` with ``(N, r)``
+    intermediates; token mode on ``(B, T, C)`` with ``(B, r, C)`` intermediates, contracting
+    T by batched GEMMs on views (``D^T @ x``), never transposing the activations."""
+
+    def __init__(self, spec: _Spec, x, down, up_t, diag, acc):
+        self.spec, self.acc = spec, acc
+        self.token = spec.mode == "token"
+        self.down, self.up_t = down.to(acc), (down.t() if up_t is None else up_t).to(acc)
+        self.diag = None if diag is None else diag.to(acc)
+        r = down.shape[1]
+        n_rows = x.shape[0] * x.shape[2] if self.token else x.shape[0]
+        self.mask = _mask_scale(spec, n_rows, r, x.device, acc, x.shape[0])
+
+    @staticmethod
+    def _left(W, t, add=None):
+        """``[add +] W @ t[b]`` for every b as one (b)addbmm on the expanded (stride-0) ``W`` and
+        the activations' own strides (``torch.matmul`` would fold and copy them)."""
+        if add is None:
+            return torch.bmm(W.expand(t.shape[0], *W.shape), t)
+        return torch.baddbmm(add, W.expand(t.shape[0], *W.shape), t)
+
+    def up_proj_add(self, a, add):  # add + a @ Up^T in one GEMM pass over the output
+        if self.token:
+            return self._left(self.up_t.t(), a, add)
+        return torch.addmm(add, a, self.up_t)
+
+    def down_proj_t_add(self, d_pre, add):  # add + d_pre @ D^T
+        if self.token:
+            return self._left(self.down, d_pre, add)
+        return torch.addmm(add, d_pre, self.down.t())
+
+    def down_proj(self, x):  # x @ D
+        return self._left(self.down.t(), x) if self.token else x @ self.down
+
+    def up_proj(self, a):  # a @ Up^T
+        return self._left(self.up_t.t(), a) if self.token else a @ self.up_t
+
+    def down_proj_t(self, d_pre):  # d_pre @ D^T
+        return self._left(self.down, d_pre) if self.token else d_pre @ self.down.t()
+
+    def up_proj_t(self, g):  # g @ Up
+        return self._left(self.up_t, g) if self.token else g @ self.up_t.t()
+
+    def outer(self, left, right):
+        """``sum_rows left^T right``: weight gradients, ``(r, d)`` from ``(rows, r)``, ``(rows, d)``."""
+        if self.token:  # sum_b left[b] @ right[b]^T: a bmm on a transposed view, then a small sum
+            return torch.bmm(left, right.transpose(1, 2)).sum(0)
+        return left.t() @ right
+
+    def r_vector(self, v):  # a (r,) vector broadcast over the intermediate
+        return v[:, None] if self.token else v
+
+    def r_sum(self, t):  # sum over rows of an intermediate -> (r,)
+        return t.sum(dim=(0, 2)) if self.token else t.sum(0)
+
+    def middle(self, pre):
+        if self.spec.middle == "diag":
+            return pre * self.r_vector(self.diag)
+        return F.gelu(pre)
+
+    def forward(self, x1, x2, scale, bias):
+        x1a = x1.to(self.acc)
+        x = x1a if x2 is None else x1a + x2.to(self.acc)
+        a = self.middle(self.down_proj(x))
+        if self.mask is not None:
+            a = a * self.mask
+        a = a * scale.to(self.acc)  # on the r-dim intermediate, not the d-dim output
+        out = self.up_proj_add(a, x1a) if self.spec.residual else self.up_proj(a)
+        if bias is not None:
+            out += bias.to(self.acc)
+        return out.to(x1.dtype)
+
+    def backward(self, g, x1, x2, scale, need_dx: bool, need_dx2: bool, need_dw: bool):
+        g = g.to(self.acc)
+        x = x1.to(self.acc) if x2 is None else x1.to(self.acc) + x2.to(self.acc)
+        scale = scale.to(self.acc)
+        pre = self.down_proj(x)
+        dm = self.up_proj_t(g)
+        y = self.middle(pre)
+        a, d_y = y, dm * scale
+        if self.mask is not None:
+            a, d_y = y * self.mask, d_y * self.mask
+        if self.spec.middle == "diag":
+            d_pre = d_y * self.r_vector(self.diag)
+        else:
+            d_pre = d_y * _gelu_grad(pre)
+        grads = {"dx": None, "dx2": None}
+        residual = self.spec.residual
+        if need_dx2:
+            dx2 = self.down_proj_t(d_pre)
+            grads["dx2"] = dx2
+            grads["dx"] = (dx2 + g if residual else dx2) if need_dx else None
+        elif need_dx:
+            grads["dx"] = self.down_proj_t_add(d_pre, g) if residual else self.down_proj_t(d_pre)
+        if need_dw:
+            grads["ddown"] = self.outer(d_pre, x).t()
+            grads["dup_t"] = self.outer(a * scale, g)
+            grads["dscale"] = (dm * a).sum()
+            grads["ddiag"] = self.r_sum(d_y * pre) if self.spec.middle == "diag" else None
+            grads["dbias"] = None if self.token else g.sum(0)
+        return grads
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """``d/dz [z Phi(z)] = Phi(z) + z phi(z)`` for the exact (erf) GELU."""
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def _triton_bottleneck():
+    from ..triton import bottleneck as triton_bottleneck  # imported on first use: never at package import
+
+    return triton_bottleneck
+
+
+class BottleneckFunction(torch.autograd.Function):
+    """``[x1 +] scale * drop(middle((x1 [+ x2]) @ down)) @ up_t [+ bias]`` on a 2-D (channel)
+    or 3-D (token) ``x1``; ``up_t`` None ties the up-projection to ``down.T`` (ARC)."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
+        if impl == "triton":
+            out = _triton_bottleneck().bottleneck_forward(
+                x1, x2, down, up_t, None, diag, scale, bias,
+                mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
+                seed=spec.seed, reduced_precision=spec.reduced_precision,
+            )
+        else:
+            acc = compute_dtype(x1.dtype)
+            out = _TorchBottleneck(spec, x1, down, up_t, diag, acc).forward(x1, x2, scale, bias)
+        ctx.save_for_backward(x1, x2, down, up_t, diag, scale)
+        ctx.spec, ctx.impl = spec, impl
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x1, x2, down, up_t, diag, scale = ctx.saved_tensors
+        spec = ctx.spec
+        need = ctx.needs_input_grad
+        need_dx, need_dx2, need_dw = need[0], need[1], any(need[2:7])
+        if ctx.impl == "triton":
+            grads = _triton_bottleneck().bottleneck_backward(
+                dout, x1, x2, down, up_t, None, diag, scale,
+                mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
+                seed=spec.seed, reduced_precision=spec.reduced_precision,
+                need_dx=need_dx, need_dx2=need_dx2, need_dw=need_dw,
+            )
+        else:
+            acc = compute_dtype(x1.dtype)
+            grads = _TorchBottleneck(spec, x1, down, up_t, diag, acc).backward(
+                dout, x1, x2, scale, need_dx, need_dx2, need_dw
+            )
+
+        def cast(name, needed, like):
+            return grads[name].to(like.dtype) if needed else None
+
+        ddown = dup_t = None
+        if need[2] and up_t is None:  # tied: D and Up are one tensor (the Triton kernel sums them)
+            ddown = grads["ddown"] if ctx.impl == "triton" else grads["ddown"] + grads["dup_t"].t()
+            ddown = ddown.to(down.dtype)
+        elif need[2]:
+            ddown = grads["ddown"].to(down.dtype)
+        if need[3]:
+            dup_t = grads["dup_t"].to(up_t.dtype)
+        dbias = grads["dbias"].to(ctx.bias_dtype) if need[6] else None
+        dscale = grads["dscale"].reshape(scale.shape).to(scale.dtype) if need[5] else None
+        return (
+            cast("dx", need_dx, x1),
+            cast("dx2", need_dx2, x1),
+            ddown,
+            dup_t,
+            grads["ddiag"].to(diag.dtype) if need[4] else None,
+            dscale,
+            dbias,
+            None,
+            None,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# public functional API
+# ----------------------------------------------------------------------------------------
+def _check_dropout(dropout) -> float:
+    if isinstance(dropout, torch.Tensor) or isinstance(dropout, bool):
+        raise TypeError(f"dropout must be a Python float in [0, 1), got {type(dropout).__name__}")
+    try:
+        p = float(dropout)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    return p
+
+
+def _resolve_seed(seed, p_drop: float, n_elements: int) -> int:
+    if p_drop == 0.0:
+        return 0
+    if n_elements >= 2**31:
+        # the kernels' Philox counter is the element index n * r + j in int32
+        raise ValueError(f"dropout supports fewer than 2**31 intermediate elements (rows * r), got {n_elements}")
+    if seed is None:
+        # from torch's global CPU generator: torch.manual_seed makes the masks reproducible
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    return seed
+
+
+def _activation_backend(op: str, x: torch.Tensor) -> str:
+    refuses = _TRITON_REFUSES_FP64 if x.dtype == torch.float64 else None
+    return backend.select(op, x.device, triton_refuses=refuses)
+
+
+def arc(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    lam: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    training: bool = True,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """ARC (DESIGN.md 4.3): ``x + drop((x @ U) * lam) @ U.T + bias``, fused.
+
+    ``x: (..., d)`` of any strides, fp16/bf16/fp32 (fp64 on the torch backend); ``U: (d, r)``
+    (shared down-projection, its transpose the up-projection); ``lam: (r,)``; ``bias: (d,)``
+    or None. ``dropout`` acts on the r-dim intermediate ``(x @ U) * lam`` when ``training``;
+    ``seed`` fixes its mask (None: drawn from torch's global generator; see the module
+    docstring). Accumulates in fp32 (fp64 for fp64 ``x``); the result has ``x``'s dtype, the
+    factor gradients their factors' dtypes. Never forms ``U diag(lam) U^T``. Autocast does
+    not change it: it runs at its inputs' precision (the r-dim dots as TF32 for fp16/bf16
+    activations on the Triton backend).
+    """
+    check_tensor("x", x, min_ndim=1, dtypes=_ACTIVATION_DTYPES)
+    check_tensor("U", U, ndim=2, device=x.device)
+    check_tensor("lam", lam, ndim=1, device=x.device)
+    d, r = U.shape
+    if d < 1 or r < 1:
+        raise ValueError(f"U must have shape (d, r) with d, r >= 1, got {tuple(U.shape)}")
+    if x.shape[-1] != d:
+        raise ValueError(f"x's last dim must be d = {d} (U has shape (d, r) = {tuple(U.shape)}), got {tuple(x.shape)}")
+    if lam.shape[0] != r:
+        raise ValueError(f"lam must have shape (r,) = ({r},), got {tuple(lam.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        if bias.shape[0] != d:
+            raise ValueError(f"bias must have shape (d,) = ({d},), got {tuple(bias.shape)}")
+    p_drop = _check_dropout(dropout)  # validated also when not training
+    if not training:
+        p_drop = 0.0
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, d)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
+    seed = _resolve_seed(seed, p_drop, rows.shape[0] * r)
+    impl = _activation_backend("arc", x)
+    spec = _Spec("channel", "diag", True, p_drop, seed, x.dtype in LOW_PRECISION)
+    one = torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = BottleneckFunction.apply(rows, None, U, None, lam, one, bias, spec, impl)
+    return out.reshape(*lead, d)
+
+
+def losa_mixer(
+    h: torch.Tensor,
+    z: torch.Tensor,
+    W_down: torch.Tensor,
+    W_up: torch.Tensor,
+    alpha: Union[float, torch.Tensor],
+    axis: str = "channel",
+) -> torch.Tensor:
+    """LoSA's low-rank mixer (DESIGN.md 4.4): ``h + alpha * GELU(x @ W_down) @ W_up`` with
+    ``x = z + h`` (exact GELU), fused.
+
+    ``axis="channel"``: along the last axis, ``h, z: (..., C)``, ``W_down: (C, r)``,
+    ``W_up: (r, C)``. ``axis="token"``: along the token axis of ``h, z: (..., T, C)``, with
+    ``W_down: (T, r)``, ``W_up: (r, T)`` -- the kernels read the token axis through its stride,
+    with no transposed copy. ``alpha``: a Python number or a one-element tensor (the learned
+    scale; it gets a gradient when it requires one). ``z`` is the frozen backbone's block
+    output and usually needs no gradient (none is computed then). fp16/bf16/fp32 activations
+    (fp64 on the torch backend), fp32 accumulation; the result has ``h``'s dtype. Autocast
+    does not change it (the inputs' precision is used, as for :func:`arc`).
+    """
+    if axis not in ("channel", "token"):
+        raise ValueError(f"axis must be 'channel' or 'token', got {axis!r}")
+    token = axis == "token"
+    check_tensor("h", h, min_ndim=2 if token else 1, dtypes=_ACTIVATION_DTYPES)
+    check_tensor("z", z, dtypes=_ACTIVATION_DTYPES, device=h.device)
+    if z.shape != h.shape:
+        raise ValueError(f"z must have h's shape {tuple(h.shape)}, got {tuple(z.shape)}")
+    if z.dtype != h.dtype:
+        raise TypeError(f"z has dtype {z.dtype} but h has {h.dtype}; they must match")
+    check_tensor("W_down", W_down, ndim=2, device=h.device)
+    check_tensor("W_up", W_up, ndim=2, device=h.device)
+    n_feat, r = W_down.shape
+    if n_feat < 1 or r < 1:
+        raise ValueError(f"W_down must have shape (features, r) with both >= 1, got {tuple(W_down.shape)}")
+    feat_dim, feat_name = (-2, "T (h's second to last dim)") if token else (-1, "C (h's last dim)")
+    if h.shape[feat_dim] != n_feat:
+        raise ValueError(
+            f"W_down must have shape ({feat_name} = {h.shape[feat_dim]}, r) for axis={axis!r}, "
+            f"got {tuple(W_down.shape)}"
+        )
+    if tuple(W_up.shape) != (r, n_feat):
+        raise ValueError(
+            f"W_up must have shape (r, {n_feat}) = ({r}, {n_feat}) to match W_down, got {tuple(W_up.shape)}"
+        )
+    acc = compute_dtype(h.dtype)
+    if isinstance(alpha, torch.Tensor):
+        check_tensor("alpha", alpha, device=h.device, dtypes=FLOAT_DTYPES)
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
+        scale = alpha
+    else:
+        scale = torch.tensor(check_scale(alpha), dtype=acc, device=h.device)
+
+    impl = _activation_backend("losa_mixer", h)
+    spec = _Spec(axis, "gelu", True, 0.0, 0, h.dtype in LOW_PRECISION)
+    if token:
+        rows_h, rows_z = h.reshape(-1, *h.shape[-2:]), z.reshape(-1, *z.shape[-2:])  # (B, T, C)
+    else:
+        rows_h, rows_z = h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1])  # (N, C)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        out = BottleneckFunction.apply(rows_h, rows_z, W_down, W_up, None, scale, None, spec, impl)
+    return out.reshape(h.shape)
+
+
+def dropout_keep_mask(n_rows: int, r: int, dropout: float, seed: int, device, impl: str) -> torch.Tensor:
+    """The ``(n_rows, r)`` bool keep mask that backend ``impl`` (``"torch"``/``"triton"``)
+    applies for ``(dropout, seed)`` to the r-dim intermediate of ``n_rows`` flattened rows
+    (token mode: rows ``(b, c)``, b-major)."""
+    if impl == "triton":
+        return _triton_bottleneck().dropout_keep_mask(n_rows, r, dropout, seed, device)
+    return _torch_keep_mask(n_rows, r, dropout, seed, torch.device(device))

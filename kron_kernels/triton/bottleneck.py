@@ -1,0 +1,516 @@
+"""Triton kernels for the fused low-rank bottleneck family (DESIGN.md 4.5):
+
+    out = [x1 +] scale * drop(middle((x1 [+ x2]) @ D)) @ Up^T [+ bias]
+
+``D: (d, r)`` is the down-projection, ``Up^T: (r, d)`` the up-projection (ARC ties it to
+``D^T``), the middle is an ``r x r`` core (FacT), a diagonal (ARC) or GELU (LoSA), ``drop``
+an optional dropout on the r-dim intermediate, ``scale`` a (possibly trainable) scalar, and
+the residual is ``x1`` (ARC: the input; LoSA: ``h``, with ``x2 = z``).
+
+Rows and features. The kernels see the activations as ``n_rows`` rows of ``d`` features,
+row ``n`` at ``(n // n_inner) * stride_outer + (n % n_inner) * stride_inner`` and feature
+``k`` at ``k * stride_feat``. The channel mode is ``n_inner = 1`` (row ``n`` of a 2-D view);
+the token mode mixes a ``(B, T, C)`` tensor along ``T`` with rows ``(b, c)`` and features
+``t`` -- the same kernels read it through its strides, with no transposed copy.
+
+Forward: one program per ``BLOCK_N`` rows streams the features twice -- first to reduce
+``pre = x @ D`` (``BLOCK_N x R_PAD``, in registers), then to write ``out`` chunk by chunk --
+so the r-dim intermediate never leaves the chip.
+
+Backward, with ``g = dout``, ``y = middle(pre)``, ``m`` the scaled keep mask, ``a = y * m``:
+
+    dm = g Up                    dscale = sum(dm * a)           d_a = scale * dm
+    d_y = d_a * m                core: dcore = pre^T d_y, d_pre = d_y core^T
+                                 diag: ddiag = sum_rows(d_y * pre), d_pre = d_y * diag
+                                 gelu: d_pre = d_y * GELU'(pre)
+    dx1 = [g +] d_pre D^T        dD^T = d_pre^T x     dUp^T = (scale a)^T g     dbias = sum_rows g
+    dx2 = d_pre D^T              (tied Up = D: dD^T and dUp^T accumulate into one buffer)
+
+A fixed number ``G`` of programs walks the row blocks (block ``pid``, ``pid + G``, ...); each
+recomputes ``pre`` and ``dm`` in one pass over the features, then in a second pass writes
+``dx`` and adds its share of the weight gradients to its own slice of ``(G, ...)`` fp32
+partial-sum buffers, summed by the launcher with torch: deterministic, no atomics (as in
+``triton/adapter.py``).
+
+Small ranks: ``tl.dot`` needs every dimension >= 16, so the launchers zero-pad ``r`` to
+``R_PAD = max(16, next_pow2(r))`` (weights as ``(R_PAD, d)`` row-major ``D^T`` and ``Up^T``,
+the core ``(R_PAD, R_PAD)``, the diagonal ``(R_PAD,)``). Padded columns have ``pre = 0``,
+``GELU(0) = 0``, a zero diagonal/core and a zero up row, so they contribute nothing and need
+no masks; rows past ``n_rows`` and features past ``d`` load as 0.
+
+Dropout: the keep decision of intermediate element ``(n, j)`` is ``tl.rand(seed, n * r + j) >=
+p`` -- a counter-based (Philox) draw, so the backward regenerates exactly the forward's mask
+from ``(seed, n, j)`` and nothing is stored; :func:`dropout_keep_mask` writes the same mask
+out (for tests; the torch backend draws its own mask from a seeded ``torch.Generator``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["bottleneck_forward", "bottleneck_backward", "dropout_keep_mask", "MIDDLES"]
+
+# constexpr: compiled kernels may read module globals only when they are tl.constexpr
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_CORE = tl.constexpr(0)
+_DIAG = tl.constexpr(1)
+_GELU = tl.constexpr(2)
+MIDDLES = {"core": 0, "diag": 1, "gelu": 2}
+
+
+@triton.jit
+def _gelu_and_grad(z):
+    """Exact GELU ``z * Phi(z)`` and its derivative ``Phi(z) + z * phi(z)``."""
+    cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+    pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return z * cdf, cdf + z * pdf
+
+
+@triton.jit
+def _keep(seed, offs_rows, offs_r, R, p_drop):
+    """The dropout keep mask of intermediate elements (rows, j): Philox on ``n * r + j``."""
+    return tl.rand(seed, offs_rows[:, None] * R + offs_r[None, :]) >= p_drop
+
+
+@triton.jit
+def _row_offsets(row0, n_inner, stride_outer, stride_inner, BLOCK_N: tl.constexpr, ROWS_BLOCKED: tl.constexpr):
+    """int64 element offsets (N * stride can exceed 2^31 elements) of rows ``row0 + [0, BLOCK_N)``.
+
+    ``ROWS_BLOCKED`` (``n_inner % BLOCK_N == 0``, e.g. the token mode's C = 768 rows per
+    batch): the block's rows share one outer index, so they are ``base + i * stride_inner``
+    -- written so that the compiler sees the rows' contiguity (stride_inner = 1 in token
+    mode) and coalesces the loads along them rather than along the strided token axis.
+    """
+    if ROWS_BLOCKED:
+        outer = row0 // n_inner
+        inner0 = tl.multiple_of(row0 % n_inner, BLOCK_N)
+        inner = inner0.to(tl.int64) + tl.arange(0, BLOCK_N)
+        return outer.to(tl.int64) * stride_outer + inner * stride_inner
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    outer = (offs_n // n_inner).to(tl.int64)
+    inner = (offs_n % n_inner).to(tl.int64)
+    return outer * stride_outer + inner * stride_inner
+
+
+@triton.jit
+def _load_rows(ptr, rows, offs_d, stride_d, mask):
+    """A ``(rows, features)`` activation tile in fp32 (masked-off elements 0)."""
+    tile = tl.load(ptr + rows[:, None] + offs_d[None, :].to(tl.int64) * stride_d, mask=mask, other=0.0)
+    return tile.to(tl.float32)
+
+
+@triton.jit
+def _load_x(x_ptr, x2_ptr, rows_x, rows_x2, offs_d, stride_xd, stride_x2d, mask, HAS_X2: tl.constexpr):
+    """The bottleneck's input tile ``x1 [+ x2]`` in fp32."""
+    x = _load_rows(x_ptr, rows_x, offs_d, stride_xd, mask)
+    if HAS_X2:
+        x += _load_rows(x2_ptr, rows_x2, offs_d, stride_x2d, mask)
+    return x
+
+
+@triton.jit
+def _bottleneck_fwd_kernel(
+    x_ptr, x2_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr, bias_ptr, out_ptr,
+    n_rows, n_inner, D, R, seed, p_drop, drop_scale,
+    stride_xo, stride_xi, stride_xd, stride_x2o, stride_x2i, stride_x2d, stride_oo, stride_oi, stride_od,
+    MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ROWS_BLOCKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    rows_x = _row_offsets(pid * BLOCK_N, n_inner, stride_xo, stride_xi, BLOCK_N, ROWS_BLOCKED)
+    rows_x2 = _row_offsets(pid * BLOCK_N, n_inner, stride_x2o, stride_x2i, BLOCK_N, ROWS_BLOCKED)
+    rows_out = _row_offsets(pid * BLOCK_N, n_inner, stride_oo, stride_oi, BLOCK_N, ROWS_BLOCKED)
+    offs_r = tl.arange(0, R_PAD)
+
+    pre = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = _load_x(x_ptr, x2_ptr, rows_x, rows_x2, offs_d, stride_xd, stride_x2d,
+                       mask_n[:, None] & mask_d[None, :], HAS_X2)
+        down = tl.load(down_t_ptr + offs_r[None, :] * D + offs_d[:, None], mask=mask_d[:, None], other=0.0)
+        pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+    if MIDDLE == _CORE:
+        core = tl.load(core_ptr + offs_r[:, None] * R_PAD + offs_r[None, :])
+        a = tl.dot(pre, core, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    elif MIDDLE == _DIAG:
+        a = pre * tl.load(diag_ptr + offs_r)[None, :]
+    else:
+        a, _gelu_grad = _gelu_and_grad(pre)
+    if HAS_DROPOUT:
+        a = tl.where(_keep(seed, offs_n, offs_r, R, p_drop), a * drop_scale, 0.0)
+    a = a * tl.load(scale_ptr)
+
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        up = tl.load(up_t_ptr + offs_r[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        out = tl.dot(a, up, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if HAS_RESIDUAL:
+            out += _load_rows(x_ptr, rows_x, offs_d, stride_xd, mask_nd)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+        tl.store(out_ptr + rows_out[:, None] + offs_d[None, :].to(tl.int64) * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _bottleneck_bwd_kernel(
+    x_ptr, x2_ptr, dout_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr,
+    dx_ptr, dx2_ptr,
+    ddown_t_part_ptr, dup_t_part_ptr, dcore_part_ptr, ddiag_part_ptr, dscale_part_ptr, dbias_part_ptr,
+    n_rows, n_inner, D, R, seed, p_drop, drop_scale,
+    stride_xo, stride_xi, stride_xd, stride_x2o, stride_x2i, stride_x2d,
+    stride_go, stride_gi, stride_gd, stride_dxo, stride_dxi, stride_dxd,
+    MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    TIED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DX2: tl.constexpr, NEED_DW: tl.constexpr,
+    ROWS_BLOCKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_blocks = tl.cdiv(n_rows, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    # this program's slices of the partial-sum buffers
+    ddown_t_part_ptr += pid.to(tl.int64) * R_PAD * D
+    dup_t_part_ptr += pid.to(tl.int64) * R_PAD * D
+    dbias_part_ptr += pid.to(tl.int64) * D
+    scale = tl.load(scale_ptr)
+    if MIDDLE == _CORE:
+        core = tl.load(core_ptr + offs_r[:, None] * R_PAD + offs_r[None, :])
+    if MIDDLE == _DIAG:
+        diag = tl.load(diag_ptr + offs_r)
+    dcore_acc = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    ddiag_acc = tl.zeros((R_PAD,), dtype=tl.float32)
+    dscale_acc = tl.zeros((R_PAD,), dtype=tl.float32)
+
+    for blk in range(pid, num_blocks, num_programs):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_rows
+        row0 = blk * BLOCK_N
+        rows_x = _row_offsets(row0, n_inner, stride_xo, stride_xi, BLOCK_N, ROWS_BLOCKED)
+        rows_x2 = _row_offsets(row0, n_inner, stride_x2o, stride_x2i, BLOCK_N, ROWS_BLOCKED)
+        rows_g = _row_offsets(row0, n_inner, stride_go, stride_gi, BLOCK_N, ROWS_BLOCKED)
+        rows_dx = _row_offsets(row0, n_inner, stride_dxo, stride_dxi, BLOCK_N, ROWS_BLOCKED)
+
+        # pass 1: pre = x D and dm = g Up, both reductions over the features
+        pre = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        dm = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            x = _load_x(x_ptr, x2_ptr, rows_x, rows_x2, offs_d, stride_xd, stride_x2d, mask_nd, HAS_X2)
+            g = tl.load(dout_ptr + rows_g[:, None] + offs_d[None, :].to(tl.int64) * stride_gd,
+                        mask=mask_nd, other=0.0).to(tl.float32)
+            offs_dr = offs_r[None, :] * D + offs_d[:, None]  # (BLOCK_D, R_PAD) views of D and Up
+            down = tl.load(down_t_ptr + offs_dr, mask=mask_d[:, None], other=0.0)
+            up = tl.load(up_t_ptr + offs_dr, mask=mask_d[:, None], other=0.0)
+            pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            dm = tl.dot(g, up, acc=dm, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+        # the r-dim chain, recomputed: y = middle(pre), a = y * mask
+        if MIDDLE == _CORE:
+            y = tl.dot(pre, core, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        elif MIDDLE == _DIAG:
+            y = pre * diag[None, :]
+        else:
+            y, gelu_grad = _gelu_and_grad(pre)
+        if HAS_DROPOUT:
+            mask_scale = tl.where(_keep(seed, offs_n, offs_r, R, p_drop), drop_scale, 0.0)
+            a = y * mask_scale
+            d_y = dm * scale * mask_scale
+        else:
+            a = y
+            d_y = dm * scale
+        if MIDDLE == _CORE:
+            d_pre = tl.dot(d_y, tl.trans(core), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        elif MIDDLE == _DIAG:
+            d_pre = d_y * diag[None, :]
+        else:
+            d_pre = d_y * gelu_grad
+        if NEED_DW:
+            dscale_acc += tl.sum(dm * a, axis=0)
+            if MIDDLE == _CORE:
+                dcore_acc = tl.dot(tl.trans(pre), d_y, acc=dcore_acc, input_precision=DOT_PRECISION,
+                                   out_dtype=tl.float32)
+            if MIDDLE == _DIAG:
+                ddiag_acc += tl.sum(d_y * pre, axis=0)
+        a_scaled = a * scale  # the up-projection's input
+
+        # pass 2: dx = [g +] d_pre D^T, and this block's share of dD^T, dUp^T, dbias.
+        # The program's first block overwrites its (uninitialised) partial slice -- its loads are
+        # masked off (features < 0) and return 0 -- so every element of the slice is written;
+        # later blocks add to it (features < D). (A scalar bound, as in triton/adapter.py: the
+        # interpreter mistypes a block & scalar mask.)
+        d_summed = tl.where(blk == pid, 0, D)
+        # Threads re-read partial-sum elements that other threads of this program stored for the
+        # previous block (load and dot layouts differ): a CTA barrier orders those stores first.
+        tl.debug_barrier()
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            offs_rd = offs_r[:, None] * D + offs_d[None, :]  # (R_PAD, BLOCK_D) tiles of r-by-d matrices
+            g = tl.load(dout_ptr + rows_g[:, None] + offs_d[None, :].to(tl.int64) * stride_gd,
+                        mask=mask_nd, other=0.0).to(tl.float32)
+            if NEED_DX or NEED_DX2:
+                down_t = tl.load(down_t_ptr + offs_rd, mask=mask_d[None, :], other=0.0)
+                dx = tl.dot(d_pre, down_t, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                if NEED_DX2:
+                    tl.store(dx2_ptr + rows_dx[:, None] + offs_d[None, :].to(tl.int64) * stride_dxd,
+                             dx.to(dx2_ptr.dtype.element_ty), mask=mask_nd)
+                if NEED_DX:
+                    if HAS_RESIDUAL:
+                        dx += g
+                    tl.store(dx_ptr + rows_dx[:, None] + offs_d[None, :].to(tl.int64) * stride_dxd,
+                             dx.to(dx_ptr.dtype.element_ty), mask=mask_nd)
+            if NEED_DW:
+                x = _load_x(x_ptr, x2_ptr, rows_x, rows_x2, offs_d, stride_xd, stride_x2d, mask_nd, HAS_X2)
+                mask_summed = (offs_d < d_summed)[None, :]
+                ddown_t = tl.load(ddown_t_part_ptr + offs_rd, mask=mask_summed, other=0.0)
+                ddown_t = tl.dot(tl.trans(d_pre), x, acc=ddown_t, input_precision=DOT_PRECISION,
+                                 out_dtype=tl.float32)
+                if TIED:  # Up = D: both gradients land in one buffer
+                    ddown_t = tl.dot(tl.trans(a_scaled), g, acc=ddown_t, input_precision=DOT_PRECISION,
+                                     out_dtype=tl.float32)
+                else:
+                    dup_t = tl.load(dup_t_part_ptr + offs_rd, mask=mask_summed, other=0.0)
+                    dup_t = tl.dot(tl.trans(a_scaled), g, acc=dup_t, input_precision=DOT_PRECISION,
+                                   out_dtype=tl.float32)
+                    tl.store(dup_t_part_ptr + offs_rd, dup_t, mask=mask_d[None, :])
+                tl.store(ddown_t_part_ptr + offs_rd, ddown_t, mask=mask_d[None, :])
+                dbias = tl.load(dbias_part_ptr + offs_d, mask=offs_d < d_summed, other=0.0)
+                tl.store(dbias_part_ptr + offs_d, dbias + tl.sum(g, axis=0), mask=mask_d)
+
+    if NEED_DW:
+        tl.store(dscale_part_ptr + pid * R_PAD + offs_r, dscale_acc)
+        if MIDDLE == _CORE:
+            tl.store(dcore_part_ptr + pid.to(tl.int64) * R_PAD * R_PAD + offs_r[:, None] * R_PAD + offs_r[None, :],
+                     dcore_acc)
+        if MIDDLE == _DIAG:
+            tl.store(ddiag_part_ptr + pid * R_PAD + offs_r, ddiag_acc)
+
+
+@triton.jit
+def _dropout_keep_kernel(keep_ptr, n_rows, R, seed, p_drop, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    keep = _keep(seed, offs_n, offs_r, R, p_drop)
+    mask = (offs_n < n_rows)[:, None] & (offs_r < R)[None, :]
+    tl.store(keep_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :], keep.to(tl.int8), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _dot_precision(reduced_precision: bool) -> str:
+    return "tf32" if reduced_precision else "ieee"
+
+
+def _config(x: torch.Tensor, r_pad: int, backward: bool):
+    """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
+
+    CUDA tiles follow ``triton/adapter.py`` and a ptxas resource sweep at R_PAD = 64 (ARC
+    r = 50, LoSA r = 64), sm_90, Triton 3.6 and 3.9 (``python -m benchmarks.kernel_resources``);
+    not yet timed on a GPU. 64 rows of 2-byte (32 of 4-byte) activations keep a block's rows
+    <= 128 KiB of L2 for the forward's second pass at d = 1024. The backward holds ~6
+    ``BLOCK_N x R_PAD`` fp32 tiles across its feature loops: 64 rows x 32-wide chunks use
+    244-254 registers with TF32 dots and no spill; IEEE fp32 dots (fp32 activations) spill
+    at 32 x 32 (40-136 bytes) but not at 32 x 16. No software pipelining in the backward
+    (each stage would hold more tiles); R_PAD > 64 halves BLOCK_N. One backward program per
+    SM bounds the partial buffers at ``#SM * (2 R_PAD + 1) * d`` floats.
+    Under the interpreter, small tiles make every test shape exercise several row blocks,
+    feature tails and backward programs owning more than one block.
+    """
+    if x.device.type != "cuda":
+        return 16, 32, 4, 1, 2
+    two_byte = x.element_size() <= 2
+    block_n = 64 if two_byte else 32
+    if backward:
+        block_d, num_warps, num_stages = (32 if two_byte else 16), 8, 1
+    else:
+        block_d, num_warps, num_stages = 64, 8, 2
+    if r_pad > 64:
+        block_n //= 2
+    return block_n, block_d, num_warps, num_stages, _sm_count(x.device.index or 0)
+
+
+def _rows_blocked(n_inner: int, block_n: int) -> bool:
+    return n_inner > 1 and n_inner % block_n == 0
+
+
+def _geometry(x: torch.Tensor, mode: str):
+    """``(n_rows, n_inner, d, (stride_outer, stride_inner, stride_feat))`` of the rows view:
+    channel mode takes a 2-D ``(N, d)``, token mode a 3-D ``(B, T, C)`` mixed along T."""
+    if mode == "channel":
+        return x.shape[0], 1, x.shape[1], (x.stride(0), 0, x.stride(1))
+    b, t, c = x.shape
+    return b * c, max(c, 1), t, (x.stride(0), x.stride(2), x.stride(1))
+
+
+def _padded(down, up_t, core, diag, r_pad: int):
+    """``D^T`` and ``Up^T`` as zero-padded fp32 ``(r_pad, d)`` row-major matrices, the core
+    ``(r_pad, r_pad)`` and the diagonal ``(r_pad,)`` (None when absent)."""
+    d, r = down.shape
+    f32 = dict(dtype=torch.float32, device=down.device)
+    down_t = torch.zeros((r_pad, d), **f32)
+    down_t[:r] = down.t()
+    up_t_p = None
+    if up_t is not None:
+        up_t_p = torch.zeros((r_pad, d), **f32)
+        up_t_p[:r] = up_t
+    core_p = diag_p = None
+    if core is not None:
+        core_p = torch.zeros((r_pad, r_pad), **f32)
+        core_p[:r, :r] = core
+    if diag is not None:
+        diag_p = torch.zeros((r_pad,), **f32)
+        diag_p[:r] = diag
+    return down_t, up_t_p, core_p, diag_p
+
+
+def _dropout_args(p_drop: float, seed: Optional[int]):
+    has_dropout = p_drop > 0.0
+    return has_dropout, (int(seed) if has_dropout else 0), float(p_drop), (1.0 / (1.0 - p_drop) if has_dropout else 1.0)
+
+
+def bottleneck_forward(
+    x, x2, down, up_t, core, diag, scale, bias, *,
+    mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], reduced_precision: bool,
+    block_n: Optional[int] = None, block_d: Optional[int] = None,
+) -> torch.Tensor:
+    """``out`` in ``x``'s dtype and shape (contiguous). ``x``/``x2``: 2-D ``(N, d)`` (channel)
+    or 3-D ``(B, T, C)`` (token, mixed along T), any strides, no copy. ``down: (d, r)``;
+    ``up_t: (r, d)`` or None (tied: ``D^T``); ``core (r, r)`` / ``diag (r,)`` per ``middle``;
+    ``scale``: a 1-element tensor; ``bias (d,)`` or None (channel mode only)."""
+    n_rows, n_inner, d, strides_x = _geometry(x, mode)
+    r = down.shape[1]
+    r_pad = _r_pad(r)
+    down_t, up_t_p, core_p, diag_p = _padded(down, up_t, core, diag, r_pad)
+    up_t_p = down_t if up_t_p is None else up_t_p
+    scale_t = scale.detach().reshape(1).to(torch.float32)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if n_rows == 0 or d == 0:
+        return out
+    _, _, _, strides_x2 = _geometry(x if x2 is None else x2, mode)
+    _, _, _, strides_out = _geometry(out, mode)
+    has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
+    cfg_n, cfg_d, num_warps, num_stages, _ = _config(x, r_pad, backward=False)
+    block_n, block_d = block_n or cfg_n, block_d or cfg_d
+    _bottleneck_fwd_kernel[(triton.cdiv(n_rows, block_n),)](
+        x, x if x2 is None else x2, down_t, up_t_p,
+        down_t if core_p is None else core_p, down_t if diag_p is None else diag_p,
+        scale_t, down_t if bias is None else bias.detach().to(torch.float32).contiguous(), out,
+        n_rows, n_inner, d, r, seed, p_drop, drop_scale,
+        *strides_x, *strides_x2, *strides_out,
+        MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_BIAS=bias is not None,
+        HAS_DROPOUT=has_dropout, ROWS_BLOCKED=_rows_blocked(n_inner, block_n),
+        DOT_PRECISION=_dot_precision(reduced_precision),
+        BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def bottleneck_backward(
+    dout, x, x2, down, up_t, core, diag, scale, *,
+    mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], reduced_precision: bool,
+    need_dx: bool, need_dx2: bool, need_dw: bool,
+    block_n: Optional[int] = None, block_d: Optional[int] = None, num_programs: Optional[int] = None,
+):
+    """``dict`` of gradients: ``dx``/``dx2`` (contiguous, ``x``'s dtype and shape; ``dx``
+    includes the residual's ``dout``), and with ``need_dw`` the fp32 ``ddown (d, r)``,
+    ``dup_t (r, d)`` (absent when tied: ``ddown`` holds both), ``dcore``/``ddiag``,
+    ``dscale`` (0-d) and ``dbias (d,)``."""
+    n_rows, n_inner, d, strides_x = _geometry(x, mode)
+    r = down.shape[1]
+    r_pad = _r_pad(r)
+    tied = up_t is None
+    down_t, up_t_p, core_p, diag_p = _padded(down, up_t, core, diag, r_pad)
+    up_t_p = down_t if tied else up_t_p
+    scale_t = scale.detach().reshape(1).to(torch.float32)
+    grads = {}
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    dx2 = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx2 else None
+    grads["dx"], grads["dx2"] = dx, dx2
+    if n_rows == 0 or d == 0:
+        if need_dw:
+            zeros = functools.partial(torch.zeros, dtype=torch.float32, device=x.device)
+            grads.update(ddown=zeros((d, r)), dup_t=None if tied else zeros((r, d)), dscale=zeros(()),
+                         dbias=zeros((d,)), dcore=zeros((r, r)), ddiag=zeros((r,)))
+        return grads
+
+    cfg_n, cfg_d, num_warps, num_stages, max_programs = _config(x, r_pad, backward=True)
+    block_n, block_d = block_n or cfg_n, block_d or cfg_d
+    num_blocks = triton.cdiv(n_rows, block_n)
+    # without weight gradients there is nothing to reduce: one program per block
+    grid = min(num_blocks, num_programs or max_programs) if need_dw else num_blocks
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if need_dw:
+        ddown_t_part = torch.empty((grid, r_pad, d), **f32)
+        dup_t_part = ddown_t_part if tied else torch.empty((grid, r_pad, d), **f32)
+        dcore_part = torch.empty((grid, r_pad, r_pad), **f32)
+        ddiag_part = torch.empty((grid, r_pad), **f32)
+        dscale_part = torch.empty((grid, r_pad), **f32)
+        dbias_part = torch.empty((grid, d), **f32)
+    else:
+        ddown_t_part = dup_t_part = dcore_part = ddiag_part = dscale_part = dbias_part = down_t  # never dereferenced
+    _, _, _, strides_x2 = _geometry(x if x2 is None else x2, mode)
+    _, _, _, strides_g = _geometry(dout, mode)
+    like = dx if dx is not None else (dx2 if dx2 is not None else x)
+    _, _, _, strides_dx = _geometry(like, mode)
+    if dx is not None and dx2 is not None:
+        assert dx.stride() == dx2.stride()
+    has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
+    _bottleneck_bwd_kernel[(grid,)](
+        x, x if x2 is None else x2, dout, down_t, up_t_p,
+        down_t if core_p is None else core_p, down_t if diag_p is None else diag_p, scale_t,
+        x if dx is None else dx, x if dx2 is None else dx2,
+        ddown_t_part, dup_t_part, dcore_part, ddiag_part, dscale_part, dbias_part,
+        n_rows, n_inner, d, r, seed, p_drop, drop_scale,
+        *strides_x, *strides_x2, *strides_g, *strides_dx,
+        MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_DROPOUT=has_dropout,
+        TIED=tied, NEED_DX=need_dx, NEED_DX2=need_dx2, NEED_DW=need_dw,
+        ROWS_BLOCKED=_rows_blocked(n_inner, block_n), DOT_PRECISION=_dot_precision(reduced_precision),
+        BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if need_dw:
+        grads["ddown"] = ddown_t_part.sum(0)[:r].t()
+        grads["dup_t"] = None if tied else dup_t_part.sum(0)[:r]
+        grads["dcore"] = dcore_part.sum(0)[:r, :r] if middle == "core" else None
+        grads["ddiag"] = ddiag_part.sum(0)[:r] if middle == "diag" else None
+        grads["dscale"] = dscale_part.sum()
+        grads["dbias"] = dbias_part.sum(0)
+    return grads
+
+
+def dropout_keep_mask(n_rows: int, r: int, p_drop: float, seed: int, device) -> torch.Tensor:
+    """The ``(n_rows, r)`` bool keep mask the kernels draw for ``(seed, p_drop)``."""
+    keep = torch.empty((n_rows, r), dtype=torch.int8, device=device)
+    if n_rows and r:
+        block_n = 64
+        _dropout_keep_kernel[(triton.cdiv(n_rows, block_n),)](
+            keep, n_rows, r, int(seed), float(p_drop), BLOCK_N=block_n, R_PAD=_r_pad(r)
+        )
+    return keep.bool()

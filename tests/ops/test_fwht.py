@@ -1,0 +1,287 @@
+"""kk.fwht against dense scipy.linalg.hadamard products, on every backend."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import scipy.linalg
+import torch
+
+import kron_kernels as kk
+from conftest import HAS_CUDA, INTERPRET
+from kron_kernels import backend
+from utils import RTOL, assert_rel_close, compare_low_precision, compare_with_reference
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
+EXTENSION_OK, EXTENSION_REASON = backend.extension_status()
+needs_extension = pytest.mark.skipif(
+    not EXTENSION_OK, reason=f"the compiled extension is not built here: {EXTENSION_REASON}"
+)
+
+SCALE = 0.37
+MAX_DENSE = 2**10  # beyond this the dense H would be >= 8 MiB in fp64; use its Kronecker factors
+
+
+def hadamard(n: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    return torch.from_numpy(scipy.linalg.hadamard(n)).to(device=device, dtype=dtype)
+
+
+def fwht_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * x @ H`` with scipy's dense H; for n > 2^10 through H_{ab} = H_a (x) H_b
+    (Sylvester: H_{2n} = H_2 (x) H_n), i.e. with X the row as an (a, b) matrix, ``H_a X H_b``
+    -- products of dense scipy matrices, no butterfly. Runs in x's dtype (differentiable)."""
+    n = x.shape[-1]
+    if n <= MAX_DENSE:
+        return (x @ hadamard(n, x.dtype, x.device)) * scale
+    a = 2 ** ((n.bit_length() - 1) // 2)
+    b = n // a
+    X = x.reshape(*x.shape[:-1], a, b)
+    Y = hadamard(a, x.dtype, x.device) @ X @ hadamard(b, x.dtype, x.device)
+    return Y.reshape(x.shape) * scale
+
+
+def rand(*shape, dtype=torch.float64, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def fused(x):
+    return kk.fwht(x, SCALE)
+
+
+def ref(x):
+    return fwht_reference(x, SCALE)
+
+
+# every size 1 ... 2^15 with a few rows (3 rows x 2^15 is still only 100k elements)
+ALL_LOGS = list(range(16))
+SMALL_LOGS = [0, 1, 2, 3, 4, 5, 7, 8, 10]
+
+
+def test_reference_factorisation_matches_dense_scipy():
+    """The Kronecker path of the reference is scipy's own matrix (checked at 2^11 > MAX_DENSE)."""
+    n = 2**11
+    x = rand(2, n)
+    assert_rel_close(fwht_reference(x), x @ hadamard(n), 1e-12, "H_a X H_b vs x @ H")
+    assert torch.equal(hadamard(2**8), torch.kron(hadamard(2**4), hadamard(2**4)))
+
+
+# ---------------------------------------------------------------------------- torch backend
+@pytest.mark.parametrize("log_n", ALL_LOGS, ids=[f"n{2**k}" for k in ALL_LOGS])
+def test_torch_matches_scipy(log_n):
+    x = rand(3, 2**log_n).requires_grad_()
+    with kk.use_backend("torch"):
+        compare_with_reference(fused, ref, [x], RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("log_n", [0, 1, 3, 5])
+def test_gradcheck_torch(log_n):
+    x = rand(2, 3, 2**log_n).requires_grad_()
+    with kk.use_backend("torch"):
+        assert torch.autograd.gradcheck(fused, (x,))
+        assert torch.autograd.gradgradcheck(fused, (x,))
+
+
+# ---------------------------------------------------------------------------- compiled extension (CPU)
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("log_n", ALL_LOGS, ids=[f"n{2**k}" for k in ALL_LOGS])
+def test_extension_cpu_matches_scipy(log_n, dtype):
+    # fp32: every output is a sum of n terms of size ~1 in fp32 arithmetic; relative to the
+    # output's max |y| ~ sqrt(n), the error stays ~1e-6, far under RTOL (1e-4)
+    x = rand(3, 2**log_n, dtype=dtype).requires_grad_()
+    with kk.use_backend("cuda"):
+        compare_with_reference(fused, ref, [x], RTOL[dtype], ref_dtype=torch.float64)
+
+
+@needs_extension
+def test_extension_cpu_is_auto_choice():
+    assert backend.select("fwht", torch.device("cpu"), cuda_ops=frozenset({"cuda", "cpu"})) == "cuda"
+
+
+@needs_extension
+def test_extension_reports_kernels_without_touching_cuda():
+    code = """
+        import torch
+        import kron_kernels._C as C
+        info = C.kernels()
+        assert "cpu" in info["fwht"], info
+        if "cuda" in info["fwht"]:  # a CUDA build: it says for which architectures
+            assert info["cuda_archs"], info
+        assert info["fwht_max_one_pass_log2"] == 15, info
+        assert not torch.cuda.is_initialized(), "loading the extension initialised CUDA"
+        print(sorted(info["fwht"]), info["cuda_archs"])
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu" in proc.stdout
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "x, out, error, match",
+    [
+        pytest.param(torch.ones(4, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32), TypeError, "x must be",
+                     id="int-x"),
+        pytest.param(torch.ones(4, 6), torch.ones(4, 6), ValueError, "last dim must be a power of two", id="n6"),
+        pytest.param(torch.ones(8, 4).t(), torch.ones(4, 8), ValueError, "x must be contiguous", id="strided-x"),
+        pytest.param(torch.ones(4, 8), torch.ones(4, 4), ValueError, "out must have x's shape", id="out-shape"),
+        pytest.param(torch.ones(4, 8), torch.ones(4, 8, dtype=torch.float16), ValueError, "out must have", id="out-dtype"),
+    ],
+)
+def test_extension_binding_checks(x, out, error, match):
+    """The binding itself refuses bad arguments with Python errors naming them (no crash)."""
+    with pytest.raises(error, match=match):
+        backend.extension().fwht_out(x, out, 1.0)
+
+
+# ---------------------------------------------------------------------------- Triton (interpreter)
+@needs_interpreter
+@pytest.mark.parametrize("log_n", SMALL_LOGS, ids=[f"n{2**k}" for k in SMALL_LOGS])
+def test_triton_interpreter_matches_scipy(log_n):
+    x = rand(5, 2**log_n, dtype=torch.float32).requires_grad_()
+    with kk.use_backend("triton"):
+        compare_with_reference(fused, ref, [x], RTOL[torch.float32], ref_dtype=torch.float64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("log_n, row_log, strided_log", [(5, 2, 2), (7, 3, 2), (6, 6, 2)],
+                         ids=["n32-3passes", "n128-4passes", "n64-1pass"])
+def test_triton_multipass_split(log_n, row_log, strided_log, dtype):
+    """H_ab = (H_a (x) I)(I (x) H_b): the multi-pass path, forced at interpreter-sized rows."""
+    from kron_kernels.triton import fwht as triton_fwht
+
+    x = rand(6, 2**log_n, dtype=dtype)
+    got = triton_fwht.fwht_forward(x, SCALE, max_row_log=row_log, max_strided_log=strided_log)
+    assert got.dtype == dtype
+    # bf16: one rounding of the input (exact here: x is already bf16) and one of the output
+    # (2^-8 relative to |y|), the fp32 passes between add ~1e-7
+    assert_rel_close(got, ref(x.double()), RTOL[torch.float32] if dtype == torch.float32 else 2**-7)
+
+
+# ---------------------------------------------------------------------------- every backend
+def _cpu_backends():
+    params = [pytest.param("torch", id="torch")]
+    params.append(pytest.param("cuda", id="extension-cpu", marks=needs_extension))
+    params.append(pytest.param("triton", id="triton-interpreter", marks=needs_interpreter))
+    return params
+
+
+@pytest.mark.parametrize("impl", _cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("log_n", [4, 9])
+def test_low_precision(impl, dtype, log_n):
+    """DESIGN.md 6: error vs fp64 <= 2 x that of the dense product in the same precision + 1e-3."""
+    x = rand(7, 2**log_n)
+    with kk.use_backend(impl):
+        compare_low_precision(fused, ref, [x.requires_grad_()], dtype)
+
+
+@pytest.mark.parametrize("impl", _cpu_backends())
+def test_batch_dims_and_noncontiguous(impl):
+    base = rand(2, 3, 64, dtype=torch.float32)
+    cases = {
+        "batch dims": base[:, :, :32],  # also a non-contiguous slice
+        "transposed": base.transpose(0, 1),
+        "strided last dim": base[..., ::2],
+        "one row": base[0, 0],
+        "empty batch": base[:0],
+    }
+    with kk.use_backend(impl):
+        for name, x in cases.items():
+            got = kk.fwht(x, SCALE)
+            assert got.shape == x.shape and got.dtype == x.dtype, name
+            if x.numel():
+                assert_rel_close(got, ref(x.double()), RTOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("impl", _cpu_backends())
+def test_involution_and_scale(impl):
+    """H H = n I: with scale n^-1/2 the transform is its own inverse; scale multiplies."""
+    n = 256
+    x = rand(4, n, dtype=torch.float32)
+    with kk.use_backend(impl):
+        assert_rel_close(kk.fwht(kk.fwht(x, n**-0.5), n**-0.5), x, 1e-5, "orthonormal involution")
+        assert_rel_close(kk.fwht(x, -2.5), -2.5 * kk.fwht(x), 1e-6, "scale")
+
+
+@pytest.mark.parametrize(
+    "x, scale, error, match",
+    [
+        pytest.param(torch.ones(3, 12), 1.0, ValueError, "x's last dim must be a power of two", id="n12"),
+        pytest.param(torch.ones(3, 0), 1.0, ValueError, "x's last dim must be a power of two", id="n0"),
+        pytest.param(torch.tensor(1.0), 1.0, ValueError, "x must have at least 1 dims", id="0-d"),
+        pytest.param(torch.ones(3, 8, dtype=torch.int64), 1.0, TypeError, "x must have dtype", id="int64"),
+        pytest.param(torch.ones(3, 8, dtype=torch.complex64), 1.0, TypeError, "x must have dtype", id="complex"),
+        pytest.param([1.0, 2.0], 1.0, TypeError, "x must be a torch.Tensor", id="list"),
+        pytest.param(torch.ones(3, 8), torch.tensor(2.0), TypeError, "scale must be a Python number", id="scale-tensor"),
+        pytest.param(torch.ones(3, 8), None, TypeError, "scale must be a real number", id="scale-none"),
+    ],
+)
+def test_bad_inputs(x, scale, error, match):
+    with pytest.raises(error, match=match):
+        kk.fwht(x, scale)
+
+
+def test_explicit_triton_refuses_float64():
+    kk.set_backend("triton")
+    with pytest.raises(kk.BackendUnavailableError, match="float64"):
+        kk.fwht(torch.ones(2, 8, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- GPU
+GPU_LOGS = list(range(8, 16)) + [17]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _gpu_tol(dtype):
+    # fp32: as on the CPU. 16-bit: input exact (generated in the dtype), fp32 arithmetic, one
+    # rounding of the output: 2^-8 (bf16) / 2^-11 (fp16) relative to |y|, with headroom 2x
+    return RTOL[torch.float32] if dtype == torch.float32 else (2**-7 if dtype == torch.bfloat16 else 2**-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("log_n", GPU_LOGS, ids=[f"n{2**k}" for k in GPU_LOGS])
+def test_gpu_matches_scipy_and_cpu(log_n, dtype, impl):
+    if impl == "cuda" and not EXTENSION_OK:
+        pytest.skip(EXTENSION_REASON)
+    x = rand(37, 2**log_n, dtype=dtype, device="cuda")
+    with kk.use_backend(impl):
+        got = kk.fwht(x, SCALE)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert_rel_close(got, ref(x.double().cpu()), _gpu_tol(dtype), "vs scipy")
+    with kk.use_backend("torch"):  # the CPU path on the same input (fp32 arithmetic too)
+        cpu = kk.fwht(x.cpu(), SCALE)
+    assert_rel_close(got, cpu, _gpu_tol(dtype), "vs CPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_gpu_gradients_and_odd_rows(impl):
+    if impl == "cuda" and not EXTENSION_OK:
+        pytest.skip(EXTENSION_REASON)
+    for rows, log_n in ((1, 0), (3, 3), (129, 6), (5, 16)):
+        x = rand(rows, 2**log_n, dtype=torch.float32, device="cuda").requires_grad_()
+        with kk.use_backend(impl):
+            compare_with_reference(fused, lambda t: ref(t.cpu()).cuda(), [x], RTOL[torch.float32],
+                                   ref_dtype=torch.float64)
+
+
+@pytest.mark.gpu
+def test_gpu_misaligned_view():
+    """A view starting mid-allocation (not 16-byte aligned) still works (the binding copies)."""
+    base = rand(4 * 64 + 1, dtype=torch.float16, device="cuda")
+    x = base[1:].view(4, 64)
+    got = kk.fwht(x, SCALE)
+    assert_rel_close(got, ref(x.double().cpu()), _gpu_tol(torch.float16))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_prefers_extension():
+    if not EXTENSION_OK:
+        pytest.skip(EXTENSION_REASON)
+    assert backend.select("fwht", torch.device("cuda"), cuda_ops=frozenset({"cuda", "cpu"})) == "cuda"
+    assert HAS_CUDA
