@@ -8,6 +8,8 @@ from .backend import BackendUnavailableError, get_backend, set_backend, use_back
 from .ops import (
     arc,
     bottleneck_adapter,
+    fastfood,
+    fastfood_params,
     fact_tk_delta,
     fact_tt_delta,
     fwht,
@@ -18,6 +20,7 @@ from .ops import (
     losa_mixer,
 )
 from . import nn
+from .intrinsic import IntrinsicDimensionResult, intrinsic_dimension
 from .adapt import METHODS, adapt, adapter_state_dict, load_adapter_state_dict, merge, unmerge
 
 __version__ = "0.1.0"
@@ -38,6 +41,10 @@ __all__ = [
     "arc",
     "losa_mixer",
     "fwht",
+    "fastfood",
+    "fastfood_params",
+    "intrinsic_dimension",
+    "IntrinsicDimensionResult",
     "nn",
     "METHODS",
     "adapt",

@@ -10,10 +10,15 @@ registered once, on a :class:`SharedFactors` module attached as ``model.kk_share
 also records the method, impl and config. The layers look them up there on every call
 without registering them, so ``model.parameters()`` and state dicts hold each exactly once.
 
-Methods are registered with ``_register`` below; ``METHODS`` lists them in registration order.
+Methods are registered with ``_register`` below; ``METHODS`` lists them in registration order:
+kadaptation, compacter, fact_tt, fact_tk (FacT's global ``U``, ``V`` and cores on
+``kk_shared``; :class:`~kron_kernels.nn.FacTLinear` in place of qkv, proj, fc1, fc2), arc
+(:class:`~kron_kernels.nn.ARCAdapter` on norm1/norm2 outputs, ``U_attn``/``U_mlp`` shared) and
+losa (``adapt`` returns a :class:`~kron_kernels.nn.LoSAModel` wrapper; ``kk_shared`` is on it).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
@@ -21,10 +26,16 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import torch
 from torch import nn
 
+from .nn import arc as nn_arc
 from .nn import compacter as nn_compacter
+from .nn import fact as nn_fact
 from .nn import kadaptation as nn_kadaptation
+from .nn import losa as nn_losa
+from .reference import arc as ref_arc
 from .reference import compacter as ref_compacter
+from .reference import fact as ref_fact
 from .reference import kadaptation as ref_kadaptation
+from .reference import losa as ref_losa
 
 __all__ = [
     "METHODS",
@@ -48,23 +59,26 @@ class _Method:
     defaults: Mapping[str, Any]
     build: Callable[..., List[Tuple[nn.Module, str, nn.Module]]]
     merge_error: Optional[str]  # None when the method merges; else why it cannot
+    wrap: Optional[Callable[..., nn.Module]] = None  # (model, replacements) -> the model adapt returns
 
 
 _REGISTRY: Dict[str, _Method] = {}
 
 
-def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str] = None):
+def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str] = None, wrap=None):
     """Register ``build(model, impl, config, shared) -> [(parent, attribute, new_module), ...]``.
 
     ``build`` validates everything and creates the new modules and the shared parameters
     (on ``shared``) but changes nothing on ``model``: ``adapt`` applies the returned
     replacements only once every block has been built, so a bad config leaves the model as it was.
+    ``wrap(model, replacements)``, when given, returns the module ``adapt`` returns instead of
+    ``model`` (LoSA's wrapper); ``adapt`` then attaches ``shared`` to that module.
     """
 
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = _Method(name, MappingProxyType(dict(defaults)), build, merge_error)
+        _REGISTRY[name] = _Method(name, MappingProxyType(dict(defaults)), build, merge_error, wrap)
         return build
 
     return decorator
@@ -221,6 +235,149 @@ def _build_compacter(model, impl: str, config: Dict[str, Any], shared: SharedFac
             replacements.append((blk, attr, nn_compacter.AdapterWrapper(module, adapter)))
     return replacements
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _dropout(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _linear(parent: nn.Module, name: str, attr: str, method: str, shape) -> nn.Linear:
+    linear = getattr(parent, attr, None)
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{method} needs {name} to be an nn.Linear, got {type(linear).__name__}")
+    if shape is not None and (linear.out_features, linear.in_features) != shape:
+        raise ValueError(
+            f"{method} needs {name} to have an (out, in) = {shape} weight, got "
+            f"{(linear.out_features, linear.in_features)}"
+        )
+    return linear
+
+
+# FacT slots of one block, in DESIGN.md 4.2's order: (module, Linear, slot offsets, mode, weight shape in d)
+_FACT_LAYERS = (
+    ("attn", "qkv", (0, 1, 2), "rows", (3, 1)),
+    ("attn", "proj", (3,), "rows", (1, 1)),
+    ("mlp", "fc1", (4, 5, 6, 7), "rows", (4, 1)),
+    ("mlp", "fc2", (8, 9, 10, 11), "cols", (1, 4)),
+)
+FACT_SLOTS_PER_BLOCK = 12
+
+
+def _build_fact(fmt: str):
+    method = f"fact_{fmt}"
+
+    def build(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
+        """FacT on every block's q, k, v, o, fc1 (4 row blocks) and fc2 (4 column blocks)."""
+        r = _positive_int("r", config["r"])
+        scale = config["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float, got {scale!r}")
+        config["scale"] = float(scale)
+        config["dropout"] = _dropout(config["dropout"])
+        d = model.embed_dim
+        n_slots = FACT_SLOTS_PER_BLOCK * len(model.blocks)
+        factory = _factory(model)
+        # U ~ N(0, 1/d) keeps x @ U at x's scale; V = 0 makes every increment zero at step 0
+        shared.U = nn.Parameter(torch.empty(d, r, **factory).normal_(0.0, d**-0.5))
+        shared.V = nn.Parameter(torch.zeros(d, r, **factory))
+        if fmt == "tt":
+            shared.cores = nn.Parameter(torch.empty(n_slots, r, r, **factory).normal_(0.0, r**-0.5))
+        else:  # Σ_i = sum_t P[i, t] C[t] has variance r * (1/r) * (1/r) = 1/r, as TT's cores
+            shared.C = nn.Parameter(torch.empty(r, r, r, **factory).normal_(0.0, r**-0.5))
+            shared.P = nn.Parameter(torch.empty(n_slots, r, **factory).normal_(0.0, r**-0.5))
+        layer_cls = nn_fact.FacTLinear if impl == "fused" else ref_fact.FacTLinear
+        replacements = []
+        for i, (block_name, blk) in enumerate(_named_blocks(model)):
+            for owner, attr, offsets, mode, (rows, cols) in _FACT_LAYERS:
+                parent = _submodule(blk, block_name, owner, method)
+                name = f"{block_name}.{owner}.{attr}"
+                linear = _linear(parent, name, attr, method, (rows * d, cols * d))
+                slots = [FACT_SLOTS_PER_BLOCK * i + o for o in offsets]
+                options = dict(scale=config["scale"], dropout=config["dropout"])
+                new = _built(name, lambda: layer_cls(linear, slots, mode, fmt, shared, **options))
+                replacements.append((parent, attr, new))
+        return replacements
+
+    return build
+
+
+_register("fact_tt", defaults=dict(r=4, scale=1.0, dropout=0.1))(_build_fact("tt"))
+_register("fact_tk", defaults=dict(r=8, scale=1.0, dropout=0.1))(_build_fact("tk"))
+
+
+@_register("arc", defaults=dict(r=50, dropout=0.1))
+def _build_arc(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
+    """ARC on the outputs of every block's norm1 and norm2; merges into attn.qkv and mlp.fc1."""
+    r = _positive_int("r", config["r"])
+    config["dropout"] = _dropout(config["dropout"])
+    d = model.embed_dim
+    factory = _factory(model)
+    for position in ("attn", "mlp"):
+        U = nn.Parameter(torch.empty(d, r, **factory))
+        with torch.no_grad():
+            nn.init.xavier_uniform_(U)
+        shared.register_parameter(f"U_{position}", U)
+    adapter_cls = nn_arc.ARCAdapter if impl == "fused" else ref_arc.ARCAdapter
+    replacements = []
+    for block_name, blk in _named_blocks(model):
+        for norm_attr, position, target in (("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")):
+            norm = _submodule(blk, block_name, norm_attr, "arc")
+            parent = _submodule(blk, block_name, position, "arc")
+            linear = _linear(parent, f"{block_name}.{position}.{target}", target, "arc", None)
+            if linear.in_features != d:
+                raise ValueError(f"arc needs {block_name}.{position}.{target} to read d={d} features")
+            adapter = adapter_cls(d, r, shared, position, dropout=config["dropout"], **factory)
+            adapter.fold_into(linear)
+            replacements.append((blk, norm_attr, nn_compacter.AdapterWrapper(norm, adapter)))
+    return replacements
+
+
+@_register(
+    "losa",
+    defaults=dict(r=64, frames=None),
+    merge_error="the side network is nonlinear (GELU) and runs beside the backbone, not inside it",
+    wrap=lambda model, new: nn_losa.LoSAModel(model, new["side"]),
+)
+def _build_losa(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
+    """The LoSA side network (one mixer per block); adapt returns the LoSAModel wrapper."""
+    r = _positive_int("r", config["r"])
+    frames = config["frames"]
+    d = model.embed_dim
+    patches, prefix = model.patch_embed.num_patches, model.num_prefix_tokens
+    if frames is not None:
+        frames = _positive_int("frames", frames)
+        if patches % frames:
+            raise ValueError(
+                f"frames={frames} must divide the model's {patches} patch tokens (frames x patches layout)"
+            )
+    factory = _factory(model)
+    mixer_cls = nn_losa.LoSAMixer if impl == "fused" else ref_losa.LoSAMixer
+    mixers = []
+    for l in range(1, len(model.blocks) + 1):
+        if l % 2:  # odd l: channel mixing
+            mixer = mixer_cls("channel", d, r, **factory)
+        elif frames is None:  # even l: token mixing over all T tokens (prefix included)
+            mixer = mixer_cls("token", patches + prefix, r, **factory)
+        else:
+            mixer = mixer_cls("video", patches // frames, r, frames=frames, prefix=prefix, **factory)
+        with torch.no_grad():  # W_down ~ N(0, 1/features), W_up = 0, alpha = 1, in name order for both impls
+            for name in mixer.kk_adapter_params:
+                p = getattr(mixer, name)
+                if name.startswith("W_down"):
+                    p.normal_(0.0, p.shape[0] ** -0.5)
+                elif name.startswith("W_up"):
+                    p.zero_()
+                else:
+                    p.fill_(1.0)
+        mixers.append(mixer)
+    return [(None, "side", nn.ModuleList(mixers))]
+
 
 METHODS = tuple(_REGISTRY)
 
@@ -237,8 +394,22 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     :mod:`kron_kernels.reference` with the same parameter names, for comparisons.
 
     Config (defaults): kadaptation ``n=32, r=1, targets=("q", "v"), bias=False, scale=1.0``
-    (targets among ``"q", "k", "v", "proj"``); compacter ``n=4, k=d // 32``.
+    (targets among ``"q", "k", "v", "proj"``); compacter ``n=4, k=d // 32``;
+    fact_tt ``r=4, scale=1.0, dropout=0.1``; fact_tk ``r=8, scale=1.0, dropout=0.1`` (FacT's
+    ``s`` is a per-task hyper-parameter swept over {0.01, 0.1, 1, 10, 100} in the paper; 1.0,
+    the middle of that sweep, is the default); arc ``r=50, dropout=0.1``; losa ``r=64,
+    frames=None``.
+
+    LoSA returns a :class:`kron_kernels.nn.LoSAModel` wrapping ``model`` (its ``backbone``):
+    use the returned module. Its ``forward`` runs the backbone without autograd. With
+    ``frames=F`` the patch tokens are read as F frames of ``num_patches / F`` patches,
+    frame-major after the prefix (cls/register) tokens -- e.g. F frames stacked along the image
+    height -- and each token-mixing layer sums a spatial and a temporal mixer
+    (:mod:`kron_kernels.nn.losa`).
     """
+    if isinstance(model, nn.Module) and any(isinstance(m, SharedFactors) for m in model.modules()):
+        previous = _find_shared(model)  # also a LoSA wrapper, which is no ViT itself
+        raise ValueError(f"this model is already adapted ({previous.method}); adapt a fresh model")
     _check_vit(model)
     if method not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; kk.METHODS = {METHODS}")
@@ -259,13 +430,18 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, attr, new in replacements:
-        new.train(parent.training)
-        setattr(parent, attr, new)
+        new.train(model.training if parent is None else parent.training)
+        if parent is not None:
+            setattr(parent, attr, new)
+    result = model
+    if spec.wrap is not None:
+        result = spec.wrap(model, {attr: new for parent, attr, new in replacements if parent is None})
+        result.train(model.training)
     shared.train(model.training)
-    setattr(model, SHARED_ATTR, shared)
+    setattr(result, SHARED_ATTR, shared)
     for p in model.get_classifier().parameters():
         p.requires_grad_(True)
-    return model
+    return result
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -13,7 +13,14 @@ import kron_kernels as kk
 from utils import RTOL, assert_rel_close, rel_err
 
 # configs that fit the tiny ViT (d = 64): n divides d, and k for Compacter
-TINY_CONFIG = {"kadaptation": dict(n=8), "compacter": dict(n=4, k=8)}
+TINY_CONFIG = {
+    "kadaptation": dict(n=8),
+    "compacter": dict(n=4, k=8),
+    "fact_tt": dict(r=4, scale=0.5),
+    "fact_tk": dict(r=5, scale=2.0),  # an odd rank
+    "arc": dict(r=6),
+    "losa": dict(r=6),
+}
 METHOD_IMPLS = [
     pytest.param(method, impl, id=f"{method}-{impl}") for method in kk.METHODS for impl in ("fused", "reference")
 ]
@@ -58,24 +65,36 @@ def outputs_and_grads(model, x, seed=0):
 
 
 def test_methods_registry():
-    assert kk.METHODS == ("kadaptation", "compacter")
+    assert kk.METHODS == ("kadaptation", "compacter", "fact_tt", "fact_tk", "arc", "losa")
 
 
 # ---------------------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize("method, impl", METHOD_IMPLS)
 def test_parameter_count_vit_base(method, impl):
     """The papers' budgets on ViT-B/16 with default configs: 2*32^3 + 12*2*(32*24 + 32*24) = 102,400
-    for KAdaptation; 4^3 + 24 adapters * (792 + 24 + 792 + 768) = 57,088 for Compacter."""
+    for KAdaptation; 4^3 + 24 adapters * (792 + 24 + 792 + 768) = 57,088 for Compacter; FacT-TT
+    r=4: 2*768*4 + 144*4^2 = 8,448; FacT-TK r=8: 2*768*8 + 144*8 + 8^3 = 13,952; ARC r=50:
+    2*768*50 + 24*(50 + 768) = 96,432; LoSA r=64, 197 tokens: 6 channel mixers 2*768*64, 6 token
+    mixers 2*197*64 and 12 alphas = 741,132."""
     # counting needs no memory and no weights. (device= rather than `with torch.device("meta")`:
     # that context misses torch.empty while conftest's NaN-poison fixture has patched it)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, device="meta")
-    kk.adapt(model, method, impl=impl)
+    model = kk.adapt(model, method, impl=impl)  # LoSA returns its wrapper
     assert all(p.is_meta for p in model.parameters())
     head = sum(p.numel() for p in model.get_classifier().parameters())
     count = sum(p.numel() for p in model.parameters() if p.requires_grad) - head
-    assert count == {"kadaptation": 102_400, "compacter": 57_088}[method]
+    assert count == {
+        "kadaptation": 102_400, "compacter": 57_088, "fact_tt": 8_448, "fact_tk": 13_952, "arc": 96_432, "losa": 741_132
+    }[method]
     shared = {name: tuple(p.shape) for name, p in model.kk_shared.named_parameters()}
-    assert shared == ({"A_q": (32, 32, 32), "A_v": (32, 32, 32)} if method == "kadaptation" else {"A": (4, 4, 4)})
+    assert shared == {
+        "kadaptation": {"A_q": (32, 32, 32), "A_v": (32, 32, 32)},
+        "compacter": {"A": (4, 4, 4)},
+        "fact_tt": {"U": (768, 4), "V": (768, 4), "cores": (144, 4, 4)},
+        "fact_tk": {"U": (768, 8), "V": (768, 8), "C": (8, 8, 8), "P": (144, 8)},
+        "arc": {"U_attn": (768, 50), "U_mlp": (768, 50)},
+        "losa": {},
+    }[method]
 
 
 @pytest.mark.parametrize(
@@ -113,10 +132,14 @@ def test_freezes_backbone_keeps_head_trainable(method):
     model = adapted(method)
     names = set(trainable(model))
     assert names == set(kk.adapter_state_dict(model))
-    assert {"head.weight", "head.bias"} <= names
+    head = "backbone.head" if method == "losa" else "head"  # LoSA returns a wrapper (its ViT is .backbone)
+    assert {f"{head}.weight", f"{head}.bias"} <= names
+    names = {n.removeprefix("backbone.") for n in names}
     assert not any(n.startswith(("patch_embed", "pos_embed", "cls_token", "norm.")) for n in names)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert "blocks.0.norm1.weight" in frozen and len(frozen) == len(list(tiny_vit().parameters())) - 2  # all but head
+    frozen = [n.removeprefix("backbone.") for n in frozen]
+    assert any(n.startswith("blocks.0.norm1.") for n in frozen)
+    assert len(frozen) == len(list(tiny_vit().parameters())) - 2  # all but head
 
 
 def test_kadaptation_keeps_backbone_state_dict_names():
@@ -317,7 +340,8 @@ def test_load_non_strict_reports_and_loads_the_rest():
                      "timm.models.vision_transformer.VisionTransformer.*got torch.nn.modules.container.Sequential",
                      id="not-a-vit"),
         pytest.param(lambda: kk.adapt(tiny_vit(), "lora"), ValueError,
-                     r"unknown method 'lora'; kk.METHODS = \('kadaptation', 'compacter'\)", id="unknown-method"),
+                     r"unknown method 'lora'; kk.METHODS = "
+                     r"\('kadaptation', 'compacter', 'fact_tt', 'fact_tk', 'arc', 'losa'\)", id="unknown-method"),
         pytest.param(lambda: kk.adapt(tiny_vit(), "kadaptation", n=8, rank=2), TypeError,
                      r"kadaptation got unknown config \['rank'\]", id="unknown-config"),
         pytest.param(lambda: kk.adapt(tiny_vit(), "compacter", impl="triton", k=8), ValueError,

@@ -1,5 +1,19 @@
 """Drop-in nn.Modules, one file per method; they call the functional ops of :mod:`kron_kernels.ops`."""
+from .arc import ARCAdapter
 from .compacter import AdapterWrapper, CompacterAdapter, PHMLinear
+from .fastfood import FastfoodSubspace
+from .fact import FacTLinear
 from .kadaptation import KAdaptationLinear
+from .losa import LoSAMixer, LoSAModel
 
-__all__ = ["KAdaptationLinear", "PHMLinear", "CompacterAdapter", "AdapterWrapper"]
+__all__ = [
+    "KAdaptationLinear",
+    "PHMLinear",
+    "CompacterAdapter",
+    "AdapterWrapper",
+    "FastfoodSubspace",
+    "FacTLinear",
+    "ARCAdapter",
+    "LoSAMixer",
+    "LoSAModel",
+]

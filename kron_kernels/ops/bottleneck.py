@@ -37,6 +37,7 @@ from ._common import FLOAT_DTYPES, LOW_PRECISION, check_scale, check_tensor, com
 __all__ = [
     "fact_tt_delta",
     "fact_tk_delta",
+    "fact_apply",
     "arc",
     "losa_mixer",
     "dropout_keep_mask",
@@ -112,6 +113,58 @@ def fact_tk_delta(
     with torch.autocast(device_type=U.device.type, enabled=False):
         cores = (P.to(acc) @ C.to(acc).reshape(r, r * r)).view(-1, r, r)
     return _fact_delta_from_cores(U, V, cores, check_scale(scale))
+
+
+def fact_apply(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    cores: torch.Tensor,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+    split: str = "rows",
+) -> torch.Tensor:
+    """The FacT increments of ``k = cores.shape[0]`` slots applied to activations, with
+    ``x @ U`` computed once for all of them (DESIGN.md 4.2; the FacT code recomputes it per slot).
+
+    ``split="rows"``: every slot reads ``x: (..., d)``; returns ``(..., k*d)`` with slot ``j``'s
+    ``s * drop((x @ U) @ cores[j]) @ V.T`` in features ``[j d, (j+1) d)`` (timm's fused qkv:
+    q, k, v; fc1's 4 row blocks). ``split="cols"``: ``x: (..., k*d)`` is ``k`` contiguous chunks,
+    slot ``j`` reads chunk ``j``, and the ``(..., d)`` sum of the slots' increments is returned
+    (fc2's 4 column blocks). ``dropout`` acts on the ``(..., k, r)`` intermediate (per slot)
+    when ``training``. Plain torch on every backend: one ``(..., d) @ (d, r)`` GEMM, a batched
+    ``r x r`` core product and one ``@ V.T`` -- rank-r work next to the frozen GEMM; autograd
+    differentiates it (under autocast the GEMMs follow autocast, as an ``nn.Linear`` does).
+    """
+    d, r = _check_fact_uv(U, V)
+    check_tensor("x", x, min_ndim=1, dtypes=_ACTIVATION_DTYPES, device=U.device)
+    check_tensor("cores", cores, ndim=3, device=U.device)
+    k = cores.shape[0]
+    if k < 1 or tuple(cores.shape[1:]) != (r, r):
+        raise ValueError(f"cores must have shape (k, r, r) with k >= 1 and r = {r}, got {tuple(cores.shape)}")
+    if split not in ("rows", "cols"):
+        raise ValueError(f"split must be 'rows' or 'cols', got {split!r}")
+    width = d if split == "rows" else k * d
+    if x.shape[-1] != width:
+        raise ValueError(f"x's last dim must be {'d' if split == 'rows' else 'k * d'} = {width} for split={split!r}, "
+                         f"got {tuple(x.shape)}")
+    scale = check_scale(scale)
+    p = _check_dropout(dropout) if training else 0.0
+    if split == "rows":
+        h = x @ U.to(x.dtype)  # once for every slot
+        t = torch.einsum("...r,krs->...ks", h, cores.to(h.dtype))
+    else:
+        h = x.unflatten(-1, (k, d)) @ U.to(x.dtype)  # (..., k, r): chunk j for slot j
+        t = torch.einsum("...kr,krs->...ks", h, cores.to(h.dtype))
+    if p > 0:
+        t = F.dropout(t, p)
+    if split == "cols":
+        t = t.sum(-2)  # the slots' outputs are summed: sum before the shared up-projection
+    if scale != 1.0:
+        t = t * scale  # on the r-dim intermediate, not the d-dim output
+    out = t @ V.to(t.dtype).t()
+    return out.flatten(-2) if split == "rows" else out
 
 
 # ----------------------------------------------------------------------------------------

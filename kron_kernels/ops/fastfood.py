@@ -1,0 +1,342 @@
+"""Fastfood projection ``fastfood`` and its parameters ``fastfood_params`` (DESIGN.md 4.6).
+
+``P theta`` for ``theta in R^d``: ``nb = ceil(D / Lb)`` blocks of ``Lb`` rows (a power of two),
+block j ``y_j = H G_j Pi_j H B_j pad(theta)`` with H the unnormalised Sylvester Hadamard
+matrix (``kk.fwht``), ``B_j`` random +-1, ``Pi_j`` a permutation with gather semantics
+(``(Pi x)[k] = x[Pi[k]]``), ``G_j`` standard normal; the output is
+``concat_j(y_j)[:D] / (sqrt(Lb) * ||G_j|| * sqrt(D / Lb)) = concat_j(y_j)[:D] / (||G_j|| * sqrt(D))``.
+Every column of one full block has squared norm exactly ``Lb * ||G_j||^2`` (``H B_j e_i`` is a
++-1 vector, Pi_j keeps that, ``G_j`` weights it, and ``||H v||^2 = Lb ||v||^2``), so a column of
+P has squared norm ``nb * Lb / D`` before the cut to D rows: exactly 1 when ``Lb`` divides D,
+1 in expectation otherwise.
+
+The backward is ``P^T g``: block j ``B_j H Pi_j^T G_j H (g_j / (||G_j|| sqrt(D)))`` summed over
+blocks and cut to d (H is symmetric; ``Pi^T`` is the scatter ``z[Pi[k]] = w[k]``).
+
+Counter-based generator (the same integer arithmetic in torch, Triton and -- later -- CUDA C++)
+------------------------------------------------------------------------------------------
+All words are unsigned 32-bit; ``+`` and ``*`` wrap mod 2^32; ``mix`` is MurmurHash3's
+finaliser ``fmix32`` (a bijection of 32-bit words with full avalanche)::
+
+    mix(x):  x ^= x >> 16; x *= 0x85EBCA6B; x ^= x >> 13; x *= 0xC2B2AE35; x ^= x >> 16
+    W = 0x9E3779B9                                    # Weyl increment (2^32 / golden ratio)
+    key(s)      = mix(mix(seed_lo + STREAM[s]) ^ seed_hi)      # seed = seed_hi * 2^32 + seed_lo
+    key(s, j)   = mix(key(s) + j * W)                            # block j
+    word(s,j,i) = mix(key(s, j) + i * W)                         # element i of block j
+
+with streams ``STREAM = {B: 1, G_radius: 2, G_angle: 3, Pi: 4}``. Then
+
+* ``B_j[i] = 1 - 2 * (word(B, j, i) >> 31)`` (the top bit);
+* ``G_j[i]`` by Box--Muller in float32 from two 24-bit uniforms
+  ``u1 = ((word(G_radius, j, i) >> 8) + 1) * 2^-24`` in (0, 1] and
+  ``u2 = (word(G_angle, j, i) >> 8) * 2^-24`` in [0, 1) (both exact in float32):
+  ``G = sqrt(-2 ln u1) * cos(pi * (2 u2 - 1))``;
+* ``Pi_j`` is a keyed bijection of ``[0, Lb)``, ``n = log2 Lb`` bits, ``h = n // 2``:
+  ``x ^= key(Pi, j) mod 2^n`` then ``ROUNDS = 6`` Feistel rounds, round r with
+  ``K_r = mix(key(Pi, j) + (r + 1) * W)``: ``hi = x >> h``, ``lo = x mod 2^h``,
+  ``lo ^= mix(K_r ^ hi) mod 2^h``, ``x = (lo << (n - h)) | hi`` (xor by a function of the other
+  bits, then a rotation: each step is invertible, so the whole is a permutation, whatever n);
+  ``Pi_j[k] = x(k)``. The inverse runs the rounds backwards (the kernels gather with it for
+  ``Pi^T`` instead of scattering).
+
+B and Pi are integer functions: bit-identical on every backend. G is float32 arithmetic on exact
+inputs, so backends differ only by the rounding of their ``log``/``cos``/``sqrt``: a few float32
+ulps of |G| <= sqrt(-2 ln 2^-24) = 5.77, i.e. |dG| <= 1e-5 (relative ~1e-6). On CUDA, Triton
+lowers ``tl.log``/``tl.cos`` to libdevice's accurate ``__nv_logf``/``__nv_cosf`` (checked in the
+sm_90 PTX: no ``lg2.approx``/``cos.approx``, which would lose accuracy of ``ln u1`` near 1) and
+``tl.sqrt`` to ``sqrt.approx.f32`` (~1 ulp); the interpreter uses numpy's float32 functions.
+``fastfood_params`` computes G in float64 from the same uniforms and rounds once to float32 --
+the definition the kernels approximate to that bound. Outputs of P then agree to ~1e-6
+relative (the tests use 1e-5).
+
+Backends: Triton (a fused kernel, one program per block, for ``Lb <= 2^13``: generation,
+both transforms, the gather and the norm of G_j -- a register reduction over the block the
+program holds, so no pre-pass -- in one pass over memory); the torch code below (vectorised over
+blocks, ``kk.fwht`` on ``(nb, Lb)``), which also serves larger blocks on CUDA through
+``kk.fwht``'s own kernels. A fused CUDA C++ kernel is not written yet: ``backend="cuda"``
+refuses with that reason and ``auto`` uses Triton/torch.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+import torch
+
+from .. import backend
+from ._common import FLOAT_DTYPES, check_tensor, compute_dtype
+from .fwht import fwht
+
+__all__ = ["fastfood", "fastfood_params", "fastfood_block_size", "FastfoodFunction", "MODES"]
+
+MODES = ("stacked", "padded")
+MASK32 = 0xFFFFFFFF
+WEYL = 0x9E3779B9
+MIX_C1, MIX_C2 = 0x85EBCA6B, 0xC2B2AE35
+STREAM_B, STREAM_G_RADIUS, STREAM_G_ANGLE, STREAM_PI = 1, 2, 3, 4
+PI_ROUNDS = 6
+MAX_LOG_LB = 32  # element counters are 32-bit words
+
+
+# ------------------------------------------------------------------------- scalar generator
+def mix32(x: int) -> int:
+    """MurmurHash3 fmix32 on a Python int (the per-seed stream keys)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MIX_C1) & MASK32
+    x ^= x >> 13
+    x = (x * MIX_C2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def stream_keys(seed: int) -> Tuple[int, int, int, int]:
+    """``key(s)`` for the streams B, G_radius, G_angle, Pi (module docstring)."""
+    lo, hi = seed & MASK32, (seed >> 32) & MASK32
+    return tuple(mix32(mix32(lo + s) ^ hi) for s in (STREAM_B, STREAM_G_RADIUS, STREAM_G_ANGLE, STREAM_PI))
+
+
+# ------------------------------------------------------------------- tensor generator (int64)
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2^32`` for int64 tensors holding 32-bit words, without int64 overflow: the
+    product is split at 16 bits of c so each partial product stays below 2^48."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def _mix32_t(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX_C1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, MIX_C2)
+    return x ^ (x >> 16)
+
+
+def _block_keys(key: int, nb: int, device, first: int = 0) -> torch.Tensor:
+    j = torch.arange(first, first + nb, device=device, dtype=torch.int64)
+    return _mix32_t((key + _mul32(j, WEYL)) & MASK32)  # (nb,)
+
+
+def _words(block_key: torch.Tensor, Lb: int) -> torch.Tensor:
+    i = torch.arange(Lb, device=block_key.device, dtype=torch.int64)
+    return _mix32_t((block_key[:, None] + _mul32(i, WEYL)[None, :]) & MASK32)  # (nb, Lb)
+
+
+def _feistel(x: torch.Tensor, block_key: torch.Tensor, log_lb: int, inverse: bool = False) -> torch.Tensor:
+    """The keyed bijection of [0, 2^log_lb) (module docstring), or its inverse."""
+    n, h = log_lb, log_lb // 2
+    mask_n, mask_h, mask_hi = (1 << n) - 1, (1 << h) - 1, (1 << (n - h)) - 1
+    round_keys = [_mix32_t((block_key + (r + 1) * WEYL) & MASK32)[:, None] for r in range(PI_ROUNDS)]
+    start = (block_key & mask_n)[:, None]
+    if not inverse:
+        x = x ^ start
+        for k in round_keys:
+            hi, lo = x >> h, x & mask_h
+            lo = lo ^ (_mix32_t(k ^ hi) & mask_h)
+            x = (lo << (n - h)) | hi
+        return x
+    for k in reversed(round_keys):
+        lo, hi = x >> (n - h), x & mask_hi
+        lo = lo ^ (_mix32_t(k ^ hi) & mask_h)
+        x = (hi << h) | lo
+    return x ^ start
+
+
+def fastfood_block_size(D: int, d: int, mode: str = "stacked") -> Tuple[int, int]:
+    """``(Lb, nb)`` for a projection ``R^d -> R^D`` (validates D, d and mode)."""
+    for name, value in (("D", D), ("d", d)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    Lb = 1 << (d - 1).bit_length() if mode == "stacked" else 1 << (max(D, d) - 1).bit_length()
+    if Lb.bit_length() - 1 > MAX_LOG_LB:
+        raise ValueError(f"block size Lb = {Lb} exceeds 2^{MAX_LOG_LB} (32-bit element counters); D={D}, d={d}")
+    nb = -(-D // Lb)
+    if nb > 1 << 32:
+        raise ValueError(f"D={D} needs {nb} blocks of {Lb}, more than 2^32 (32-bit block counters)")
+    return Lb, nb
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    return seed
+
+
+def _generate(seed: int, Lb: int, nb: int, device, which=("B", "Pi", "G"), first: int = 0):
+    """{"B": float32 +-1, "Pi"/"Pinv": int64, "G": float32} of blocks ``first .. first + nb - 1``."""
+    kb, kr, ka, kp = stream_keys(seed)
+    out = {}
+    if "B" in which:
+        out["B"] = 1.0 - 2.0 * (_words(_block_keys(kb, nb, device, first), Lb) >> 31).to(torch.float32)
+    if "G" in which:
+        # uniforms are exact in float32; float64 transcendentals, one rounding to float32
+        u1 = ((_words(_block_keys(kr, nb, device, first), Lb) >> 8) + 1).double() * 2.0**-24
+        u2 = (_words(_block_keys(ka, nb, device, first), Lb) >> 8).double() * 2.0**-24
+        angle = (2.0 * u2 - 1.0) * math.pi
+        out["G"] = (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)).to(torch.float32)
+    if "Pi" in which or "Pinv" in which:
+        keys = _block_keys(kp, nb, device, first)
+        k = torch.arange(Lb, device=device, dtype=torch.int64).expand(nb, Lb)
+        log_lb = Lb.bit_length() - 1
+        if "Pi" in which:
+            out["Pi"] = _feistel(k, keys, log_lb)
+        if "Pinv" in which:
+            out["Pinv"] = _feistel(k, keys, log_lb, inverse=True)
+    return out
+
+
+def fastfood_params(D: int, d: int, seed: int = 0, mode: str = "stacked", device=None):
+    """``(B, Pi, G)``, each ``(nb, Lb)``: the projection ``kk.fastfood`` regenerates on the fly.
+
+    B is float32 +-1, Pi int64 (row j a permutation of ``range(Lb)``, gather semantics), G
+    float32 standard normal; ``Lb = 2^ceil(log2 d)`` (stacked) or ``2^ceil(log2 max(D, d))``
+    (padded), ``nb = ceil(D / Lb)``. The generator is in this module's docstring.
+    """
+    Lb, nb = fastfood_block_size(D, d, mode)
+    seed = _check_seed(seed)
+    p = _generate(seed, Lb, nb, torch.device("cpu") if device is None else torch.device(device))
+    return p["B"], p["Pi"], p["G"]
+
+
+# ------------------------------------------------------------------------------- torch path
+def _torch_forward(theta, D, Lb, nb, B, Pi, G, norm):
+    """``P theta`` vectorised over blocks; B, Pi, G (nb, Lb), norm (nb,) in theta's dtype."""
+    d = theta.shape[0]
+    x = torch.zeros(nb, Lb, dtype=theta.dtype, device=theta.device)
+    x[:, :d] = theta
+    x = fwht(x * B)
+    x = torch.gather(x, 1, Pi) * G
+    x = fwht(x) / (norm[:, None] * math.sqrt(D))
+    return x.reshape(-1)[:D]
+
+
+def _torch_transpose(g, d, Lb, nb, B, Pi, G, norm):
+    """``P^T g``: the blocks of g (zero-padded to nb*Lb) through the transposed chain, summed."""
+    D = g.shape[0]
+    w = torch.zeros(nb * Lb, dtype=g.dtype, device=g.device)
+    w[:D] = g
+    w = fwht(w.view(nb, Lb) / (norm[:, None] * math.sqrt(D))) * G
+    z = torch.zeros_like(w).scatter_(1, Pi, w)  # Pi^T: z[Pi[k]] = w[k]
+    z = fwht(z) * B
+    return z.sum(0)[:d]
+
+
+# ----------------------------------------------------------------------------- dispatching
+_TRITON_MAX_LOG_LB = 13  # one block per program in registers (triton/fastfood.py)
+
+
+def _triton_refusal(dtype) -> Optional[str]:
+    return "its kernels compute in float32, got float64" if dtype == torch.float64 else None
+
+
+class FastfoodFunction(torch.autograd.Function):
+    """``P theta`` for 1-D contiguous ``theta`` in its compute dtype; the backward is ``P^T g``
+    by the same implementation. ``params`` is None (generate from ``seed``) or (B, Pi, G)."""
+
+    @staticmethod
+    def forward(ctx, theta, D, Lb, nb, seed, params, impl):
+        ctx.args = (theta.shape[0], D, Lb, nb, seed, params, impl)
+        if impl == "triton":
+            from ..triton import fastfood as triton_fastfood  # first use only, never at import
+
+            return triton_fastfood.fastfood_forward(theta, D, Lb, nb, seed, params)
+        B, Pi, G, norm = _torch_params(seed, Lb, nb, params, theta)
+        return _torch_forward(theta, D, Lb, nb, B, Pi, G, norm)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        d, D, Lb, nb, seed, params, impl = ctx.args
+        grad = grad.contiguous()
+        if impl == "triton":
+            from ..triton import fastfood as triton_fastfood
+
+            out = triton_fastfood.fastfood_transpose(grad, d, Lb, nb, seed, params)
+        else:
+            B, Pi, G, norm = _torch_params(seed, Lb, nb, params, grad)
+            out = _torch_transpose(grad, d, Lb, nb, B, Pi, G, norm)
+        return out, None, None, None, None, None, None
+
+
+_CACHE_MAX_ELEMENTS = 1 << 22  # 64 MiB of (B, Pi, G): the CPU path keeps small projections
+_CACHE_ENTRIES = 4
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _generated(seed, Lb, nb, device):
+    """``_generate`` for the torch path, with a small LRU cache of projections up to
+    ``_CACHE_MAX_ELEMENTS`` entries: regenerating (6 Feistel rounds of int64 hashing, Box--Muller
+    in float64) costs ~20x the two transforms on a CPU, and subspace training calls the same
+    projection every step. The Triton kernels never store anything; larger projections are
+    regenerated on every call."""
+    key = (seed, Lb, nb, str(device))
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    p = _generate(seed, Lb, nb, device)
+    value = (p["B"], p["Pi"], p["G"])
+    if nb * Lb <= _CACHE_MAX_ELEMENTS:
+        _cache[key] = value
+        while len(_cache) > _CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    return value
+
+
+def _torch_params(seed, Lb, nb, params, like):
+    B, Pi, G = _generated(seed, Lb, nb, like.device) if params is None else params
+    B, G = B.to(like.dtype), G.to(like.dtype)
+    # the norm of G_j in float64 whatever the dtype: it scales every output of the block
+    norm = torch.linalg.vector_norm(G.double(), dim=1).to(like.dtype)
+    return B, Pi, G, norm
+
+
+def _check_params(params, Lb, nb, device):
+    if not isinstance(params, (tuple, list)) or len(params) != 3:
+        raise TypeError("params must be a tuple (B, Pi, G) as returned by kk.fastfood_params")
+    B, Pi, G = params
+    check_tensor("params B", B, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("params Pi", Pi, ndim=2, dtypes=(torch.int64, torch.int32), device=device)
+    check_tensor("params G", G, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    for name, t in (("B", B), ("Pi", Pi), ("G", G)):
+        if tuple(t.shape) != (nb, Lb):
+            raise ValueError(f"params {name} must have shape (nb, Lb) = {(nb, Lb)}, got {tuple(t.shape)}")
+    Pi = Pi.long()
+    if not torch.equal(torch.sort(Pi, dim=1).values, torch.arange(Lb, device=device).expand(nb, Lb)):
+        raise ValueError("params Pi: every row must be a permutation of range(Lb)")
+    return B.contiguous(), Pi.contiguous(), G.contiguous()
+
+
+def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", params=None) -> torch.Tensor:
+    """``P theta`` in R^D (DESIGN.md 4.6), differentiable in theta (the backward is ``P^T g``).
+
+    theta: 1-D (d,), fp32/fp16/bf16/fp64 (computed in fp32, fp64 for fp64; returned in theta's
+    dtype). With ``params=None`` the projection is regenerated from ``seed`` inside the kernels
+    (nothing stored) and equals the one of ``kk.fastfood_params(D, d, seed, mode)``; ``params``
+    takes explicit ``(B, Pi, G)`` tensors of shape ``(nb, Lb)`` (then seed is ignored; they
+    are constants: no gradient reaches them).
+    """
+    check_tensor("theta", theta, ndim=1, dtypes=FLOAT_DTYPES)
+    d = theta.shape[0]
+    Lb, nb = fastfood_block_size(D, d, mode)
+    seed = _check_seed(seed)
+    if params is not None:
+        params = _check_params(params, Lb, nb, theta.device)
+    impl = backend.select(
+        "fastfood", theta.device, cuda_ops=frozenset(),
+        triton_refuses=_triton_refusal(theta.dtype),
+    )
+    if impl == "triton" and Lb > 1 << _TRITON_MAX_LOG_LB:
+        # a block too large for one program's registers: the vectorised chain below, whose
+        # kk.fwht calls run the (multi-pass) Triton / CUDA transforms
+        impl = "torch"
+    x = theta.to(compute_dtype(theta.dtype)).contiguous()
+    return FastfoodFunction.apply(x, D, Lb, nb, seed, params, impl).to(theta.dtype)

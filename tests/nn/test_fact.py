@@ -1,0 +1,238 @@
+"""FacT-TT / FacT-TK (kron_kernels.nn.FacTLinear, kk.adapt "fact_tt"/"fact_tk") against the
+FacT-style reference: slot layout, per-layer agreement, dropout, merge, bad configs."""
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+import kron_kernels as kk
+from kron_kernels.nn import FacTLinear
+from kron_kernels.reference import fact as ref
+from utils import RTOL, assert_rel_close
+
+D, R = 16, 3  # r = 3: a rank no kernel tile divides
+
+
+def owner(fmt, n_slots, seed=0, r=R, d=D):
+    """A SharedFactors-like module with random nonzero factors (V too: at init V = 0 hides everything)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = nn.Module()
+
+    def rand(*shape):
+        return nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5)
+
+    m.U, m.V = rand(d, r), rand(d, r)
+    if fmt == "tt":
+        m.cores = rand(n_slots, r, r)
+    else:
+        m.C, m.P = rand(r, r, r), rand(n_slots, r)
+    return m
+
+
+def run(layer, shared, x, seed=1):
+    """Output and the gradients of x and every shared factor for a fixed cotangent."""
+    x = x.detach().clone().requires_grad_()
+    params = dict(shared.named_parameters())
+    out = layer(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    grads = torch.autograd.grad(out, [x, *params.values()], g)
+    return {"out": out, "x": grads[0], **dict(zip(params, grads[1:]))}
+
+
+LAYERS = [
+    pytest.param("rows", (5, 6, 7), (3 * D, D), id="qkv-rows"),
+    pytest.param("rows", (8,), (D, D), id="proj-rows"),
+    pytest.param("cols", (0, 2, 4, 9), (D, 4 * D), id="fc2-cols"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tk"])
+@pytest.mark.parametrize("mode, slots, shape", LAYERS)
+def test_layer_matches_reference_float64(fmt, mode, slots, shape):
+    """The fused layer (x @ U once for all slots) and the reference chain (x @ U per slot)
+    agree on the output and on the gradients of x, U, V and the cores (float64: only the
+    summation order differs)."""
+    shared = owner(fmt, 12)
+    base = nn.Linear(shape[1], shape[0], dtype=torch.float64)
+    x = torch.randn(2, 7, shape[1], dtype=torch.float64)
+    got = run(FacTLinear(base, slots, mode, fmt, shared, scale=0.7, dropout=0.1).eval(), shared, x)
+    want = run(ref.FacTLinear(base, slots, mode, fmt, shared, scale=0.7, dropout=0.1).eval(), shared, x)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tk"])
+@pytest.mark.parametrize("mode, slots, shape", LAYERS)
+def test_layer_is_base_plus_materialised_increments(fmt, mode, slots, shape):
+    """Independent check of the layout: the output equals the frozen Linear plus the
+    Eq. (9)/(11) einsum increments placed as row blocks (rows mode) or column blocks (cols)."""
+    shared = owner(fmt, 12, seed=3)
+    base = nn.Linear(shape[1], shape[0], dtype=torch.float64)
+    if fmt == "tt":
+        deltas = ref.fact_tt_delta(shared.U, shared.V, shared.cores, 0.7)
+    else:
+        deltas = ref.fact_tk_delta(shared.U, shared.V, shared.C, shared.P, 0.7)
+    blocks = [deltas[i] for i in slots]
+    dense = torch.cat(blocks, dim=0 if mode == "rows" else 1)
+    x = torch.randn(4, shape[1], dtype=torch.float64)
+    layer = FacTLinear(base, slots, mode, fmt, shared, scale=0.7).eval()
+    assert_rel_close(layer(x), base(x) + x @ dense.t(), RTOL[torch.float64])
+
+
+def tiny_vit(**kwargs):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=D, depth=2, num_heads=2, num_classes=5,
+                             **kwargs).double().eval()
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_slot_order_layer_major(impl):
+    """Slot i = 12 * layer + (q, k, v, o, fc1[0..3], fc2[0..3]): with only core i nonzero,
+    merging changes exactly the weight block DESIGN.md 4.2 assigns to slot i, by delta_i."""
+    model = kk.adapt(tiny_vit(), "fact_tt", impl=impl, r=R)
+    shared = model.kk_shared
+    assert shared.cores.shape == (24, R, R)
+    with torch.no_grad():
+        shared.V.normal_()
+    blocks = {  # slot offset -> (module path, weight block)
+        0: ("attn.qkv", (slice(0, D), slice(None))), 1: ("attn.qkv", (slice(D, 2 * D), slice(None))),
+        2: ("attn.qkv", (slice(2 * D, 3 * D), slice(None))), 3: ("attn.proj", (slice(None), slice(None))),
+        **{4 + j: ("mlp.fc1", (slice(j * D, (j + 1) * D), slice(None))) for j in range(4)},
+        **{8 + j: ("mlp.fc2", (slice(None), slice(j * D, (j + 1) * D))) for j in range(4)},
+    }
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for slot in (1, 3, 6, 9, 12 + 0, 12 + 11):
+        with torch.no_grad():
+            shared.cores.zero_()
+            shared.cores[slot].normal_()
+        delta = kk.fact_tt_delta(shared.U, shared.V, shared.cores, scale=1.0)[slot]
+        kk.merge(model)
+        layer, (path, block) = slot // 12, blocks[slot % 12]
+        key = f"blocks.{layer}.{path}.weight"
+        for name, value in model.state_dict().items():
+            if name == key:
+                changed = value - before[name]
+                assert_rel_close(changed[block], delta, 1e-12, f"slot {slot}")
+                changed[block] = 0
+                assert changed.abs().max() == 0, f"slot {slot} changed {name} outside its block"
+            elif name.endswith("weight"):
+                assert torch.equal(value, before[name]), f"slot {slot} changed {name}"
+        kk.unmerge(model)
+
+
+@pytest.mark.parametrize("method", ["fact_tt", "fact_tk"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_merge_unmerge(method, impl):
+    model = kk.adapt(tiny_vit(), method, impl=impl, r=R, scale=0.3)
+    with torch.no_grad():
+        for t in kk.adapter_state_dict(model).values():
+            t.normal_(0.0, 0.5)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = model(x)
+    kk.merge(model)
+    assert not torch.equal(model.blocks[1].mlp.fc2.weight, before["blocks.1.mlp.fc2.weight"])
+    assert_rel_close(model(x), y, RTOL[torch.float64], "merged output")
+    kk.unmerge(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} not restored bitwise"
+    assert torch.equal(model(x), y)
+
+
+def test_dropout_only_in_training():
+    """Eval is deterministic and dropout-free; training drops elements of the r-dim
+    intermediate (the output changes from call to call), and dropout=0 in training equals eval."""
+    model = kk.adapt(tiny_vit(), "fact_tt", r=R, dropout=0.5)
+    no_drop = kk.adapt(tiny_vit(), "fact_tt", r=R, dropout=0.0)
+    with torch.no_grad():
+        model.kk_shared.V.normal_()
+    no_drop.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y_eval = model(x)
+    assert torch.equal(model(x), y_eval) and torch.equal(no_drop(x), y_eval)
+    no_drop.train()
+    assert_rel_close(no_drop(x), y_eval, RTOL[torch.float64], "dropout=0 in training")
+    model.train()
+    torch.manual_seed(0)
+    y1, y2 = model(x), model(x)
+    assert not torch.allclose(y1, y_eval) and not torch.allclose(y1, y2)
+
+
+def test_fused_computes_x_at_U_once_per_linear():
+    """The fused qkv layer multiplies by U once (the reference three times): count matmuls
+    whose right operand is U with a dispatch-level counter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shared = owner("tt", 12)
+
+    class CountU(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default):
+                if args[1].shape[-2:] == (D, R):
+                    CountU.count += 1
+            return func(*args, **(kwargs or {}))
+
+    base = nn.Linear(D, 3 * D, dtype=torch.float64)
+    x = torch.randn(5, D, dtype=torch.float64)
+    counts = {}
+    for name, cls in (("fused", FacTLinear), ("reference", ref.FacTLinear)):
+        CountU.count = 0
+        with torch.no_grad(), CountU():
+            cls(base, (0, 1, 2), "rows", "tt", shared).eval()(x)
+        counts[name] = CountU.count
+    assert counts == {"fused": 1, "reference": 3}
+
+
+@pytest.mark.parametrize(
+    "model_kwargs, config, error, match",
+    [
+        pytest.param({}, dict(r=0), ValueError, "r must be a positive int, got 0", id="r0"),
+        pytest.param({}, dict(dropout=1.0), ValueError, r"dropout must be a float in \[0, 1\), got 1.0", id="dropout"),
+        pytest.param({}, dict(scale=float("inf")), ValueError, "scale must be a finite float", id="scale"),
+        pytest.param(dict(mlp_ratio=2.0), {}, ValueError,
+                     r"fact_tt needs blocks.0.mlp.fc1 to have an \(out, in\) = \(64, 16\) weight", id="mlp-ratio"),
+    ],
+)
+def test_bad_config(model_kwargs, config, error, match):
+    model = tiny_vit(**model_kwargs)
+    before = repr(model)
+    with pytest.raises(error, match=match):
+        kk.adapt(model, "fact_tt", **config)
+    assert repr(model) == before
+
+
+# ---------------------------------------------------------------------------- kk.ops.fact_apply
+@pytest.mark.parametrize("split, k", [("rows", 3), ("cols", 4), ("rows", 1)], ids=["rows-k3", "cols-k4", "rows-k1"])
+def test_fact_apply_gradcheck(split, k):
+    gen = torch.Generator().manual_seed(7)
+    U, V = (torch.randn(D, R, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cores = torch.randn(k, R, R, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, D if split == "rows" else k * D, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: kk.ops.fact_apply(*t, scale=0.5, dropout=0.3, training=False, split=split), (x, U, V, cores)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param(dict(x=torch.zeros(2, D + 1)), ValueError, r"x's last dim must be d = 16", id="x-rows"),
+        pytest.param(dict(split="cols"), ValueError, r"x's last dim must be k \* d = 48 for split='cols'", id="x-cols"),
+        pytest.param(dict(cores=torch.zeros(3, R, R + 1)), ValueError, r"cores must have shape \(k, r, r\)",
+                     id="cores"),
+        pytest.param(dict(V=torch.zeros(D, R + 1)), ValueError, "V must have the shape of U", id="V"),
+        pytest.param(dict(split="diag"), ValueError, "split must be 'rows' or 'cols'", id="split"),
+        pytest.param(dict(dropout=1.5), ValueError, r"dropout must be in \[0, 1\)", id="dropout"),
+        pytest.param(dict(x=torch.zeros(2, D, dtype=torch.int64)), TypeError, "x must have dtype in", id="x-dtype"),
+    ],
+)
+def test_fact_apply_bad_input(kwargs, error, match):
+    args = dict(x=torch.zeros(2, D), U=torch.zeros(D, R), V=torch.zeros(D, R), cores=torch.zeros(3, R, R))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        kk.ops.fact_apply(**args)
