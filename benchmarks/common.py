@@ -623,6 +623,9 @@ def _summary(samples: List[float], method: str) -> Timing:
     return Timing(_quantile(samples, 0.5), _quantile(samples, 0.2), _quantile(samples, 0.8), method)
 
 
+summarise = _summary  # median, p20, p80 of samples in ms
+
+
 def time_cpu_interleaved(
     fns: Dict[str, Callable[[], None]], reps: int = 20, warmup: int = 3, min_repeat_s: float = 2e-3
 ) -> Dict[str, Any]:
@@ -835,6 +838,9 @@ def _failure(row: Row, exc: BaseException) -> None:
         row.reason = row.reason[:500] + " ..."
 
 
+record_failure = _failure  # an exception into a row's status (skipped: Unavailable; else error)
+
+
 def measure_case(
     suite: str,
     case: Case,
@@ -889,6 +895,43 @@ def measure_case(
 def measure(suite: str, case: Case, variant: str, device: torch.device, tokens: int, cfg: TimingConfig) -> Row:
     """:func:`measure_case` for one variant."""
     return measure_case(suite, case, device, tokens, cfg, [variant])[0]
+
+
+# ----------------------------------------------------------------------------------------
+# targets and formatting shared by the report's suites
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One performance goal, checked against the measured rows (reported, never asserted)."""
+
+    goal: str
+    case: str
+    measured: str
+    status: str  # met | not met | n/a: ... | not measured: ...
+
+
+def check_target(value: Optional[float], ok: Callable[[float], bool], applies: Optional[str], missing: str) -> str:
+    """``not measured: <missing>`` without a value, ``n/a: <applies>`` when the run is not the
+    one the target is stated for, else ``met`` / ``not met``."""
+    if value is None:
+        return f"not measured: {missing}"
+    if applies:
+        return f"n/a: {applies}"
+    return "met" if ok(value) else "not met"
+
+
+def format_number(value: Optional[float]) -> str:
+    """About three significant digits; ``-`` for None or a non-finite value."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """pytest-benchmark configuration: ``pytest benchmarks/ --benchmark-only``.
 
-Options: ``--bench-tokens N`` (tokens per step; default 64*197 on GPU, 8*197 on CPU) and
-``--bench-rounds R`` (timed rounds per benchmark; default 50 on GPU, 5 on CPU). The
+Options: ``--bench-tokens N`` (tokens per step; default 64*197 on GPU, 8*197 on CPU),
+``--bench-rounds R`` (timed rounds per benchmark; default 50 on GPU, 5 on CPU) and, for the
+model-level cases, ``--bench-model``, ``--bench-batch``, ``--bench-img`` (default ViT-B/16 at
+batch 64 at 224 px on GPU, ViT-S/16 at batch 4 at 112 px on CPU). The
 provenance (device, versions, commit, date) goes into every benchmark's ``extra_info`` and,
 through ``pytest_benchmark_update_json``, into the ``--benchmark-json`` file.
 """
@@ -16,6 +18,9 @@ def pytest_addoption(parser):
                     help="tokens per step (default 64*197 on GPU, 8*197 on CPU)")
     group.addoption("--bench-rounds", type=int, default=None,
                     help="timed rounds per benchmark (default 50 on GPU, 5 on CPU)")
+    group.addoption("--bench-model", default=None, help="timm model of the model-level cases")
+    group.addoption("--bench-batch", type=int, default=None, help="images per step of the model-level cases")
+    group.addoption("--bench-img", type=int, default=None, help="image size of the model-level cases")
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +40,11 @@ def bench_rounds(request, bench_device):
     if rounds is None:
         rounds = 50 if bench_device.type == "cuda" else 5
     return rounds
+
+
+@pytest.fixture(scope="session")
+def bench_model_options(request):
+    return {key: request.config.getoption(f"--bench-{key}") for key in ("model", "batch", "img")}
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,15 @@ derived ratios, targets, provenance) and ``<suite>.png`` under
 ``benchmarks/results/<device>/``; its last line on stdout is that folder.
 
 A *suite* is a list of cases, the function that measures one (case, variant) into a
-:class:`~benchmarks.common.Row`, and the targets read from its rows. Model-level suites
-(e.g. a timm ViT training step per method) are added by appending to :data:`SUITES`.
+:class:`~benchmarks.common.Row`, and the targets read from its rows. A suite may bring its
+own cases from the run's options, its own measurement, Markdown, derived columns and plots:
+the model-level suite ``models`` (:mod:`benchmarks.models`, a timm ViT training step per
+method of ``kk.METHODS``) does.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ import torch
 import kron_kernels as kk
 
 from . import common
-from .common import FWD, Case, Row, TimingConfig
+from . import models
+from .common import FWD, Case, Row, Target, TimingConfig
 
 MIB = 2**20
 
@@ -39,6 +41,15 @@ class RunConfig:
     quick: bool = False
     case_patterns: List[str] = field(default_factory=list)
     backend: str = "auto"
+    # the models suite's options (None: its defaults for the device)
+    model: Optional[str] = None
+    batch: Optional[int] = None
+    img: Optional[int] = None
+    methods: Optional[List[str]] = None
+    depth: Optional[int] = None
+    model_reps: Optional[int] = None
+    memory_snapshot: Optional[str] = None
+    folder: Optional[Path] = None
 
     def describe(self) -> Dict[str, Any]:
         timing = (
@@ -55,17 +66,13 @@ class RunConfig:
             "cases": self.case_patterns or "all",
             "backend": self.backend,
             "timing": timing,
+            "models": {
+                "model": self.model, "batch": self.batch, "img": self.img, "depth": self.depth,
+                "methods": self.methods or "all",
+                "reps": models.reps_for(self.device, self.quick, self.model_reps),
+                "memory_snapshot": self.memory_snapshot,
+            },
         }
-
-
-@dataclass
-class Target:
-    """One performance goal, checked against the measured rows (reported, never asserted)."""
-
-    goal: str
-    case: str
-    measured: str
-    status: str  # met | not met | n/a: ... | not measured: ...
 
 
 @dataclass
@@ -76,6 +83,16 @@ class Suite:
     targets: Callable[[List[Row], RunConfig], List[Target]]
     measure: Callable[..., List[Row]] = common.measure_case  # (suite, case, device, tokens, timing) -> rows
     notes: Optional[Sequence[str]] = None  # what the variants are; None: the Kronecker suite's notes
+    # optional hooks of a suite that needs more than the op suites' shared machinery
+    cases_for: Optional[Callable[[RunConfig], List[Case]]] = None  # cases from the run's options
+    measure_run: Optional[Callable[[str, Case, RunConfig], List[Row]]] = None  # (suite, case, cfg) -> rows
+    derive: Optional[Callable[[Row, Sequence[Row]], Dict[str, Optional[float]]]] = None
+    render: Optional[Callable[..., str]] = None  # (suite, rows, targets, cfg, prov) -> Markdown
+    draw: Optional[Callable[..., Any]] = None  # (suite, rows, cfg, prov, folder) -> the PNGs written
+
+    def case_list(self, cfg: RunConfig) -> List[Case]:
+        cases = self.cases_for(cfg) if self.cases_for is not None else self.cases(cfg.quick)
+        return common.select_cases(cases, cfg.case_patterns)
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,12 +126,7 @@ def derived(row: Row, rows: Sequence[Row]) -> Dict[str, Optional[float]]:
 # ----------------------------------------------------------------------------------------
 # targets of the kron ops suite (issue: first benchmark set)
 # ----------------------------------------------------------------------------------------
-def _check(value: Optional[float], ok: Callable[[float], bool], applies: Optional[str], missing: str) -> str:
-    if value is None:
-        return f"not measured: {missing}"
-    if applies:
-        return f"n/a: {applies}"
-    return "met" if ok(value) else "not met"
+_check = common.check_target
 
 
 def _missing(rows: Sequence[Row], case: str, variants: Sequence[str]) -> str:
@@ -319,6 +331,18 @@ SUITES: Dict[str, Suite] = {
         targets=bottleneck_targets,
         notes=BOTTLENECK_NOTES,
     ),
+    "models": Suite(
+        name="models",
+        title="Model-level training step: every method of kk.METHODS vs its reference, the floor and PEFT LoRA",
+        cases=models.cases,
+        targets=models.targets,
+        cases_for=lambda cfg: models.model_cases(cfg.device, cfg.quick, cfg.model, cfg.batch, cfg.img, cfg.methods,
+                                                cfg.depth),
+        measure_run=models.measure_case,
+        derive=models.derived,
+        render=models.markdown,
+        draw=models.plot,
+    ),
 }
 
 
@@ -329,17 +353,7 @@ def _dtype(device: torch.device) -> str:
     return str(common.activation_dtype(device)).replace("torch.", "")
 
 
-def _num(value: Optional[float]) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    magnitude = abs(value)
-    if magnitude >= 100:
-        return f"{value:.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    if magnitude >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3g}"
+_num = common.format_number
 
 
 def _times(row: Row) -> str:
@@ -492,9 +506,12 @@ def plot(suite: Suite, rows: List[Row], cfg: RunConfig, prov: Dict[str, Any], pa
 # ----------------------------------------------------------------------------------------
 def run_suite(suite: Suite, cfg: RunConfig, progress) -> List[Row]:
     rows = []
-    for case in common.select_cases(suite.cases(cfg.quick), cfg.case_patterns):
+    for case in suite.case_list(cfg):
         progress.set_postfix_str(case.group, refresh=True)
-        rows += suite.measure(suite.name, case, cfg.device, cfg.tokens, cfg.timing)
+        if suite.measure_run is not None:
+            rows += suite.measure_run(suite.name, case, cfg)
+        else:
+            rows += suite.measure(suite.name, case, cfg.device, cfg.tokens, cfg.timing)
         progress.update(len(case.variants))
     return rows
 
@@ -507,7 +524,10 @@ def results_folder(root: Path, cfg: RunConfig, tokens_overridden: bool) -> Path:
         parts.append("quick")
     if tokens_overridden:
         parts.append(f"N{cfg.tokens}")
-    if cfg.case_patterns:
+    for option, prefix in ((cfg.model, ""), (cfg.batch, "b"), (cfg.img, "img"), (cfg.depth, "depth")):
+        if option is not None:
+            parts.append(f"{prefix}{option}")
+    if cfg.case_patterns or cfg.methods:
         parts.append("partial")
     if cfg.backend != "auto":
         parts.append(cfg.backend)
@@ -525,12 +545,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--suite", nargs="+", choices=sorted(SUITES), default=sorted(SUITES), help="suites to run")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: fewer tokens, the default rank only, few repeats")
-    parser.add_argument("--reps", type=int, default=None, help="CPU: timed repeats per variant (default 20, quick 3)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="CPU: timed repeats per variant (default 20, quick 3); models suite, any device: "
+                        "timed training steps per row (default CPU 5 / quick 2, GPU 20 / quick 5)")
     parser.add_argument("--rep-ms", type=int, default=None,
                         help="CUDA: do_bench timing budget per variant in ms (default 200, quick 50)")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per step N (default 64*197 on GPU, 8*197 on CPU; quick 8*197 / 197)")
     parser.add_argument("--backend", choices=kk.backend.BACKENDS, default="auto", help="kron_kernels backend")
+    models_group = parser.add_argument_group("models suite (a timm ViT training step per method)")
+    models_group.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                              help=f"methods and anchors to run (default all: kk.METHODS + {' '.join(models.ANCHORS)})")
+    models_group.add_argument("--model", default=None,
+                              help=f"timm model name (default {models.GPU_MODEL} on GPU, {models.CPU_MODEL} on CPU)")
+    models_group.add_argument("--batch", type=int, default=None,
+                              help=f"images per step (default GPU {models.GPU_BATCH}, CPU {models.CPU_BATCH}; "
+                              f"quick {models.QUICK_GPU_BATCH} / {models.QUICK_CPU_BATCH})")
+    models_group.add_argument("--img", type=int, default=None,
+                              help=f"image size (default GPU {models.GPU_IMG}, CPU {models.CPU_IMG}; "
+                              f"CPU quick {models.QUICK_CPU_IMG})")
+    models_group.add_argument("--depth", type=int, default=None,
+                              help="override the model's number of blocks (smoke tests; default the model's own)")
+    models_group.add_argument("--memory-snapshot", default=None, metavar="METHOD",
+                              help="CUDA: dump a torch.cuda.memory snapshot of one training step of METHOD "
+                              "(fused and reference) into the results folder")
     parser.add_argument("--out", type=Path, default=common.REPO_ROOT / "benchmarks" / "results",
                         help="results root (default benchmarks/results)")
     return parser.parse_args(argv)
@@ -559,35 +597,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         quick=args.quick,
         case_patterns=list(args.cases),
         backend=args.backend,
+        model=args.model,
+        batch=args.batch,
+        img=args.img,
+        depth=args.depth,
+        methods=args.methods,
+        model_reps=args.reps,
+        memory_snapshot=args.memory_snapshot,
     )
+    for option in ("batch", "img", "depth"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise SystemExit(f"--{option} must be >= 1, got {getattr(args, option)}")
     suites = [SUITES[name] for name in args.suite]
-    jobs = sum(len(c.variants) for s in suites for c in common.select_cases(s.cases(cfg.quick), cfg.case_patterns))
+    try:
+        jobs = sum(len(c.variants) for s in suites for c in s.case_list(cfg))
+    except ValueError as exc:  # e.g. --methods naming no method of kk.METHODS
+        raise SystemExit(str(exc)) from None
     if jobs == 0:
         raise SystemExit(f"no case matches --cases {' '.join(args.cases)}")
+    if args.memory_snapshot is not None:
+        names = list(kk.METHODS) + list(models.ANCHORS)
+        if args.memory_snapshot not in names:
+            raise SystemExit(f"--memory-snapshot: unknown method {args.memory_snapshot!r}; choose among {names}")
+        if "models" not in args.suite:
+            raise SystemExit("--memory-snapshot needs the models suite (--suite models)")
+        if device.type != "cuda":
+            print(f"--memory-snapshot {args.memory_snapshot}: torch.cuda.memory snapshots need a CUDA device; "
+                  "this run is on CPU, so no snapshot is written (the rest of the report runs)", file=sys.stderr)
     prov = common.provenance(device)
     folder = results_folder(args.out, cfg, tokens_overridden=args.tokens is not None)
     folder.mkdir(parents=True, exist_ok=True)
+    cfg.folder = folder
 
     errors = 0
-    with tqdm(total=jobs, desc=f"bench {common.device_label(device)} N={tokens}", unit="run", file=sys.stderr) as bar:
+    desc = f"bench {common.device_label(device)}" + (f" N={tokens}" if set(args.suite) - {"models"} else "")
+    with tqdm(total=jobs, desc=desc, unit="run", file=sys.stderr) as bar:
         results = [(suite, run_suite(suite, cfg, bar)) for suite in suites]
     if "load_average_1min_at_start" in prov:
         prov["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     for suite, rows in results:
         targets = suite.targets(rows, cfg)
-        text = markdown(suite, rows, targets, cfg, prov)
+        text = (suite.render or markdown)(suite, rows, targets, cfg, prov)
         (folder / f"{suite.name}.md").write_text(text)
+        derive = suite.derive or derived
         payload = {
             "suite": suite.name,
             "title": suite.title,
             "provenance": prov,
             "config": cfg.describe(),
-            "rows": [dict(r.to_dict(), **derived(r, rows)) for r in rows],
+            "rows": [dict(r.to_dict(), **derive(r, rows)) for r in rows],
             "targets": [t.__dict__ for t in targets],
         }
-        (folder / f"{suite.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (folder / f"{suite.name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         if any(r.status == "ok" for r in rows):
-            plot(suite, rows, cfg, prov, folder / f"{suite.name}.png")
+            if suite.draw is not None:
+                suite.draw(suite, rows, cfg, prov, folder)
+            else:
+                plot(suite, rows, cfg, prov, folder / f"{suite.name}.png")
         print(text)
         errors += sum(r.status == "error" for r in rows)
     if errors:
