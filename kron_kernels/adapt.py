@@ -366,15 +366,9 @@ def _build_losa(model, impl: str, config: Dict[str, Any], shared: SharedFactors)
             mixer = mixer_cls("token", patches + prefix, r, **factory)
         else:
             mixer = mixer_cls("video", patches // frames, r, frames=frames, prefix=prefix, **factory)
-        with torch.no_grad():  # W_down ~ N(0, 1/features), W_up = 0, alpha = 1, in name order for both impls
-            for name in mixer.kk_adapter_params:
-                p = getattr(mixer, name)
-                if name.startswith("W_down"):
-                    p.normal_(0.0, p.shape[0] ** -0.5)
-                elif name.startswith("W_up"):
-                    p.zero_()
-                else:
-                    p.fill_(1.0)
+        # one initialisation, in parameter-name order, for both impls (the reference mixer has the
+        # same parameter names), so that a seed gives both the same starting state
+        nn_losa.LoSAMixer.reset_parameters(mixer)
         mixers.append(mixer)
     return [(None, "side", nn.ModuleList(mixers))]
 
