@@ -8,6 +8,7 @@ from .backend import BackendUnavailableError, get_backend, set_backend, use_back
 from .ops import (
     arc,
     bottleneck_adapter,
+    fact_apply,
     fastfood,
     fastfood_params,
     fact_tk_delta,
@@ -37,6 +38,7 @@ __all__ = [
     "kron_linear_slices",
     "bottleneck_adapter",
     "fact_tt_delta",
+    "fact_apply",
     "fact_tk_delta",
     "arc",
     "losa_mixer",
