@@ -910,6 +910,13 @@ class Target:
     status: str  # met | not met | n/a: ... | not measured: ...
 
 
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """``a / b``, or None when either is missing or ``b`` is zero (a ratio column's cell)."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
 def check_target(value: Optional[float], ok: Callable[[float], bool], applies: Optional[str], missing: str) -> str:
     """``not measured: <missing>`` without a value, ``n/a: <applies>`` when the run is not the
     one the target is stated for, else ``met`` / ``not met``."""

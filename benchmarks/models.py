@@ -447,21 +447,15 @@ def _ok(rows: Sequence[Row], op: str, variant: Optional[str] = None) -> Optional
     return None
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def derived(row: Row, rows: Sequence[Row]) -> Dict[str, Optional[float]]:
     """Fused over reference (speed-up, memory ratio) and the step's overhead over the floor row."""
     ok = row.status == "ok"
     ref = _ok(rows, row.op, "reference") if row.variant == "fused" else None
     floor = _ok(rows, "floor")
-    overhead = _ratio(row.median_ms, floor and floor.median_ms) if ok and row.op != "floor" else None
+    overhead = common.ratio(row.median_ms, floor and floor.median_ms) if ok and row.op != "floor" else None
     return {
-        "speedup_vs_reference": _ratio(ref and ref.median_ms, row.median_ms) if ok and ref else None,
-        "memory_ratio_vs_reference": _ratio(row.peak_extra_bytes, ref and ref.peak_extra_bytes) if ok and ref else None,
+        "speedup_vs_reference": common.ratio(ref and ref.median_ms, row.median_ms) if ok and ref else None,
+        "memory_ratio_vs_reference": common.ratio(row.peak_extra_bytes, ref and ref.peak_extra_bytes) if ok and ref else None,
         "overhead_vs_floor": None if overhead is None else overhead - 1.0,
     }
 
@@ -495,8 +489,8 @@ def targets(rows: List[Row], cfg) -> List[Target]:
     out: List[Target] = []
     for m in methods:
         fused, ref = _ok(rows, m, "fused"), _ok(rows, m, "reference")
-        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
-        memory = _ratio(fused and fused.peak_extra_bytes, ref and ref.peak_extra_bytes)
+        speedup = common.ratio(ref and ref.median_ms, fused and fused.median_ms)
+        memory = common.ratio(fused and fused.peak_extra_bytes, ref and ref.peak_extra_bytes)
         need = _missing(rows, ((m, "fused"), (m, "reference")))
         out.append(Target("fused step >= 1.3x faster than its reference", m,
                           "-" if speedup is None else f"{speedup:.2f}x faster",
@@ -507,15 +501,15 @@ def targets(rows: List[Row], cfg) -> List[Target]:
     lora = _ok(rows, "peft_lora")
     for m in [m for m in methods if m in AS_FAST_AS_LORA]:
         fused = _ok(rows, m, "fused")
-        speed = _ratio(lora and lora.median_ms, fused and fused.median_ms)
+        speed = common.ratio(lora and lora.median_ms, fused and fused.median_ms)
         out.append(Target(f"fused step no slower than PEFT LoRA r={LORA_R}", m,
                           "-" if speed is None else f"{speed:.2f}x LoRA's speed",
                           check_target(speed, lambda v: v >= 1.0, na,
                                        _missing(rows, ((m, "fused"), ("peft_lora", "peft"))))))
     if LOSA in methods:
         fused = _ok(rows, LOSA, "fused")
-        speed = _ratio(lora and lora.median_ms, fused and fused.median_ms)
-        memory = _ratio(fused and fused.peak_extra_bytes, lora and lora.peak_extra_bytes)
+        speed = common.ratio(lora and lora.median_ms, fused and fused.median_ms)
+        memory = common.ratio(fused and fused.peak_extra_bytes, lora and lora.peak_extra_bytes)
         need = _missing(rows, ((LOSA, "fused"), ("peft_lora", "peft")))
         out.append(Target(f"fused step >= 2x faster than PEFT LoRA r={LORA_R}", LOSA,
                           "-" if speed is None else f"{speed:.2f}x LoRA's speed",
@@ -526,7 +520,7 @@ def targets(rows: List[Row], cfg) -> List[Target]:
     floor = _ok(rows, "floor")
     for m in [m for m in methods if m in NEAR_FLOOR]:
         fused = _ok(rows, m, "fused")
-        ratio = _ratio(fused and fused.median_ms, floor and floor.median_ms)
+        ratio = common.ratio(fused and fused.median_ms, floor and floor.median_ms)
         out.append(Target("fused step overhead <= 20% over the floor", m,
                           "-" if ratio is None else f"{(ratio - 1) * 100:+.0f}% over the floor",
                           check_target(ratio, lambda v: v <= 1.2, na,

@@ -105,21 +105,15 @@ def _ok(rows: Sequence[Row], case: str, variant: str) -> Optional[Row]:
     return None
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def derived(row: Row, rows: Sequence[Row]) -> Dict[str, Optional[float]]:
     """Ratios of a row against its case's reference and floor."""
     ref, floor = _ok(rows, row.case, "reference"), _ok(rows, row.case, "floor")
     ok = row.status == "ok"
     return {
-        "speedup_vs_reference": _ratio(ref.median_ms, row.median_ms) if ok and ref else None,
-        "time_vs_floor": _ratio(row.median_ms, floor.median_ms) if ok and floor else None,
-        "memory_ratio_vs_reference": _ratio(row.peak_extra_bytes, ref.peak_extra_bytes) if ok and ref else None,
-        "bandwidth_vs_floor": _ratio(row.gbps, floor.gbps) if ok and floor else None,
+        "speedup_vs_reference": common.ratio(ref.median_ms, row.median_ms) if ok and ref else None,
+        "time_vs_floor": common.ratio(row.median_ms, floor.median_ms) if ok and floor else None,
+        "memory_ratio_vs_reference": common.ratio(row.peak_extra_bytes, ref.peak_extra_bytes) if ok and ref else None,
+        "bandwidth_vs_floor": common.ratio(row.gbps, floor.gbps) if ok and floor else None,
     }
 
 
@@ -151,9 +145,9 @@ def kron_ops_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
     for r in common.KRON_RANKS:
         case = f"kron_linear-d768-n32-r{r}"
         fused, ref, floor = (_ok(rows, case, v) for v in ("fused", "reference", "floor"))
-        vs_floor = _ratio(fused and fused.median_ms, floor and floor.median_ms)
-        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
-        memory = _ratio(fused and fused.peak_extra_bytes, ref and ref.peak_extra_bytes)
+        vs_floor = common.ratio(fused and fused.median_ms, floor and floor.median_ms)
+        speedup = common.ratio(ref and ref.median_ms, fused and fused.median_ms)
+        memory = common.ratio(fused and fused.peak_extra_bytes, ref and ref.peak_extra_bytes)
         targets += [
             Target(
                 "GPU bf16 ViT-B: kron_linear fwd+bwd time <= 1.5x floor",
@@ -177,7 +171,7 @@ def kron_ops_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
     for _, d, k in common.ADAPTER_SHAPES:
         case = f"bottleneck_adapter-d{d}-k{k}-{FWD}"
         fused, floor = _ok(rows, case, "fused"), _ok(rows, case, "floor")
-        frac = _ratio(fused and fused.gbps, floor and floor.gbps)
+        frac = common.ratio(fused and fused.gbps, floor and floor.gbps)
         measured = "-" if frac is None else f"{frac:.0%} of clone ({fused.gbps:.1f} / {floor.gbps:.1f} GB/s)"
         targets.append(
             Target(
@@ -190,7 +184,7 @@ def kron_ops_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
     for r in common.KRON_RANKS:
         case = f"kron_linear-d768-n32-r{r}"
         fused, ref = _ok(rows, case, "fused"), _ok(rows, case, "reference")
-        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+        speedup = common.ratio(ref and ref.median_ms, fused and fused.median_ms)
         if not cpu:
             na = "CPU target, this run is on CUDA"
         elif cfg.tokens != cpu_n:
@@ -224,7 +218,7 @@ def fwht_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
             if not any(r.case == case for r in rows):
                 continue
             fused, floor = _ok(rows, case, "fused"), _ok(rows, case, "floor")
-            vs_floor = _ratio(fused and fused.median_ms, floor and floor.median_ms)
+            vs_floor = common.ratio(fused and fused.median_ms, floor and floor.median_ms)
             na = None
             if not gpu:
                 na = "GPU target, this run is on CPU"
@@ -238,7 +232,7 @@ def fwht_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
             ))
     case = f"fwht-n4096-float32-{FWD}"
     fused, ref = _ok(rows, case, "fused"), _ok(rows, case, "reference")
-    speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+    speedup = common.ratio(ref and ref.median_ms, fused and fused.median_ms)
     if not cpu:
         na = "CPU target, this run is on CUDA"
     elif fused is not None and fused.extra.get("rows") != common.FWHT_CPU_ROWS:
@@ -282,14 +276,14 @@ def bottleneck_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
         r = common.ARC_R if op == "arc" else common.LOSA_R
         case = f"{op}-d{common.BOTTLENECK_D}-r{r}-{FWD}"
         fused, floor = _ok(rows, case, "fused"), _ok(rows, case, "floor")
-        frac = _ratio(fused and fused.gbps, floor and floor.gbps)
+        frac = common.ratio(fused and fused.gbps, floor and floor.gbps)
         measured = "-" if frac is None else f"{frac:.0%} of clone ({fused.gbps:.1f} / {floor.gbps:.1f} GB/s)"
         if any(row.case == case for row in rows):
             targets.append(Target("GPU bf16: forward >= 75% of torch.clone bandwidth", case, measured,
                                   _check(frac, lambda v: v >= 0.75, na, _missing(rows, case, ("fused", "floor")))))
     for case in sorted({row.case for row in rows}):
         fused, ref = _ok(rows, case, "fused"), _ok(rows, case, "reference")
-        speedup = _ratio(ref and ref.median_ms, fused and fused.median_ms)
+        speedup = common.ratio(ref and ref.median_ms, fused and fused.median_ms)
         targets.append(Target("GPU bf16: fused >= 2x faster than its reference", case,
                               "-" if speedup is None else f"{speedup:.2f}x faster",
                               _check(speedup, lambda v: v >= 2.0, na, _missing(rows, case, ("fused", "reference")))))
