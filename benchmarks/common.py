@@ -150,13 +150,17 @@ BOTTLENECK_D = 768
 FACT_R, FACT_SLOTS, FACT_SLOTS_QUICK = 8, 144, 12
 ARC_R, ARC_DROPOUT = 50, 0.1
 LOSA_R = 64
+# one transformer block of ViT-B/16 adapted by kk.adapt (method defaults) against the frozen block,
+# on max(1, tokens // 197) images of 197 tokens
+BLOCK_MODEL, BLOCK_METHODS = "vit_base_patch16_224", ("fact_tt", "fact_tk", "arc")
 
 
 def bottleneck_cases(quick: bool = False) -> List[Case]:
     """kk.fact_tt_delta / fact_tk_delta (fwd+bwd: the (S, d, d) increments and their factor
     gradients; quick: S = 12), kk.arc and kk.losa_mixer (channel and token) in a training step
     (fwd+bwd) and forward alone (``fwd``: the bandwidth target), each against its reference
-    and the memcpy floor."""
+    and the memcpy floor; and one ViT-B block forward+backward adapted with FacT-TT, FacT-TK
+    and ARC (``vit_block``: fused vs reference vs the frozen block)."""
     d, variants = BOTTLENECK_D, ("fused", "reference", "floor")
     slots = FACT_SLOTS_QUICK if quick else FACT_SLOTS
     cases = [
@@ -170,6 +174,9 @@ def bottleneck_cases(quick: bool = False) -> List[Case]:
         for axis in ("channel", "token"):
             cases.append(Case(f"losa_{axis}", f"d{d}-r{LOSA_R}", mode, variants,
                               (("model", "ViT-B"), ("d", d), ("r", LOSA_R), ("axis", axis))))
+    for method in BLOCK_METHODS:
+        cases.append(Case("vit_block", f"{method}-d{d}", FWD_BWD, variants,
+                          (("model", BLOCK_MODEL), ("d", d), ("method", method))))
     return cases
 
 
@@ -269,6 +276,8 @@ def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int
         return _build_fact_delta(case, variant, device, gen)
     if case.op == "arc" or case.op.startswith("losa_"):
         return _build_bottleneck(case, variant, device, tokens, gen)
+    if case.op == "vit_block":
+        return _build_vit_block(case, variant, device, tokens, gen)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -553,6 +562,48 @@ def _build_bottleneck(case, variant, device, tokens, gen) -> Bench:
 
 def _ref_arc_in_dtype(x, U, lam, bias, p, dtype):
     return ref_arc.arc(x, U.to(dtype), lam.to(dtype), bias.to(dtype), p)
+
+
+def _build_vit_block(case, variant, device, tokens, gen) -> Bench:
+    """Block 0 of a one-block timm ViT-B/16 (random init, ``pretrained=False``) in a training
+    step: the block's input requires grad (as inside a deep model, the backward runs through
+    the block) and, for ``fused`` / ``reference``, the factors ``kk.adapt(model, method,
+    impl=variant)`` made trainable get their gradients; ``floor`` is the frozen block with the
+    input gradient alone. bf16 autocast on CUDA (fp32 weights, bf16 activations), fp32 on CPU."""
+    try:
+        import timm
+    except Exception as exc:
+        raise Unavailable(f"timm is not importable ({type(exc).__name__}: {exc})") from None
+    torch.manual_seed(0)
+    model = timm.create_model(case.p["model"], pretrained=False, depth=1, num_classes=0)
+    if model.embed_dim != case.p["d"]:
+        raise ValueError(f"{case.p['model']} has d = {model.embed_dim}, the case says {case.p['d']}")
+    model.requires_grad_(False)
+    if variant in ("fused", "reference"):
+        torch.manual_seed(1)
+        model = kk.adapt(model, case.p["method"], impl=variant)
+    elif variant != "floor":
+        raise ValueError(f"unknown variant {variant!r}")
+    model = model.to(device).train()
+    block = model.blocks[0]
+    # the adapter's factors (FacT's global U, V, cores; ARC's shared U) live outside the block
+    # but are used by it; the head is not part of the step
+    factors = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("head")]
+    shape = (max(1, tokens // VIT_TOKENS), VIT_TOKENS, case.p["d"])
+    x = _randn(gen, *shape, device=device, dtype=activation_dtype(device), requires_grad=True)
+    grad_out = _randn(gen, *shape, device=device, dtype=activation_dtype(device))
+    inputs = [x] + factors
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    def step():
+        with autocast():
+            out = block(x)
+        torch.autograd.grad(out, inputs, grad_out)
+
+    extra: Dict[str, Any] = {"shape": list(shape), "trainable_params": sum(p.numel() for p in factors)}
+    if variant == "floor":
+        extra["floor"] = "the frozen block: forward + input gradient, no adapter"
+    return Bench(step, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------

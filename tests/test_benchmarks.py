@@ -28,6 +28,10 @@ def test_report_quick(tmp_path):
     assert data["provenance"]["torch"] and data["provenance"]["git_commit"]
     variants = {row["variant"] for row in data["rows"]}
     assert {"fused", "reference", "floor"} <= variants
+    blocks = [row for row in json.loads((folder / "bottleneck.json").read_text())["rows"] if row["op"] == "vit_block"]
+    assert {(row["params"]["method"], row["variant"]) for row in blocks} == {
+        (m, v) for m in ("fact_tt", "fact_tk", "arc") for v in ("fused", "reference", "floor")}
+    assert all(row["status"] == "ok" and row["median_ms"] > 0 for row in blocks), blocks
 
 
 @pytest.mark.slow

@@ -232,17 +232,40 @@ def _max_programs(device: torch.device) -> int:
     return 8  # the interpreter: few programs keep CPU tests fast
 
 
-def _meta(x2, Abar, Uf, Vf, max_block_j):
-    """Compile-time sizes. Resource use for ViT-B (a = 32, p = q = 24, bf16) on sm_90,
-    read off ptxas: forward BLOCK_N = 16, BLOCK_J = 32, 8 warps: 158 registers, no spill;
-    the backward holds three (BLOCK_N, a_in, BLOCK_J) tiles at once, so it takes BLOCK_J = 16
-    (255 registers, ~0.5 KB spill at 8 warps; BLOCK_J = 32 spills twice that)."""
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+
+
+# Tokens per program. Resource use at ViT-B (a = 32, p = q = 24, bf16, 8 warps), read off ptxas
+# with `python -m benchmarks.kernel_resources`:
+#   forward, BLOCK_N = 16, BLOCK_J = 32: sm_90 158 registers, no spill, 14 KB shared memory;
+#     sm_75 224 registers, no spill, but 68 KB shared memory -- more than a T4's 64 KB per block,
+#     so devices with less than _FWD_BLOCK_N_16_SMEM per block take BLOCK_N = 8 (half of it);
+#   backward (three (BLOCK_N, a_in, BLOCK_J) tiles live at once), BLOCK_J = 16: BLOCK_N = 16
+#     spills 552 B (sm_90) / 800 B (sm_75) and needs 74 KB (sm_80/90) / 100 KB (sm_75) of shared
+#     memory; BLOCK_N = 8 spills 128 B (sm_90) / nothing (sm_75) in 42 / 52 KB, which every target
+#     has. The (BLOCK_N * a_in, q) token tile still gives tl.dot 256 rows at BLOCK_N = 8.
+_BWD_BLOCK_N = 8
+_FWD_BLOCK_N_16_SMEM = 96 * 1024
+
+
+def _fwd_block_n(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16  # the interpreter
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return 16 if _shared_memory_per_block(index) >= _FWD_BLOCK_N_16_SMEM else 8
+
+
+def _meta(x2, Abar, Uf, Vf, max_block_j, block_n):
+    """Compile-time sizes (``block_n``: see ``_BWD_BLOCK_N``)."""
     a_in, a_out, mr = Abar.shape
     p, q = Uf.shape[0], Vf.shape[0]
     return dict(
         A_IN=a_in, A_OUT=a_out, P=p, Q=q, MR=mr,
         A_IN_P=triton.next_power_of_2(a_in), P_P=_pad(p), Q_P=_pad(q),
-        BLOCK_N=16, BLOCK_J=min(_pad(mr), max_block_j),
+        BLOCK_N=block_n, BLOCK_J=min(_pad(mr), max_block_j),
         # fp32 activations keep fp32 products; 16-bit activations already carry 2^-8 error, so tf32 is free
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
     )
@@ -255,12 +278,13 @@ def _buffer_dtype(x2, metas):
     return torch.float32 if chunked else x2.dtype
 
 
-def _launch_setup(x2, targets, max_block_j):
+def _launch_setup(x2, targets, max_block_j, block_n):
     """Per target: (start, rows, flattened factors, compile-time sizes)."""
     setup = []
     for start, A, U, V in targets:
         Abar, Uf, Vf = _flatten(A, U, V)
-        setup.append((start, A.shape[1] * U.shape[1], (Abar, Uf, Vf), _meta(x2, Abar, Uf, Vf, max_block_j)))
+        meta = _meta(x2, Abar, Uf, Vf, max_block_j, block_n)
+        setup.append((start, A.shape[1] * U.shape[1], (Abar, Uf, Vf), meta))
     return setup
 
 
@@ -274,7 +298,7 @@ def kron_linear_forward(x2, weight, bias, targets, d_out, scale):
     is nearly free, whereas adding the terms onto a finished GEMM output would cost the
     memory-bound kernels an extra read and write of y."""
     n = x2.shape[0]
-    setup = _launch_setup(x2, targets, max_block_j=32)
+    setup = _launch_setup(x2, targets, max_block_j=32, block_n=_fwd_block_n(x2.device))
     y = torch.empty((n, d_out), device=x2.device, dtype=_buffer_dtype(x2, [meta for *_, meta in setup]))
     covered = sorted((start, start + rows) for start, rows, _, _ in setup)
     gaps = [(a, b) for a, b in zip([0] + [e for _, e in covered], [s for s, _ in covered] + [d_out]) if b > a]
@@ -303,7 +327,7 @@ def kron_linear_backward(dy2, x2, weight, targets, scale, need_dx):
     """``(dx, [(dA, dU, dV) per target])`` with fp32 factor gradients; ``dx`` includes
     ``dy @ weight``, added by cuBLAS onto the kron kernels' output, as in the forward."""
     n = x2.shape[0]
-    setup = _launch_setup(x2, targets, max_block_j=16)
+    setup = _launch_setup(x2, targets, max_block_j=16, block_n=_BWD_BLOCK_N)
     dx = None
     if need_dx:
         dtype = _buffer_dtype(x2, [meta for *_, meta in setup])
