@@ -17,12 +17,13 @@ by one module (``shared``; ``adapt`` uses its ``SharedFactors``), looked up by n
 call: ``shared.U``, ``shared.V`` and ``shared.cores: (S, r, r)`` (TT) or ``shared.C: (r, r, r)``
 and ``shared.P: (S, r)`` (TK, ``Σ_i = sum_t P[i, t] C[t]``). The layer owns no parameters.
 
-Fused path (:func:`kron_kernels.ops.fact_apply`, torch on every backend): one frozen GEMM,
-one ``x @ U`` (``(..., r)``, or ``(..., k, r)`` for column chunks), one batched ``r x r`` core
-product for all the layer's slots, dropout on that r-dim intermediate, one ``@ V^T`` for all
-slots -- the naive reference recomputes ``x @ U`` once per slot. The Triton core-middle kernel of
-``triton/bottleneck.py`` is not wired here yet: at these shapes the two rank-r GEMMs are a
-small fraction of the frozen GEMM.
+Fused path (:func:`kron_kernels.ops.fact_linear`): the frozen GEMM and the increments of
+all the layer's slots in one call -- one ``x @ U`` (``(..., r)``, or ``(..., k, r)`` for column
+chunks), the slots' ``r x r`` cores, dropout on that r-dim intermediate and ``@ V^T``, where
+the naive reference recomputes ``x @ U`` once per slot. On CUDA this is the FacT kernel of
+``triton/bottleneck.py`` (the intermediate stays on chip; the kernel writes the increments
+and the bias, cuBLAS adds the frozen GEMM in its epilogue, forward and backward); elsewhere
+the structured torch backend.
 
 Merge folds ``kk.fact_tt_delta`` / ``kk.fact_tk_delta`` into the weight blocks and keeps the
 pre-merge weight, so unmerge restores it bitwise.
@@ -103,13 +104,11 @@ class FacTLinear(nn.Module):
         return shared.U, shared.V, cores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
         U, V, cores = self._factors()
-        delta = ops.fact_apply(x, U, V, cores, scale=self.scale, dropout=self.dropout, training=self.training,
-                               split=self.mode)
-        return out + delta.to(out.dtype)
+        return ops.fact_linear(x, self.weight, self.bias, U, V, cores, scale=self.scale, dropout=self.dropout,
+                               training=self.training, split=self.mode)
 
     def deltas(self) -> torch.Tensor:
         """``(k, d, d)`` nn.Linear-convention increments of this layer's slots."""

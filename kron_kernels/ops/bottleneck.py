@@ -5,19 +5,23 @@ Every op here is one instance of ``x -> x @ D -> middle -> @ Up^T (* scale) (+ r
 * :func:`arc`: ``x + drop((x @ U) * lam) @ U.T + bias`` -- diagonal middle, ``Up = D = U``;
 * :func:`losa_mixer`: ``h + alpha * GELU((z + h) @ W_down) @ W_up`` -- GELU middle, along
   the channels or, in token mode, along the token axis of ``(..., T, C)`` activations;
-* :func:`fact_tt_delta` / :func:`fact_tk_delta`: the FacT slots' ``r x r`` core middles,
-  materialised as the ``(S, d, d)`` stack of ``nn.Linear`` weight increments (for merging
-  and inspection; applying FacT to activations never needs them).
+* :func:`fact_apply` / :func:`fact_linear`: FacT's ``r x r`` core middles, several slots per
+  call sharing one ``x @ U`` (rows: q, k, v or fc1's blocks; cols: fc2's chunks), alone or
+  fused with the frozen Linear they adapt;
+* :func:`fact_tt_delta` / :func:`fact_tk_delta`: the same increments materialised as the
+  ``(S, d, d)`` stack of ``nn.Linear`` weight increments (for merging and inspection;
+  applying FacT to activations never needs them).
 
-``arc`` and ``losa_mixer`` run on the Triton kernels of ``triton/bottleneck.py`` on CUDA
-(the r-dim intermediate stays on chip, forward and backward each one kernel) and on the
-structured torch code below elsewhere; both backends share one autograd Function and the
-same backward algebra (see the Triton module's docstring). Neither ever forms a ``d x d``
-matrix.
+``arc``, ``losa_mixer``, ``fact_apply`` and ``fact_linear`` run on the Triton kernels of
+``triton/bottleneck.py`` on CUDA (the r-dim intermediate stays on chip, forward and backward
+each one kernel) and on the structured torch code below elsewhere; per op family both
+backends share one autograd Function and the same backward algebra (see the Triton
+module's docstring). Neither ever forms a ``d x d`` matrix.
 
-Dropout (``arc``) acts on the r-dim intermediate after the middle, keeps each element with
-probability ``1 - p`` and scales kept ones by ``1 / (1 - p)``. The mask is a function of a
-``seed`` and the element's (row, j) position -- Philox in the Triton kernels, a seeded
+Dropout (``arc``, FacT) acts on the r-dim intermediate after the middle, keeps each element
+with probability ``1 - p`` and scales kept ones by ``1 / (1 - p)``. The mask is a function of
+a ``seed`` and the element's (row, j) position (FacT: rows ``(n, slot)`` of its ``(N, k, r)``
+intermediate) -- Philox in the Triton kernels, a seeded
 ``torch.Generator`` on the torch backend -- so the backward regenerates (Triton) or reuses
 (torch) exactly the forward's mask. A seed of None draws one from torch's global generator,
 so ``torch.manual_seed`` makes runs reproducible; the two backends draw different masks for
@@ -32,12 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import FLOAT_DTYPES, LOW_PRECISION, check_scale, check_tensor, compute_dtype
+from ._common import FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_scale, check_tensor, compute_dtype
 
 __all__ = [
     "fact_tt_delta",
     "fact_tk_delta",
     "fact_apply",
+    "fact_linear",
+    "FacTFunction",
     "arc",
     "losa_mixer",
     "dropout_keep_mask",
@@ -113,58 +119,6 @@ def fact_tk_delta(
     with torch.autocast(device_type=U.device.type, enabled=False):
         cores = (P.to(acc) @ C.to(acc).reshape(r, r * r)).view(-1, r, r)
     return _fact_delta_from_cores(U, V, cores, check_scale(scale))
-
-
-def fact_apply(
-    x: torch.Tensor,
-    U: torch.Tensor,
-    V: torch.Tensor,
-    cores: torch.Tensor,
-    scale: float = 1.0,
-    dropout: float = 0.0,
-    training: bool = True,
-    split: str = "rows",
-) -> torch.Tensor:
-    """The FacT increments of ``k = cores.shape[0]`` slots applied to activations, with
-    ``x @ U`` computed once for all of them (DESIGN.md 4.2; the FacT code recomputes it per slot).
-
-    ``split="rows"``: every slot reads ``x: (..., d)``; returns ``(..., k*d)`` with slot ``j``'s
-    ``s * drop((x @ U) @ cores[j]) @ V.T`` in features ``[j d, (j+1) d)`` (timm's fused qkv:
-    q, k, v; fc1's 4 row blocks). ``split="cols"``: ``x: (..., k*d)`` is ``k`` contiguous chunks,
-    slot ``j`` reads chunk ``j``, and the ``(..., d)`` sum of the slots' increments is returned
-    (fc2's 4 column blocks). ``dropout`` acts on the ``(..., k, r)`` intermediate (per slot)
-    when ``training``. Plain torch on every backend: one ``(..., d) @ (d, r)`` GEMM, a batched
-    ``r x r`` core product and one ``@ V.T`` -- rank-r work next to the frozen GEMM; autograd
-    differentiates it (under autocast the GEMMs follow autocast, as an ``nn.Linear`` does).
-    """
-    d, r = _check_fact_uv(U, V)
-    check_tensor("x", x, min_ndim=1, dtypes=_ACTIVATION_DTYPES, device=U.device)
-    check_tensor("cores", cores, ndim=3, device=U.device)
-    k = cores.shape[0]
-    if k < 1 or tuple(cores.shape[1:]) != (r, r):
-        raise ValueError(f"cores must have shape (k, r, r) with k >= 1 and r = {r}, got {tuple(cores.shape)}")
-    if split not in ("rows", "cols"):
-        raise ValueError(f"split must be 'rows' or 'cols', got {split!r}")
-    width = d if split == "rows" else k * d
-    if x.shape[-1] != width:
-        raise ValueError(f"x's last dim must be {'d' if split == 'rows' else 'k * d'} = {width} for split={split!r}, "
-                         f"got {tuple(x.shape)}")
-    scale = check_scale(scale)
-    p = _check_dropout(dropout) if training else 0.0
-    if split == "rows":
-        h = x @ U.to(x.dtype)  # once for every slot
-        t = torch.einsum("...r,krs->...ks", h, cores.to(h.dtype))
-    else:
-        h = x.unflatten(-1, (k, d)) @ U.to(x.dtype)  # (..., k, r): chunk j for slot j
-        t = torch.einsum("...kr,krs->...ks", h, cores.to(h.dtype))
-    if p > 0:
-        t = F.dropout(t, p)
-    if split == "cols":
-        t = t.sum(-2)  # the slots' outputs are summed: sum before the shared up-projection
-    if scale != 1.0:
-        t = t * scale  # on the r-dim intermediate, not the d-dim output
-    out = t @ V.to(t.dtype).t()
-    return out.flatten(-2) if split == "rows" else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,6 +331,249 @@ class BottleneckFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+# ----------------------------------------------------------------------------------------
+# FacT applied to activations: several slots per call, optionally fused with the frozen Linear
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _FacTSpec:
+    split: str  # "rows" | "cols"
+    scale: float
+    p_drop: float
+    seed: int
+    reduced_precision: bool  # fp16/bf16 activations: TF32 dots in the kernels
+
+
+def _torch_fact_keep(spec: _FacTSpec, n: int, k: int, r: int, device, acc) -> Optional[torch.Tensor]:
+    """The ``(N, k, r)`` scaled keep mask (rows ``(n, j)`` of the ``(N k, r)`` torch mask), or None."""
+    if spec.p_drop <= 0.0:
+        return None
+    return _torch_keep_mask(n * k, r, spec.p_drop, spec.seed, device).view(n, k, r).to(acc) / (1.0 - spec.p_drop)
+
+
+class _TorchFacT:
+    """Structured torch code for one call, the Triton kernels' algebra (their module docstring)
+    on ``(N, k, r)`` intermediates: GEMMs against ``U``, ``V`` and the stacked cores, never a
+    ``d x d`` matrix."""
+
+    def __init__(self, spec: _FacTSpec, x2, U, V, cores):
+        self.spec, self.acc = spec, compute_dtype(x2.dtype)
+        self.rows = spec.split == "rows"
+        self.U, self.V, self.cores = U.to(self.acc), V.to(self.acc), cores.to(self.acc)
+        self.n, self.k, self.r = x2.shape[0], cores.shape[0], cores.shape[1]
+        self.d = U.shape[0]
+        self.keep = _torch_fact_keep(spec, self.n, self.k, self.r, x2.device, self.acc)
+
+    def _pre(self, xa):
+        """``x @ U``: ``(N, r)`` once for every slot (rows) or ``(N, k, r)`` per chunk (cols)."""
+        if self.rows:
+            return xa @ self.U
+        return (xa.reshape(self.n * self.k, self.d) @ self.U).view(self.n, self.k, self.r)
+
+    def _through_cores(self, pre):
+        """``(N, k, r)``: ``pre @ C_j`` for every slot j."""
+        k, r = self.k, self.r
+        if self.rows:  # one GEMM against the cores side by side, (r, k r)
+            return (pre @ self.cores.permute(1, 0, 2).reshape(r, k * r)).view(-1, k, r)
+        return torch.bmm(pre.transpose(0, 1), self.cores).transpose(0, 1)
+
+    def _masked(self, t):  # s * m_j * t on an (N, k, r) intermediate
+        t = t * self.spec.scale
+        return t if self.keep is None else t * self.keep
+
+    def forward(self, x2, weight, bias):
+        xa = x2.to(self.acc)
+        a = self._masked(self._through_cores(self._pre(xa)))
+        if self.rows:
+            out = (a.reshape(-1, self.r) @ self.V.t()).view(self.n, self.k * self.d)
+        else:
+            out = a.sum(1) @ self.V.t()  # the slots' outputs are summed: sum before the shared V
+        if bias is not None:
+            out += bias.to(self.acc)
+        if weight is not None:
+            out.addmm_(xa, weight.to(self.acc).t())
+        return out.to(x2.dtype)
+
+    def backward(self, g2, x2, weight, need_dx: bool, need_dw: bool):
+        xa, g = x2.to(self.acc), g2.to(self.acc)
+        n, k, r, d = self.n, self.k, self.r, self.d
+        pre = self._pre(xa)
+        if self.rows:
+            dt = (g.reshape(n * k, d) @ self.V).view(n, k, r)
+        else:
+            dt = (g @ self.V)[:, None, :].expand(n, k, r)
+        d_a = self._masked(dt)  # the gradient of pre_j @ C_j
+        grads = {"dx": None}
+        if self.rows:
+            d_pre = d_a.reshape(n, k * r) @ self.cores.transpose(1, 2).reshape(k * r, r)  # sum_j d_a_j C_j^T
+        else:
+            d_pre = torch.bmm(d_a.transpose(0, 1), self.cores.transpose(1, 2)).transpose(0, 1)
+        if need_dx:
+            dx = (d_pre.reshape(-1, r) @ self.U.t()).view(x2.shape)
+            if weight is not None:
+                dx.addmm_(g, weight.to(self.acc))
+            grads["dx"] = dx
+        if need_dw:
+            a = self._masked(self._through_cores(pre))
+            if self.rows:
+                grads["dcores"] = (pre.t() @ d_a.reshape(n, k * r)).view(r, k, r).transpose(0, 1)
+                grads["dU"] = xa.t() @ d_pre
+                grads["dV"] = g.reshape(n * k, d).t() @ a.reshape(n * k, r)
+            else:
+                grads["dcores"] = torch.bmm(pre.permute(1, 2, 0), d_a.transpose(0, 1))
+                grads["dU"] = xa.reshape(n * k, d).t() @ d_pre.reshape(n * k, r)
+                grads["dV"] = g.t() @ a.sum(1)
+        return grads
+
+
+class FacTFunction(torch.autograd.Function):
+    """``[x2 @ weight^T + bias +]`` the FacT increments of the slots of ``cores`` on a 2-D
+    ``x2`` (:func:`fact_linear`); ``weight``/``bias`` may be None (:func:`fact_apply`)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str):
+        if impl == "triton":
+            out = _triton_bottleneck().fact_forward(
+                x2, weight, bias, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
+                seed=spec.seed, reduced_precision=spec.reduced_precision,
+            )
+        else:
+            out = _TorchFacT(spec, x2, U, V, cores).forward(x2, weight, bias)
+        ctx.save_for_backward(x2, weight, U, V, cores)
+        ctx.spec, ctx.impl = spec, impl
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, weight, U, V, cores = ctx.saved_tensors
+        spec, need = ctx.spec, ctx.needs_input_grad
+        need_dx, need_dw = need[0], any(need[3:6])
+        if ctx.impl == "triton":
+            grads = _triton_bottleneck().fact_backward(
+                dout, x2, weight, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
+                seed=spec.seed, reduced_precision=spec.reduced_precision, need_dx=need_dx, need_dw=need_dw,
+            )
+        else:
+            grads = _TorchFacT(spec, x2, U, V, cores).backward(dout, x2, weight, need_dx, need_dw)
+        acc = compute_dtype(x2.dtype)
+        dweight = (dout.to(acc).t() @ x2.to(acc)).to(weight.dtype) if need[1] else None
+        dbias = dout.to(acc).sum(0).to(ctx.bias_dtype) if need[2] else None
+        return (
+            grads["dx"].to(x2.dtype) if need_dx else None,
+            dweight,
+            dbias,
+            grads["dU"].to(U.dtype) if need[3] else None,
+            grads["dV"].to(V.dtype) if need[4] else None,
+            grads["dcores"].to(cores.dtype) if need[5] else None,
+            None,
+            None,
+        )
+
+
+def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, seed, op: str):
+    """Validate, apply autocast, flatten batch dims and run :class:`FacTFunction`."""
+    d, r = _check_fact_uv(U, V)
+    check_tensor("x", x, min_ndim=1, dtypes=_ACTIVATION_DTYPES, device=U.device)
+    check_tensor("cores", cores, ndim=3, device=U.device)
+    k = cores.shape[0]
+    if k < 1 or tuple(cores.shape[1:]) != (r, r):
+        raise ValueError(f"cores must have shape (k, r, r) with k >= 1 and r = {r}, got {tuple(cores.shape)}")
+    if split not in ("rows", "cols"):
+        raise ValueError(f"split must be 'rows' or 'cols', got {split!r}")
+    width, d_out = (d, k * d) if split == "rows" else (k * d, d)
+    if x.shape[-1] != width:
+        raise ValueError(f"x's last dim must be {'d' if split == 'rows' else 'k * d'} = {width} for split={split!r}, "
+                         f"got {tuple(x.shape)}")
+    if weight is not None:
+        check_tensor("weight", weight, ndim=2, device=U.device)
+        if tuple(weight.shape) != (d_out, width):
+            raise ValueError(f"weight must have shape (out, in) = ({d_out}, {width}) for {k} slots of d = {d} "
+                             f"and split={split!r}, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=U.device)
+        if bias.shape[0] != d_out:
+            raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    scale = check_scale(scale)
+    p_drop = _check_dropout(dropout)  # validated also when not training
+    if not training:
+        p_drop = 0.0
+    # under autocast the activations and the frozen Linear run in the autocast dtype, as an
+    # nn.Linear's would; the factors stay in their own dtype (fp32 accumulation throughout)
+    cast = autocast_dtype(x.device)
+    if cast is not None and x.dtype != torch.float64:
+        x, weight, bias = (None if t is None else t.to(cast) for t in (x, weight, bias))
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, width)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
+    seed = _resolve_seed(seed, p_drop, x2.shape[0] * k * r)
+    impl = _activation_backend(op, x)
+    spec = _FacTSpec(split, scale, p_drop, seed, x.dtype in LOW_PRECISION)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = FacTFunction.apply(x2, weight, bias, U, V, cores, spec, impl)
+    return out.reshape(*lead, d_out)
+
+
+def fact_apply(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    cores: torch.Tensor,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+    split: str = "rows",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """The FacT increments of ``k = cores.shape[0]`` slots applied to activations, with
+    ``x @ U`` computed once for all of them (DESIGN.md 4.2; the FacT code recomputes it per slot).
+
+    ``split="rows"``: every slot reads ``x: (..., d)``; returns ``(..., k*d)`` with slot ``j``'s
+    ``s * drop((x @ U) @ cores[j]) @ V.T`` in features ``[j d, (j+1) d)`` (timm's fused qkv:
+    q, k, v; fc1's 4 row blocks). ``split="cols"``: ``x: (..., k*d)`` is ``k`` contiguous chunks,
+    slot ``j`` reads chunk ``j``, and the ``(..., d)`` sum of the slots' increments is returned
+    (fc2's 4 column blocks). ``dropout`` acts on the ``(..., k, r)`` intermediate (per slot and
+    rank index) when ``training``; ``seed`` fixes its mask (None: drawn from torch's global
+    generator; see the module docstring -- the mask is :func:`dropout_keep_mask` for
+    ``N * k`` rows, viewed as ``(N, k, r)``).
+
+    Triton on CUDA (one kernel forward, one persistent kernel backward; the r-dim
+    intermediate never leaves the chip), structured torch code elsewhere; ``x`` of any
+    strides, fp16/bf16/fp32 (fp64 on the torch backend), fp32 accumulation, the result in
+    ``x``'s dtype (the autocast dtype under autocast), factor gradients in the factors' dtypes.
+    """
+    return _fact_call(x, None, None, U, V, cores, scale, dropout, training, split, seed, "fact_apply")
+
+
+def fact_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    U: torch.Tensor,
+    V: torch.Tensor,
+    cores: torch.Tensor,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+    split: str = "rows",
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + fact_apply(x, U, V, cores, ...)``, fused: a FacT layer
+    (``weight: (k*d, d)`` for ``split="rows"``, ``(d, k*d)`` for ``"cols"``; ``bias`` of the
+    output width or None). On Triton the kernel writes the increments plus the bias into the
+    output and cuBLAS adds the frozen ``x @ weight.T`` in its ``beta = 1`` epilogue; the
+    backward's ``dx`` gets ``dout @ weight`` the same way. ``weight``/``bias`` receive gradients
+    only if they require them (normally frozen). Under autocast ``x``, ``weight`` and ``bias``
+    run in the autocast dtype, as an ``nn.Linear``'s would; otherwise they must share ``x``'s
+    dtype. Other arguments as :func:`fact_apply`.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor (use fact_apply for the increment alone), "
+                        f"got {type(weight).__name__}")
+    return _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, seed, "fact_linear")
 
 
 # ----------------------------------------------------------------------------------------

@@ -42,6 +42,29 @@ Dropout: the keep decision of intermediate element ``(n, j)`` is ``tl.rand(seed,
 p`` -- a counter-based (Philox) draw, so the backward regenerates exactly the forward's mask
 from ``(seed, n, j)`` and nothing is stored; :func:`dropout_keep_mask` writes the same mask
 out (for tests; the torch backend draws its own mask from a seeded ``torch.Generator``).
+
+FacT, several slots per call (``_fact_fwd_kernel`` / ``_fact_bwd_kernel``; DESIGN.md 4.2).
+``k`` slots share ``U, V: (d, r)`` and have their own cores ``C_j: (r, r)``; ``s`` is a Python
+float. With ``m_j`` the scaled keep mask of slot ``j`` (1 without dropout):
+
+    rows:  x (N, d)    -> out (N, k d),  out_j = a_j V^T,  a_j = s m_j (pre C_j),  pre = x U
+    cols:  x (N, k d)  -> out (N, d),    out = (sum_j a_j) V^T,  a_j = s m_j (pre_j C_j),  pre_j = x_j U
+
+``pre`` (rows) is reduced once per row block and reused by every slot: ``x @ U`` once for
+q, k and v. Backward, with ``g = dout`` (rows: ``g_j`` its ``j``-th d-chunk; cols: ``g_j = g``)
+and ``x_j`` (cols: the ``j``-th chunk; rows: ``x_j = x``, ``pre_j = pre``):
+
+    dt_j = g_j V            d_a_j = s m_j dt_j         (the gradient of pre_j C_j)
+    dC_j = pre_j^T d_a_j    d_pre_j = d_a_j C_j^T
+    rows:  d_pre = sum_j d_pre_j,  dx = d_pre U^T,      dU = x^T d_pre
+    cols:  dx_j = d_pre_j U^T,     dU = sum_j x_j^T d_pre_j
+    dV = sum_j g_j^T a_j    (cols: g^T sum_j a_j)
+
+One persistent program per SM walks row blocks as above; the weight gradients go to its own
+zero-initialised fp32 slices ``(G, R_PAD, d)`` of ``dU^T``, ``dV^T`` and ``(G, k, R_PAD, R_PAD)``
+of the cores (read-modify-write behind a CTA barrier), summed by the launcher. The dropout
+counter of element ``(n, j, t)`` of the ``(N, k, r)`` intermediate is ``(n k + j) r + t``: the
+``(N k, r)`` keep mask of :func:`dropout_keep_mask` viewed as ``(N, k, r)``.
 """
 from __future__ import annotations
 
@@ -52,7 +75,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["bottleneck_forward", "bottleneck_backward", "dropout_keep_mask", "MIDDLES"]
+from . import on_device
+
+__all__ = ["bottleneck_forward", "bottleneck_backward", "fact_forward", "fact_backward", "dropout_keep_mask",
+           "MIDDLES"]
 
 # constexpr: compiled kernels may read module globals only when they are tl.constexpr
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -303,6 +329,184 @@ def _bottleneck_bwd_kernel(
 
 
 @triton.jit
+def _fact_down(src_ptr, rows, col0, stride_d, mask_n, w_t_ptr, D,
+               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
+    """``src[rows, col0 : col0 + D] @ W`` as a ``(BLOCK_N, R_PAD)`` fp32 tile; ``W^T`` is the
+    zero-padded ``(R_PAD, D)`` row-major matrix at ``w_t_ptr``."""
+    offs_r = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        tile = _load_rows(src_ptr, rows, col0 + offs_d, stride_d, mask_n[:, None] & mask_d[None, :])
+        w = tl.load(w_t_ptr + offs_r[None, :] * D + offs_d[:, None], mask=mask_d[:, None], other=0.0)
+        acc = tl.dot(tile, w, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _fact_core(core_ptr, slot, R_PAD: tl.constexpr):
+    offs_r = tl.arange(0, R_PAD)
+    return tl.load(core_ptr + slot * R_PAD * R_PAD + offs_r[:, None] * R_PAD + offs_r[None, :])
+
+
+@triton.jit
+def _fact_drop(t, seed, offs_n, slot, K, R, p_drop, drop_scale, scale, HAS_DROPOUT: tl.constexpr,
+               R_PAD: tl.constexpr):
+    """``s * m_slot * t`` on a ``(BLOCK_N, R_PAD)`` tile of slot ``slot``'s intermediate (the
+    counter ``(n k + slot) r + j`` keys the mask by row, slot and rank index)."""
+    if HAS_DROPOUT:
+        keep = _keep(seed, offs_n * K + slot, tl.arange(0, R_PAD), R, p_drop)
+        t = tl.where(keep, t * (scale * drop_scale), 0.0)
+    else:
+        t = t * scale
+    return t
+
+
+@triton.jit
+def _fact_up_store(a, v_t_ptr, bias_ptr, out_ptr, rows_out, col0, stride_od, mask_n, D,
+                   HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+                   R_PAD: tl.constexpr):
+    """``out[rows, col0 : col0 + D] = a @ V^T [+ bias[col0 : col0 + D]]``."""
+    offs_r = tl.arange(0, R_PAD)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        v_t = tl.load(v_t_ptr + offs_r[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        out = tl.dot(a, v_t, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + col0 + offs_d, mask=mask_d, other=0.0)[None, :]
+        tl.store(out_ptr + rows_out[:, None] + (col0 + offs_d)[None, :].to(tl.int64) * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _fact_outer(t, src_ptr, rows_src, stride_sd, part_ptr, w_t_ptr, dst_ptr, rows_dst, stride_dd, col0, mask_n, D,
+                NEED_DST: tl.constexpr, NEED_PART: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
+    """One pass over features ``[col0, col0 + D)``: ``part (R_PAD, D) += t^T @ src`` (a weight
+    gradient) and ``dst = t @ W^T`` (an input gradient), for a ``(BLOCK_N, R_PAD)`` ``t``."""
+    offs_r = tl.arange(0, R_PAD)
+    # threads re-read partial sums other threads of this program stored in an earlier pass
+    # (load and dot layouts differ): a CTA barrier orders those stores first
+    tl.debug_barrier()
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        offs_rd = offs_r[:, None] * D + offs_d[None, :]
+        if NEED_DST:
+            w_t = tl.load(w_t_ptr + offs_rd, mask=mask_d[None, :], other=0.0)
+            dst = tl.dot(t, w_t, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            tl.store(dst_ptr + rows_dst[:, None] + (col0 + offs_d)[None, :].to(tl.int64) * stride_dd,
+                     dst.to(dst_ptr.dtype.element_ty), mask=mask_nd)
+        if NEED_PART:
+            src = _load_rows(src_ptr, rows_src, col0 + offs_d, stride_sd, mask_nd)
+            part = tl.load(part_ptr + offs_rd, mask=mask_d[None, :], other=0.0)
+            part = tl.dot(tl.trans(t), src, acc=part, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            tl.store(part_ptr + offs_rd, part, mask=mask_d[None, :])
+
+
+@triton.jit
+def _fact_dcore_add(dcore_part_ptr, slot, pre, d_a, DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr):
+    """``dC_slot += pre^T d_a`` in this program's partial sums."""
+    offs_r = tl.arange(0, R_PAD)
+    ptrs = dcore_part_ptr + slot * R_PAD * R_PAD + offs_r[:, None] * R_PAD + offs_r[None, :]
+    tl.debug_barrier()  # as in _fact_outer: other threads stored these elements for the previous block
+    acc = tl.load(ptrs)
+    acc = tl.dot(tl.trans(pre), d_a, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    tl.store(ptrs, acc)
+
+
+@triton.jit
+def _fact_fwd_kernel(
+    x_ptr, u_t_ptr, v_t_ptr, core_ptr, bias_ptr, out_ptr,
+    n_rows, D, K, R, seed, p_drop, drop_scale, scale,
+    stride_xn, stride_xd, stride_on, stride_od,
+    SPLIT_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    rows_x = offs_n.to(tl.int64) * stride_xn
+    rows_out = offs_n.to(tl.int64) * stride_on
+    if SPLIT_ROWS:
+        pre = _fact_down(x_ptr, rows_x, 0, stride_xd, mask_n, u_t_ptr, D, DOT_PRECISION, BLOCK_N, BLOCK_D, R_PAD)
+        for j in range(K):
+            t = tl.dot(pre, _fact_core(core_ptr, j, R_PAD), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            a = _fact_drop(t, seed, offs_n, j, K, R, p_drop, drop_scale, scale, HAS_DROPOUT, R_PAD)
+            _fact_up_store(a, v_t_ptr, bias_ptr, out_ptr, rows_out, j * D, stride_od, mask_n, D,
+                           HAS_BIAS, DOT_PRECISION, BLOCK_D, R_PAD)
+    else:
+        a = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for j in range(K):
+            pre = _fact_down(x_ptr, rows_x, j * D, stride_xd, mask_n, u_t_ptr, D,
+                             DOT_PRECISION, BLOCK_N, BLOCK_D, R_PAD)
+            t = tl.dot(pre, _fact_core(core_ptr, j, R_PAD), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            a += _fact_drop(t, seed, offs_n, j, K, R, p_drop, drop_scale, scale, HAS_DROPOUT, R_PAD)
+        _fact_up_store(a, v_t_ptr, bias_ptr, out_ptr, rows_out, 0, stride_od, mask_n, D,
+                       HAS_BIAS, DOT_PRECISION, BLOCK_D, R_PAD)
+
+
+@triton.jit
+def _fact_bwd_kernel(
+    x_ptr, dout_ptr, u_t_ptr, v_t_ptr, core_ptr, dx_ptr, du_t_part_ptr, dv_t_part_ptr, dcore_part_ptr,
+    n_rows, D, K, R, seed, p_drop, drop_scale, scale,
+    stride_xn, stride_xd, stride_gn, stride_gd, stride_dxn, stride_dxd,
+    SPLIT_ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_blocks = tl.cdiv(n_rows, BLOCK_N)
+    du_t_part_ptr += pid.to(tl.int64) * R_PAD * D
+    dv_t_part_ptr += pid.to(tl.int64) * R_PAD * D
+    dcore_part_ptr += pid.to(tl.int64) * K * R_PAD * R_PAD
+    for blk in range(pid, num_blocks, num_programs):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_rows
+        rows_x = offs_n.to(tl.int64) * stride_xn
+        rows_g = offs_n.to(tl.int64) * stride_gn
+        rows_dx = offs_n.to(tl.int64) * stride_dxn
+        if SPLIT_ROWS:
+            pre = _fact_down(x_ptr, rows_x, 0, stride_xd, mask_n, u_t_ptr, D, DOT_PRECISION, BLOCK_N, BLOCK_D, R_PAD)
+            d_pre = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+            for j in range(K):
+                core = _fact_core(core_ptr, j, R_PAD)
+                dt = _fact_down(dout_ptr, rows_g, j * D, stride_gd, mask_n, v_t_ptr, D,
+                                DOT_PRECISION, BLOCK_N, BLOCK_D, R_PAD)
+                d_a = _fact_drop(dt, seed, offs_n, j, K, R, p_drop, drop_scale, scale, HAS_DROPOUT, R_PAD)
+                d_pre = tl.dot(d_a, tl.trans(core), acc=d_pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                if NEED_DW:
+                    _fact_dcore_add(dcore_part_ptr, j, pre, d_a, DOT_PRECISION, R_PAD)
+                    t = tl.dot(pre, core, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                    a = _fact_drop(t, seed, offs_n, j, K, R, p_drop, drop_scale, scale, HAS_DROPOUT, R_PAD)
+                    _fact_outer(a, dout_ptr, rows_g, stride_gd, dv_t_part_ptr, v_t_ptr, dx_ptr, rows_dx, stride_dxd,
+                                j * D, mask_n, D, False, True, DOT_PRECISION, BLOCK_D, R_PAD)
+            _fact_outer(d_pre, x_ptr, rows_x, stride_xd, du_t_part_ptr, u_t_ptr, dx_ptr, rows_dx, stride_dxd,
+                        0, mask_n, D, NEED_DX, NEED_DW, DOT_PRECISION, BLOCK_D, R_PAD)
+        else:
+            dt = _fact_down(dout_ptr, rows_g, 0, stride_gd, mask_n, v_t_ptr, D, DOT_PRECISION, BLOCK_N, BLOCK_D, R_PAD)
+            a_sum = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+            for j in range(K):
+                core = _fact_core(core_ptr, j, R_PAD)
+                pre = _fact_down(x_ptr, rows_x, j * D, stride_xd, mask_n, u_t_ptr, D,
+                                 DOT_PRECISION, BLOCK_N, BLOCK_D, R_PAD)
+                d_a = _fact_drop(dt, seed, offs_n, j, K, R, p_drop, drop_scale, scale, HAS_DROPOUT, R_PAD)
+                d_pre = tl.dot(d_a, tl.trans(core), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                if NEED_DW:
+                    _fact_dcore_add(dcore_part_ptr, j, pre, d_a, DOT_PRECISION, R_PAD)
+                    t = tl.dot(pre, core, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                    a_sum += _fact_drop(t, seed, offs_n, j, K, R, p_drop, drop_scale, scale, HAS_DROPOUT, R_PAD)
+                _fact_outer(d_pre, x_ptr, rows_x, stride_xd, du_t_part_ptr, u_t_ptr, dx_ptr, rows_dx, stride_dxd,
+                            j * D, mask_n, D, NEED_DX, NEED_DW, DOT_PRECISION, BLOCK_D, R_PAD)
+            if NEED_DW:
+                _fact_outer(a_sum, dout_ptr, rows_g, stride_gd, dv_t_part_ptr, v_t_ptr, dx_ptr, rows_dx, stride_dxd,
+                            0, mask_n, D, False, True, DOT_PRECISION, BLOCK_D, R_PAD)
+
+
+@triton.jit
 def _dropout_keep_kernel(keep_ptr, n_rows, R, seed, p_drop, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -339,6 +543,9 @@ def _config(x: torch.Tensor, r_pad: int, backward: bool):
     at 32 x 32 (40-136 bytes) but not at 32 x 16. No software pipelining in the backward
     (each stage would hold more tiles); R_PAD > 64 halves BLOCK_N. One backward program per
     SM bounds the partial buffers at ``#SM * (2 R_PAD + 1) * d`` floats.
+    The FacT kernels take the same tiles: at d = 768, r = 8 (R_PAD 16), bf16 with TF32 dots,
+    both splits use 144-206 registers at 8 warps and 201-254 at 4 (Triton 3.9; 89-166 and
+    128-188 with 3.6), and fp32 with IEEE dots at 32-row tiles 80-167 (3.6); none spills.
     Under the interpreter, small tiles make every test shape exercise several row blocks,
     feature tails and backward programs owning more than one block.
     """
@@ -502,6 +709,101 @@ def bottleneck_backward(
         grads["ddiag"] = ddiag_part.sum(0)[:r] if middle == "diag" else None
         grads["dscale"] = dscale_part.sum()
         grads["dbias"] = dbias_part.sum(0)
+    return grads
+
+
+def _fact_padded(U, V, cores, r_pad: int):
+    """``U^T``, ``V^T`` as zero-padded fp32 ``(r_pad, d)`` and the cores as ``(k, r_pad, r_pad)``."""
+    d, r = U.shape
+    f32 = dict(dtype=torch.float32, device=U.device)
+    u_t, v_t = torch.zeros((r_pad, d), **f32), torch.zeros((r_pad, d), **f32)
+    u_t[:r], v_t[:r] = U.detach().t(), V.detach().t()
+    core_p = torch.zeros((cores.shape[0], r_pad, r_pad), **f32)
+    core_p[:, :r, :r] = cores.detach()
+    return u_t, v_t, core_p
+
+
+@on_device
+def fact_forward(
+    x, weight, bias, U, V, cores, *, split: str, scale: float, p_drop: float, seed: Optional[int],
+    reduced_precision: bool, block_n: Optional[int] = None, block_d: Optional[int] = None,
+) -> torch.Tensor:
+    """``[x @ weight^T + bias +]`` the FacT increments of ``k = cores.shape[0]`` slots (module
+    docstring), in ``x``'s dtype, ``(N, k d)`` for ``split="rows"`` and ``(N, d)`` for
+    ``"cols"``. ``x: (N, d | k d)`` of any strides. The kernel writes the increments and the
+    bias into the output first; cuBLAS then adds the frozen GEMM through its ``beta = 1``
+    epilogue (as ``triton/kron.py``), so the memory-bound kernel never re-reads ``out``."""
+    n = x.shape[0]
+    d, r = U.shape
+    k = cores.shape[0]
+    out = torch.empty((n, k * d if split == "rows" else d), dtype=x.dtype, device=x.device)
+    if n > 0:
+        r_pad = _r_pad(r)
+        u_t, v_t, core_p = _fact_padded(U, V, cores, r_pad)
+        has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
+        cfg_n, cfg_d, num_warps, num_stages, _ = _config(x, r_pad, backward=False)
+        block_n, block_d = block_n or cfg_n, block_d or cfg_d
+        _fact_fwd_kernel[(triton.cdiv(n, block_n),)](
+            x, u_t, v_t, core_p, u_t if bias is None else bias.detach().to(torch.float32).contiguous(), out,
+            n, d, k, r, seed, p_drop, drop_scale, float(scale),
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            SPLIT_ROWS=split == "rows", HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+            DOT_PRECISION=_dot_precision(reduced_precision), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    if weight is not None:
+        out.addmm_(x, weight.t())
+    return out
+
+
+@on_device
+def fact_backward(
+    dout, x, weight, U, V, cores, *, split: str, scale: float, p_drop: float, seed: Optional[int],
+    reduced_precision: bool, need_dx: bool, need_dw: bool,
+    block_n: Optional[int] = None, block_d: Optional[int] = None, num_programs: Optional[int] = None,
+):
+    """``dict``: ``dx`` (contiguous, ``x``'s dtype, including ``dout @ weight``, added by
+    cuBLAS onto the kernel's output) when ``need_dx``; with ``need_dw`` the fp32 ``dU``,
+    ``dV (d, r)`` and ``dcores (k, r, r)``. ``dout`` may have any strides (also 0)."""
+    n = x.shape[0]
+    d, r = U.shape
+    k = cores.shape[0]
+    r_pad = _r_pad(r)
+    grads = {"dx": torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None}
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if n == 0:
+        if need_dw:
+            grads.update(dU=torch.zeros((d, r), **f32), dV=torch.zeros((d, r), **f32),
+                         dcores=torch.zeros((k, r, r), **f32))
+        return grads
+    u_t, v_t, core_p = _fact_padded(U, V, cores, r_pad)
+    cfg_n, cfg_d, num_warps, num_stages, max_programs = _config(x, r_pad, backward=True)
+    block_n, block_d = block_n or cfg_n, block_d or cfg_d
+    num_blocks = triton.cdiv(n, block_n)
+    # without weight gradients there is nothing to reduce: one program per block
+    grid = min(num_blocks, num_programs or max_programs) if need_dw else num_blocks
+    if need_dw:  # zeroed: every program adds into its slices (G * (2 d + k R_PAD) * R_PAD floats)
+        du_t_part, dv_t_part = torch.zeros((grid, r_pad, d), **f32), torch.zeros((grid, r_pad, d), **f32)
+        dcore_part = torch.zeros((grid, k, r_pad, r_pad), **f32)
+    else:
+        du_t_part = dv_t_part = dcore_part = u_t  # never dereferenced
+    dx = grads["dx"]
+    dx_arg = x if dx is None else dx
+    has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
+    _fact_bwd_kernel[(grid,)](
+        x, dout, u_t, v_t, core_p, dx_arg, du_t_part, dv_t_part, dcore_part,
+        n, d, k, r, seed, p_drop, drop_scale, float(scale),
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx_arg.stride(0), dx_arg.stride(1),
+        SPLIT_ROWS=split == "rows", HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DW=need_dw,
+        DOT_PRECISION=_dot_precision(reduced_precision), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if dx is not None and weight is not None:
+        dx.addmm_(dout, weight)
+    if need_dw:
+        grads["dU"] = du_t_part.sum(0)[:r].t()
+        grads["dV"] = dv_t_part.sum(0)[:r].t()
+        grads["dcores"] = dcore_part.sum(0)[:, :r, :r]
     return grads
 
 

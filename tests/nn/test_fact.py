@@ -7,6 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import conftest
 import kron_kernels as kk
 from kron_kernels.nn import FacTLinear
 from kron_kernels.reference import fact as ref
@@ -36,7 +37,8 @@ def run(layer, shared, x, seed=1):
     x = x.detach().clone().requires_grad_()
     params = dict(shared.named_parameters())
     out = layer(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.to(device=out.device, dtype=out.dtype)  # one cotangent for every dtype and device
     grads = torch.autograd.grad(out, [x, *params.values()], g)
     return {"out": out, "x": grads[0], **dict(zip(params, grads[1:]))}
 
@@ -62,6 +64,23 @@ def test_layer_matches_reference_float64(fmt, mode, slots, shape):
     assert got.keys() == want.keys()
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
+
+
+@pytest.mark.skipif(not (conftest.INTERPRET or conftest.HAS_CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("mode, slots, shape", LAYERS)
+def test_layer_on_triton_matches_reference(mode, slots, shape):
+    """The layer's fused path on the Triton kernel (fp32 activations, ops.fact_linear) against
+    the float64 reference chain; 1e-4 is the fp32 tolerance of tests/utils.RTOL."""
+    device = "cpu" if conftest.INTERPRET else "cuda"
+    shared, shared64 = owner("tt", 12).float().to(device), owner("tt", 12)
+    base = nn.Linear(shape[1], shape[0]).to(device)
+    base64 = copy.deepcopy(base).double().cpu()
+    x = torch.randn(2, 7, shape[1], device=device)
+    with kk.use_backend("triton"):
+        got = run(FacTLinear(base, slots, mode, "tt", shared, scale=0.7).eval(), shared, x)
+    want = run(ref.FacTLinear(base64, slots, mode, "tt", shared64, scale=0.7).eval(), shared64, x.double().cpu())
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
 
 
 @pytest.mark.parametrize("fmt", ["tt", "tk"])
@@ -204,35 +223,3 @@ def test_bad_config(model_kwargs, config, error, match):
     with pytest.raises(error, match=match):
         kk.adapt(model, "fact_tt", **config)
     assert repr(model) == before
-
-
-# ---------------------------------------------------------------------------- kk.ops.fact_apply
-@pytest.mark.parametrize("split, k", [("rows", 3), ("cols", 4), ("rows", 1)], ids=["rows-k3", "cols-k4", "rows-k1"])
-def test_fact_apply_gradcheck(split, k):
-    gen = torch.Generator().manual_seed(7)
-    U, V = (torch.randn(D, R, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    cores = torch.randn(k, R, R, generator=gen, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, D if split == "rows" else k * D, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda *t: kk.ops.fact_apply(*t, scale=0.5, dropout=0.3, training=False, split=split), (x, U, V, cores)
-    )
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        pytest.param(dict(x=torch.zeros(2, D + 1)), ValueError, r"x's last dim must be d = 16", id="x-rows"),
-        pytest.param(dict(split="cols"), ValueError, r"x's last dim must be k \* d = 48 for split='cols'", id="x-cols"),
-        pytest.param(dict(cores=torch.zeros(3, R, R + 1)), ValueError, r"cores must have shape \(k, r, r\)",
-                     id="cores"),
-        pytest.param(dict(V=torch.zeros(D, R + 1)), ValueError, "V must have the shape of U", id="V"),
-        pytest.param(dict(split="diag"), ValueError, "split must be 'rows' or 'cols'", id="split"),
-        pytest.param(dict(dropout=1.5), ValueError, r"dropout must be in \[0, 1\)", id="dropout"),
-        pytest.param(dict(x=torch.zeros(2, D, dtype=torch.int64)), TypeError, "x must have dtype in", id="x-dtype"),
-    ],
-)
-def test_fact_apply_bad_input(kwargs, error, match):
-    args = dict(x=torch.zeros(2, D), U=torch.zeros(D, R), V=torch.zeros(D, R), cores=torch.zeros(3, R, R))
-    args.update(kwargs)
-    with pytest.raises(error, match=match):
-        kk.ops.fact_apply(**args)
