@@ -30,5 +30,8 @@ const char* fwht_cuda_arch_list();
 
 // The CPU kernel: same contract, rows split across at::parallel_for's threads.
 void fwht_cpu(const void* x, void* out, FwhtDtype dtype, int64_t rows, int log_n, double scale);
+// x = H x in place for one fp32 row of 2^log_n elements, on the calling thread (the Fastfood
+// CPU kernel's transforms).
+void fwht_cpu_inplace(float* x, int log_n);
 
 }  // namespace kron_kernels

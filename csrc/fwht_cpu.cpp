@@ -121,6 +121,8 @@ void fwht_rows(const T* x, T* out, int64_t rows, int64_t n, A scale) {
 
 }  // namespace
 
+void fwht_cpu_inplace(float* x, int log_n) { transform_inplace(x, int64_t{1} << log_n); }
+
 void fwht_cpu(const void* x, void* out, FwhtDtype dtype, int64_t rows, int log_n, double scale) {
   const int64_t n = int64_t{1} << log_n;
   switch (dtype) {

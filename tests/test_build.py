@@ -39,6 +39,8 @@ def test_no_jit_unless_asked(tmp_path):
         assert not ok and "KRON_KERNELS_JIT=1" in reason, reason
         y = kk.fwht(torch.ones(2, 8))  # auto falls back to the torch butterfly
         assert torch.equal(y[:, 0], torch.full((2,), 8.0))
+        p = kk.fastfood(torch.ones(3), 10, seed=1)  # and fastfood to its torch chain
+        assert p.shape == (10,) and torch.isfinite(p).all()
         """,
         {"KRON_KERNELS_JIT": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path)},
         timeout=120,
@@ -59,10 +61,15 @@ def test_jit_builds_and_runs(tmp_path):
             y = kk.fwht(x, 0.5)
         with kk.use_backend("torch"):
             assert torch.allclose(y, kk.fwht(x, 0.5), rtol=1e-5, atol=1e-5)
+        theta = torch.randn(20)
+        with kk.use_backend("cuda"):  # the C++ Fastfood kernel of the JIT build
+            p = kk.fastfood(theta, 100, seed=3)
+        with kk.use_backend("torch"):
+            assert torch.allclose(p, kk.fastfood(theta, 100, seed=3), rtol=1e-5, atol=1e-6)
         assert not torch.cuda.is_initialized()
         print(backend.extension().kernels())
         """,
         {"KRON_KERNELS_JIT": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path), "TORCH_CUDA_ARCH_LIST": "7.5"},
         timeout=900,
     )
-    assert "fwht" in out
+    assert "fwht" in out and "fastfood" in out

@@ -13,8 +13,8 @@ P has squared norm ``nb * Lb / D`` before the cut to D rows: exactly 1 when ``Lb
 The backward is ``P^T g``: block j ``B_j H Pi_j^T G_j H (g_j / (||G_j|| sqrt(D)))`` summed over
 blocks and cut to d (H is symmetric; ``Pi^T`` is the scatter ``z[Pi[k]] = w[k]``).
 
-Counter-based generator (the same integer arithmetic in torch, Triton and -- later -- CUDA C++)
-------------------------------------------------------------------------------------------
+Counter-based generator (the same integer arithmetic in torch, Triton and C++/CUDA: csrc/fastfood.h)
+------------------------------------------------------------------------------------------------------
 All words are unsigned 32-bit; ``+`` and ``*`` wrap mod 2^32; ``mix`` is MurmurHash3's
 finaliser ``fmix32`` (a bijection of 32-bit words with full avalanche)::
 
@@ -45,19 +45,31 @@ ulps of |G| <= sqrt(-2 ln 2^-24) = 5.77, i.e. |dG| <= 1e-5 (relative ~1e-6). On 
 lowers ``tl.log``/``tl.cos`` to libdevice's accurate ``__nv_logf``/``__nv_cosf`` (checked in the
 sm_90 PTX: no ``lg2.approx``/``cos.approx``, which would lose accuracy of ``ln u1`` near 1) and
 ``tl.sqrt`` to ``sqrt.approx.f32`` (~1 ulp); the interpreter uses numpy's float32 functions.
+The extension's kernels (``csrc/fastfood.h``) use libm's ``logf``/``cosf``/``sqrtf`` on the CPU
+and, on CUDA, call ``__nv_logf``/``__nv_cosf`` by name and the correctly rounded ``__fsqrt_rn``
+(the extension is compiled with ``--use_fast_math``, which would turn ``logf``/``cosf`` into
+``lg2.approx``/``cos.approx``).
 ``fastfood_params`` computes G in float64 from the same uniforms and rounds once to float32 --
 the definition the kernels approximate to that bound. Outputs of P then agree to ~1e-6
 relative (the tests use 1e-5).
 
-Backends: Triton (a fused kernel, one program per block, for ``Lb <= 2^13``: generation,
-both transforms, the gather and the norm of G_j -- a register reduction over the block the
-program holds, so no pre-pass -- in one pass over memory); the torch code below (vectorised over
-blocks, ``kk.fwht`` on ``(nb, Lb)``), which also serves larger blocks on CUDA through
-``kk.fwht``'s own kernels. A fused CUDA C++ kernel is not written yet: ``backend="cuda"``
-refuses with that reason and ``auto`` uses Triton/torch.
+Backends: the compiled extension (``csrc/fastfood_*``; ``params=None``, fp32/fp16/bf16 theta):
+on CUDA a fused kernel for ``Lb <= 2^15`` (or less where the device's opt-in shared memory is
+smaller: one block of Lb fp32 per CTA), a persistent grid whose CTAs generate B_j, Pi_j, G_j in
+registers and shared memory and write each output once (int64 offsets); on the CPU the same
+generator (``csrc/fastfood.h``, shared by both) with the blocks over threads. Triton (a fused
+kernel, one program per block, for ``Lb <= 2^13``: generation, both transforms, the gather and
+the norm of G_j -- a register reduction over the block the program holds, so no pre-pass -- in
+one pass over memory); the torch code below (vectorised over blocks, ``kk.fwht`` on
+``(nb, Lb)``), which also serves larger blocks on CUDA through ``kk.fwht``'s own kernels.
+Explicit ``params`` go to Triton or torch. ``auto`` takes the extension where it serves the call, else Triton on CUDA,
+else torch; ``backend="cuda"`` refuses what the extension does not serve (explicit params,
+float64, blocks beyond its shared memory) with the reason. The extension's CUDA kernel computes
+||G_j|| in fp32 (a block reduction), the CPU kernel and torch in float64: outputs agree to ~1e-6.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -231,10 +243,43 @@ def _torch_transpose(g, d, Lb, nb, B, Pi, G, norm):
 
 # ----------------------------------------------------------------------------- dispatching
 _TRITON_MAX_LOG_LB = 13  # one block per program in registers (triton/fastfood.py)
+_CPU_EXTENSION_MAX_LOG_LB = 30  # the C++ kernel's transforms (kk.fwht's limit)
 
 
 def _triton_refusal(dtype) -> Optional[str]:
     return "its kernels compute in float32, got float64" if dtype == torch.float64 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_devices() -> frozenset:
+    """Device types the compiled extension has Fastfood kernels for (the CPU alone in a CPU-only
+    build); without an extension both, so that an explicit 'cuda' backend says it is missing."""
+    ok, _ = backend.extension_status()
+    return frozenset(backend.extension().kernels().get("fastfood", ())) if ok else frozenset({"cuda", "cpu"})
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_max_log_lb(index: int) -> int:
+    """log2 of the largest block the CUDA kernel takes on device ``index`` (its opt-in shared
+    memory); asked once per device, only for calls that already hold a CUDA tensor."""
+    return backend.extension().fastfood_cuda_max_log_lb(index)
+
+
+def _extension_refusal(theta: torch.Tensor, Lb: int, params) -> Optional[str]:
+    """Why the extension's kernels cannot take this call, or None."""
+    if params is not None:
+        return "its kernels regenerate B, Pi, G from the seed; explicit params take the Triton/torch paths"
+    if theta.dtype == torch.float64:
+        return "its kernels compute in float32, got float64"
+    if theta.device.type == "cpu" and Lb > 1 << _CPU_EXTENSION_MAX_LOG_LB:
+        return f"its CPU kernel takes blocks up to 2^{_CPU_EXTENSION_MAX_LOG_LB}, Lb = {Lb}"
+    if theta.device.type == "cuda" and backend.extension_status()[0] and "cuda" in _extension_devices():
+        index = theta.device.index if theta.device.index is not None else torch.cuda.current_device()
+        max_log = _cuda_max_log_lb(index)
+        if Lb > 1 << max(max_log, 0) or max_log < 0:
+            return (f"its CUDA kernel holds one block of Lb fp32 in shared memory: Lb <= 2^{max_log} on "
+                    f"{theta.device}, got Lb = {Lb}")
+    return None
 
 
 class FastfoodFunction(torch.autograd.Function):
@@ -244,6 +289,10 @@ class FastfoodFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, D, Lb, nb, seed, params, impl):
         ctx.args = (theta.shape[0], D, Lb, nb, seed, params, impl)
+        if impl == "cuda":  # the compiled extension (CUDA or CPU kernel), params is None
+            out = torch.empty(D, dtype=torch.float32, device=theta.device)
+            backend.extension().fastfood_forward(theta, out, seed, Lb)
+            return out
         if impl == "triton":
             from ..triton import fastfood as triton_fastfood  # first use only, never at import
 
@@ -256,7 +305,10 @@ class FastfoodFunction(torch.autograd.Function):
     def backward(ctx, grad):
         d, D, Lb, nb, seed, params, impl = ctx.args
         grad = grad.contiguous()
-        if impl == "triton":
+        if impl == "cuda":
+            out = torch.empty(d, dtype=torch.float32, device=grad.device)
+            backend.extension().fastfood_backward(grad.float(), out, seed, Lb)
+        elif impl == "triton":
             from ..triton import fastfood as triton_fastfood
 
             out = triton_fastfood.fastfood_transpose(grad, d, Lb, nb, seed, params)
@@ -330,8 +382,11 @@ def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", 
     seed = _check_seed(seed)
     if params is not None:
         params = _check_params(params, Lb, nb, theta.device)
+    refusal = _extension_refusal(theta, Lb, params)
+    if refusal is not None and backend.get_backend() == "cuda":
+        raise backend.BackendUnavailableError(f"backend 'cuda' cannot run fastfood: {refusal}")
     impl = backend.select(
-        "fastfood", theta.device, cuda_ops=frozenset(),
+        "fastfood", theta.device, cuda_ops=frozenset() if refusal else _extension_devices(),
         triton_refuses=_triton_refusal(theta.dtype),
     )
     if impl == "triton" and Lb > 1 << _TRITON_MAX_LOG_LB:

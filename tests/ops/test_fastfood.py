@@ -1,19 +1,28 @@
 """kk.fastfood / kk.fastfood_params against the dense matrix built from (B, Pi, G) and scipy's H."""
 import importlib
 import math
+import os
+import shutil
 import struct
+import subprocess
 
 import pytest
 import scipy.linalg
 import torch
 
 import kron_kernels as kk
-from conftest import INTERPRET
+from conftest import HAS_CUDA, INTERPRET
+from kron_kernels import _build, backend
 from kron_kernels.reference.fastfood import fastfood_reference, fwht_butterfly
 from utils import RTOL, assert_rel_close, compare_low_precision, compare_with_reference
 
 ff = importlib.import_module("kron_kernels.ops.fastfood")  # the module (kk.ops.fastfood is the function)
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
+EXTENSION_OK, EXTENSION_REASON = backend.extension_status()
+if EXTENSION_OK and "fastfood" not in backend.extension().kernels():
+    EXTENSION_OK, EXTENSION_REASON = False, "the installed kron_kernels._C predates the Fastfood kernels: rebuild it"
+needs_extension = pytest.mark.skipif(not EXTENSION_OK,
+                                     reason=f"the compiled extension is not built here: {EXTENSION_REASON}")
 
 # (D, d, mode): tails (Lb not dividing D), Lb dividing D, d = 1, D = 1, d > D (padded), d not a power of two
 CASES = [
@@ -314,9 +323,150 @@ def test_bad_input(call, error, match):
         call()
 
 
-def test_cuda_backend_refuses_with_reason():
-    with kk.use_backend("cuda"), pytest.raises(kk.BackendUnavailableError, match="no compiled kernel for fastfood"):
+@pytest.mark.parametrize(
+    "theta,params,match",
+    [
+        (torch.zeros(4), kk.fastfood_params(10, 4), "explicit params take the Triton/torch paths"),
+        (torch.zeros(4, dtype=torch.float64), None, "compute in float32, got float64"),
+    ],
+    ids=["params", "fp64"],
+)
+def test_cuda_backend_refuses_with_reason(theta, params, match):
+    with kk.use_backend("cuda"), pytest.raises(kk.BackendUnavailableError, match=match):
+        kk.fastfood(theta, 10, params=params)
+
+
+def test_cuda_backend_without_extension_says_why(monkeypatch):
+    monkeypatch.setattr(backend, "extension_status", lambda: (False, "not built (test)"))
+    monkeypatch.setattr(ff, "_extension_devices", lambda: frozenset({"cuda", "cpu"}))
+    with kk.use_backend("cuda"), pytest.raises(kk.BackendUnavailableError, match=r"not built \(test\)"):
         kk.fastfood(torch.zeros(4), 10)
+
+
+# ------------------------------------------------------------------- compiled CPU kernel (_C)
+SEEDS = [0, 99, 2**40 + 3, 2**64 - 1]
+
+
+@needs_extension
+@pytest.mark.parametrize("D,d,mode", CASES, ids=IDS)
+def test_extension_cpu_matches_dense(D, d, mode):
+    """The C++ kernel (fp32, generating B, Pi, G itself) against the float64 dense P of
+    fastfood_params: output and P^T g through autograd."""
+    P = dense_projection(D, d, SEED, mode)
+    theta = rand(d, dtype=torch.float32).requires_grad_()
+    with kk.use_backend("cuda"):
+        compare_with_reference(lambda t: kk.fastfood(t, D, SEED, mode), lambda t: P @ t, [theta],
+                               RTOL[torch.float32], ref_dtype=torch.float64)
+
+
+@needs_extension
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("D,d,mode", [(5000, 300, "stacked"), (70001, 2**12, "stacked"), (3000, 40, "padded"),
+                                      (9, 9, "stacked")], ids=["tail", "full-lb", "padded", "one-block"])
+def test_extension_cpu_same_projection_as_torch(D, d, mode, seed):
+    """Same seed, same P: B and Pi bit-identical (a difference would change outputs by O(1)), G
+    within float32 rounding, so forward and P^T g agree to ~1e-6 with the float64 torch path."""
+    theta = rand(d, dtype=torch.float32, seed=1)
+    g = rand(D, dtype=torch.float32, seed=2)
+    with kk.use_backend("torch"):
+        t = theta.double().requires_grad_()
+        want = kk.fastfood(t, D, seed, mode)
+        (want_grad,) = torch.autograd.grad(want, t, g.double())
+    with kk.use_backend("cuda"):
+        t = theta.clone().requires_grad_()
+        got = kk.fastfood(t, D, seed, mode)
+        (got_grad,) = torch.autograd.grad(got, t, g)
+    assert got.dtype == torch.float32 and got.shape == (D,)
+    assert_rel_close(got, want, 1e-5, "P theta")
+    assert_rel_close(got_grad, want_grad, 1e-5, "P^T g")
+
+
+@needs_extension
+def test_extension_cpu_transpose_identity_and_linearity():
+    D, d = 20000, 300
+    t1, t2 = rand(d, dtype=torch.float32, seed=1), rand(d, dtype=torch.float32, seed=2)
+    g = rand(D, dtype=torch.float32, seed=3)
+    with kk.use_backend("cuda"):
+        y = kk.fastfood(t1, D, 8)
+        combined = kk.fastfood(2.5 * t1 - 0.5 * t2, D, 8)
+        assert_rel_close(combined, 2.5 * y - 0.5 * kk.fastfood(t2, D, 8), 1e-5, "linearity")
+        theta = t1.clone().requires_grad_()
+        (ptg,) = torch.autograd.grad(kk.fastfood(theta, D, 8), theta, g)
+    lhs, rhs = torch.dot(y.double(), g.double()).item(), torch.dot(t1.double(), ptg.double()).item()
+    assert abs(lhs - rhs) < 1e-5 * y.norm().item() * g.norm().item()
+
+
+@needs_extension
+def test_extension_cpu_backward_deterministic_across_threads():
+    """P^T g sums the blocks in a fixed split whatever the number of threads: bit-identical."""
+    D, d = 300000, 100
+    g = rand(D, dtype=torch.float32)
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            theta = torch.zeros(d, requires_grad=True)
+            with kk.use_backend("cuda"):
+                (grad,) = torch.autograd.grad(kk.fastfood(theta, D, 4), theta, g)
+            out.append(grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out[0], o) for o in out[1:])
+
+
+@needs_extension
+def test_extension_cpu_is_auto_and_low_precision():
+    D, d = 4000, 96
+    theta = rand(d, dtype=torch.float32)
+    assert backend.select("fastfood", torch.device("cpu"), cuda_ops=ff._extension_devices()) == "cuda"
+    with kk.use_backend("cuda"):
+        want = kk.fastfood(theta, D, 3)
+    assert torch.equal(kk.fastfood(theta, D, 3), want), "auto takes the C++ kernel on the CPU"
+    params = kk.fastfood_params(D, d, 3)
+    for dtype in (torch.float16, torch.bfloat16):
+        with kk.use_backend("cuda"):
+            compare_low_precision(lambda t: kk.fastfood(t, D, 3), lambda t: fastfood_reference(t, D, *params),
+                                  [theta.clone().requires_grad_()], dtype)
+
+
+def _binding_calls():
+    """(call, error, match) of bad input reaching kron_kernels._C directly."""
+    ext = backend.extension()
+    f32 = torch.zeros(4)
+    out = torch.zeros(10)
+    return [
+        (lambda: ext.fastfood_forward(f32.double(), out, 0, 4), TypeError, "theta must be float32"),
+        (lambda: ext.fastfood_forward(f32, out.half(), 0, 4), TypeError, "out must be float32"),
+        (lambda: ext.fastfood_forward(torch.zeros(2, 4), out, 0, 4), ValueError, "theta must be 1-D"),
+        (lambda: ext.fastfood_forward(torch.zeros(8)[::2], out, 0, 4), ValueError, "theta must be contiguous"),
+        (lambda: ext.fastfood_forward(f32, torch.zeros(0), 0, 4), ValueError, "out must be 1-D with at least one"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 6), ValueError, "Lb must be a power of two"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 2), ValueError, "d = 4 exceeds the block size Lb = 2"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 2**31), ValueError, "Lb must be a power of two <= 2"),
+        (lambda: ext.fastfood_forward(f32, out, -1, 4), ValueError, "seed must be in"),
+        (lambda: ext.fastfood_forward(f32, out, 2**64, 4), ValueError, "seed must be in"),
+        (lambda: ext.fastfood_forward(f32, out, 1.5, 4), TypeError, "seed must be an int"),
+        (lambda: ext.fastfood_forward(f32, out, True, 4), TypeError, "seed must be an int"),
+        (lambda: ext.fastfood_forward(f32, torch.zeros(10, device="meta"), 0, 4), ValueError, "out is on meta"),
+        (lambda: ext.fastfood_backward(out.int(), f32, 0, 4), TypeError, "grad must be float32"),
+        (lambda: ext.fastfood_backward(out, torch.zeros(5), 0, 4), ValueError, "d = 5 exceeds the block size Lb = 4"),
+        (lambda: ext.fastfood_backward(torch.zeros(2, 5), f32, 0, 4), ValueError, "grad must be 1-D"),
+    ]
+
+
+BINDING_IDS = ["theta-fp64", "out-fp16", "theta-2d", "theta-strided", "out-empty", "Lb-not-pow2", "d-above-Lb",
+               "Lb-too-large", "seed-neg", "seed-2^64", "seed-float", "seed-bool", "out-other-device", "grad-int",
+               "grad-d-above-Lb", "grad-2d"]
+
+
+@needs_extension
+@pytest.mark.parametrize("index", range(len(BINDING_IDS)), ids=BINDING_IDS)
+def test_extension_bad_input(index):
+    """Bad input reaching the binding directly is a TypeError/ValueError naming the argument."""
+    call, error, match = _binding_calls()[index]
+    with pytest.raises(error, match=match):
+        call()
 
 
 # ------------------------------------------------------------------------------------- GPU
@@ -339,13 +489,15 @@ def test_gpu_same_projection_as_cpu(D, d, mode):
 
 @pytest.mark.gpu
 def test_gpu_beyond_int32_offsets():
-    """D > 2^31 (8.6 GB of fp32 output): the last block's rows against the CPU chain of that block alone."""
+    """D > 2^31 (8.6 GB of fp32 output): the last block's rows against the CPU chain of that block
+    alone, and P^T g for a g that is zero outside that block against the same block transposed."""
     D, d = 2**31 + 1000, 1024
     free, _ = torch.cuda.mem_get_info()
     if free < 3 * 4 * D:
         pytest.skip(f"needs {3 * 4 * D / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB are")
     theta = rand(d, dtype=torch.float32)
-    out = kk.fastfood(theta.cuda(), D, 5)
+    tc = theta.cuda().requires_grad_()
+    out = kk.fastfood(tc, D, 5)
     Lb, nb = ff.fastfood_block_size(D, d)
     j = nb - 1
     p = ff._generate(5, Lb, 1, torch.device("cpu"), first=j)
@@ -355,5 +507,132 @@ def test_gpu_beyond_int32_offsets():
     x = torch.gather(x, 1, p["Pi"]) * p["G"].double()
     block = fwht_butterfly(x)[0] / (p["G"].double().norm() * math.sqrt(D))
     rows = D - j * Lb
-    assert_rel_close(out[j * Lb:].cpu(), block[:rows], 1e-5, "last block")
+    assert_rel_close(out[j * Lb:].detach().cpu(), block[:rows], 1e-5, "last block")
     assert not torch.isnan(out).any()
+    g_tail = rand(rows, dtype=torch.float32, seed=2)
+    g = torch.zeros(D, device="cuda")
+    g[j * Lb:] = g_tail.cuda()
+    (got,) = torch.autograd.grad(out, tc, g)
+    del out, g
+    w = torch.zeros(1, Lb, dtype=torch.float64)
+    w[0, :rows] = g_tail.double()
+    w = fwht_butterfly(w) / (p["G"].double().norm() * math.sqrt(D)) * p["G"].double()
+    z = torch.zeros_like(w).scatter_(1, p["Pi"], w)  # Pi^T
+    want = (fwht_butterfly(z) * p["B"].double())[0, :d]
+    assert_rel_close(got.cpu(), want, 1e-5, "P^T g of the last block")
+
+
+# ------------------------------------------- the CUDA kernels' code on the host (no GPU needed)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """csrc/emulation/fastfood_emulate.cpp compiled with the host compiler: the kernels of
+    csrc/fastfood_cuda.cuh run with every CUDA thread a std::thread (barriers, warp shuffles
+    through a buffer). It checks their indexing, layouts, barriers and reductions where no GPU
+    exists; not the launchers, alignment or speed (the gpu tests do)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    home = _build.cuda_home()
+    if cxx is None or home is None or not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        pytest.skip("needs a host C++ compiler and the CUDA toolkit's headers")
+    exe = str(tmp_path_factory.mktemp("emulation") / "fastfood_emulate")
+    src = os.path.join(ROOT, "csrc", "emulation", "fastfood_emulate.cpp")
+    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-I", os.path.join(home, "include"), src, "-o", exe],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("the host compiler has no C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def _emulate(exe, tmp_path, mode, log_lb, D, seed, grid, x):
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    x.numpy().astype("<f4").tofile(src)
+    subprocess.run([exe, mode, str(log_lb), str(D), str(seed), str(grid), str(src), str(dst)], check=True, timeout=600)
+    return torch.from_numpy(__import__("numpy").fromfile(dst, dtype="<f4"))
+
+
+@pytest.mark.parametrize("log_lb", [0, 2, 3, 5, 8, 9, 10, 13, 14, pytest.param(15, marks=pytest.mark.slow)],
+                         ids=lambda k: f"Lb{2**k}")
+def test_cuda_kernels_emulated_on_host(emulator, tmp_path, log_lb):
+    """The CUDA kernels' own code against the float64 torch path, two persistent CTAs walking
+    every block (several row groups per CTA below Lb = 2^10; rows over 2 warps at 2^9 with two
+    groups; the exchange through shared memory from 2^9; the cut last block; groups past the
+    last block in the final round): outputs and the partial rows' sum, 1e-5."""
+    Lb, seed = 2**log_lb, 2**63 + 11
+    d = Lb // 2 + 1 if Lb > 2 else Lb  # stacked mode: Lb = 2^ceil(log2 d)
+    D = max(3 * Lb, 700) + 5
+    assert ff.fastfood_block_size(D, d) == (Lb, -(-D // Lb))
+    theta, g = rand(d, dtype=torch.float32), rand(D, dtype=torch.float32, seed=1)
+    with kk.use_backend("torch"):
+        t = theta.double().requires_grad_()
+        want = kk.fastfood(t, D, seed)
+        (want_grad,) = torch.autograd.grad(want, t, g.double())
+    got = _emulate(emulator, tmp_path, "fwd", log_lb, D, seed, 2, theta)
+    partial = _emulate(emulator, tmp_path, "bwd", log_lb, D, seed, 2, g)
+    assert partial.numel() % Lb == 0 and not torch.isnan(partial).any(), "every partial row written"
+    assert_rel_close(got, want, 1e-5, "P theta (emulated CUDA kernel)")
+    assert_rel_close(partial.view(-1, Lb).sum(0)[:d], want_grad, 1e-5, "P^T g (emulated CUDA kernel)")
+
+
+def _extension_pair(theta, g, D, seed, mode, device):
+    """(P theta, P^T g) by the compiled kernels on ``device`` (fp32)."""
+    t = theta.to(device).requires_grad_()
+    with kk.use_backend("cuda"):
+        y = kk.fastfood(t, D, seed, mode)
+        (grad,) = torch.autograd.grad(y, t, g.to(device))
+    return y.detach().cpu(), grad.cpu()
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("log_lb", range(16), ids=[f"Lb{2**k}" for k in range(16)])
+def test_gpu_extension_matches_cpu_extension(log_lb):
+    """The CUDA kernel against the C++ one for every block size it takes: several row groups per
+    CTA (small Lb), a persistent grid with more blocks than CTAs, a cut last block, d not a
+    power of two. B and Pi are the same integer functions (a difference would change outputs by
+    O(1)); G differs by libdevice vs libm rounding, ||G_j|| by its fp32 block reduction."""
+    max_log = ff._cuda_max_log_lb(torch.cuda.current_device())
+    if log_lb > max_log:
+        pytest.skip(f"Lb = 2^{log_lb} exceeds this GPU's shared memory (2^{max_log})")
+    Lb = 2**log_lb
+    d, D = Lb // 2 + 1 if Lb > 2 else Lb, max(37 * Lb, 100000) + 5  # stacked: Lb = 2^ceil(log2 d)
+    assert ff.fastfood_block_size(D, d)[0] == Lb
+    theta, g = rand(d, dtype=torch.float32), rand(D, dtype=torch.float32, seed=1)
+    want = _extension_pair(theta, g, D, 2**40 + 7, "stacked", "cpu")
+    got = _extension_pair(theta, g, D, 2**40 + 7, "stacked", "cuda")
+    assert_rel_close(got[0], want[0], 1e-5, "P theta CUDA vs CPU")
+    assert_rel_close(got[1], want[1], 1e-4, "P^T g CUDA vs CPU (sums over D / Lb blocks)")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_extension_target_size_and_padded():
+    """d = 2^14 into D ~ 1e7 (the issue's block size), and padded mode with a single block."""
+    for D, d, mode in ((10**7 + 11, 2**14, "stacked"), (20000, 300, "padded")):
+        theta, g = rand(d, dtype=torch.float32), rand(D, dtype=torch.float32, seed=1)
+        want = _extension_pair(theta, g, D, 12, mode, "cpu")
+        got = _extension_pair(theta, g, D, 12, mode, "cuda")
+        assert_rel_close(got[0], want[0], 1e-5, f"P theta {mode}")
+        assert_rel_close(got[1], want[1], 1e-4, f"P^T g {mode}")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_extension_misaligned_grad_and_refusal():
+    ext = backend.extension()
+    D, Lb = 5000, 64
+    base = rand(D + 1, dtype=torch.float32, device="cuda")
+    aligned = base[1:].clone()
+    a, b = torch.empty(Lb, device="cuda"), torch.empty(Lb, device="cuda")
+    ext.fastfood_backward(base[1:], a, 3, Lb)  # a view 4 bytes into its allocation: copied
+    ext.fastfood_backward(aligned, b, 3, Lb)
+    assert torch.equal(a, b)
+    max_log = ff._cuda_max_log_lb(torch.cuda.current_device())
+    theta = torch.zeros(2 ** (max_log + 1), device="cuda")
+    with kk.use_backend("cuda"), pytest.raises(kk.BackendUnavailableError, match="shared memory"):
+        kk.fastfood(theta, 10**6)
+    with pytest.raises(ValueError, match="does not fit the CUDA kernel"):
+        ext.fastfood_forward(theta, torch.empty(10**6, device="cuda"), 0, theta.numel())
+    assert kk.fastfood(theta, 10**6).abs().max().item() == 0.0  # auto falls back

@@ -1,0 +1,85 @@
+// Runs the CUDA Fastfood kernels of fastfood_cuda.cuh on the host (cuda_host.h) for the tests:
+//   fastfood_emulate fwd LOG_LB D SEED GRID THETA_FILE OUT_FILE      out (D,) = P theta
+//   fastfood_emulate bwd LOG_LB D SEED GRID GRAD_FILE PARTIAL_FILE   partial (GRID * R, Lb)
+// Files are raw little-endian float32; theta's length is its file size / 4. GRID is the number
+// of persistent CTAs (fewer than the blocks: each CTA then walks several).
+#include "cuda_host.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "../fastfood_cuda.cuh"
+
+namespace kron_kernels {
+namespace device {
+float4 smem_words[(256 * 1024) / sizeof(float4)];  // the CTA's dynamic shared memory (one CTA at a time)
+}  // namespace device
+}  // namespace kron_kernels
+
+namespace {
+
+using namespace kron_kernels::device;
+
+std::vector<float> read_floats(const char* path) {
+  std::vector<float> v;
+  FILE* f = std::fopen(path, "rb");
+  if (f == nullptr) std::exit(3);
+  float x;
+  while (std::fread(&x, sizeof(x), 1, f) == 1) v.push_back(x);
+  std::fclose(f);
+  return v;
+}
+
+void write_floats(const char* path, const std::vector<float>& v) {
+  FILE* f = std::fopen(path, "wb");
+  if (f == nullptr || std::fwrite(v.data(), sizeof(float), v.size(), f) != v.size()) std::exit(4);
+  std::fclose(f);
+}
+
+template <int kLogN>
+int run(bool forward, int64_t D, uint64_t seed, unsigned grid, const char* in_path, const char* out_path) {
+  using C = RowConfig<kLogN>;
+  static_assert(FastfoodConfig<kLogN>::kSmemBytes <= static_cast<int>(sizeof(smem_words)), "emulated shared memory");
+  const std::vector<float> in = read_floats(in_path);
+  const int64_t nb = (D + C::kN - 1) / C::kN;
+  const float inv_sqrt_D = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  std::vector<float> out;
+  if (forward) {
+    out.assign(D, NAN);
+    kk_emulation::launch(grid, C::kThreads, [&] {
+      fastfood_forward_kernel<kLogN>(in.data(), static_cast<int64_t>(in.size()), out.data(), D, nb, seed, inv_sqrt_D);
+    });
+  } else {
+    out.assign(static_cast<size_t>(grid) * C::kRowsPerBlock * C::kN, NAN);
+    kk_emulation::launch(grid, C::kThreads, [&] {
+      fastfood_backward_kernel<kLogN>(in.data(), D, out.data(), nb, seed, inv_sqrt_D);
+    });
+  }
+  write_floats(out_path, out);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 8) return 2;
+  const bool forward = std::string(argv[1]) == "fwd";
+  const int log_lb = std::atoi(argv[2]);
+  const int64_t D = std::atoll(argv[3]);
+  const uint64_t seed = std::strtoull(argv[4], nullptr, 10);
+  const unsigned grid = static_cast<unsigned>(std::atoi(argv[5]));
+  switch (log_lb) {
+#define KK_CASE(K) \
+  case K:          \
+    return run<K>(forward, D, seed, grid, argv[6], argv[7]);
+    KK_CASE(0) KK_CASE(1) KK_CASE(2) KK_CASE(3) KK_CASE(4) KK_CASE(5) KK_CASE(6) KK_CASE(7) KK_CASE(8)
+    KK_CASE(9) KK_CASE(10) KK_CASE(11) KK_CASE(12) KK_CASE(13) KK_CASE(14) KK_CASE(15)
+#undef KK_CASE
+    default:
+      return 2;
+  }
+}
