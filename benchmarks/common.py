@@ -46,6 +46,7 @@ import kron_kernels as kk
 from kron_kernels.reference import arc as ref_arc
 from kron_kernels.reference import compacter as ref_compacter
 from kron_kernels.reference import fact as ref_fact
+from kron_kernels.reference import fastfood as ref_fastfood
 from kron_kernels.reference import losa as ref_losa
 from kron_kernels.reference import kadaptation as ref_kadaptation
 
@@ -132,6 +133,34 @@ def fwht_cases(quick: bool = False) -> List[Case]:
         for k in logs
         for dtype in dtypes
     ]
+
+
+# Fastfood (issue 4): theta in R^d -> P theta in R^D, forward alone (the HBM-write target) and
+# a subspace training step of one ViT-B attention module (qkv + proj: D = 2,362,368)
+FASTFOOD_TARGET = (2**14, 86_000_000)  # d, D of the issue's target (ViT-B has ~86M parameters)
+FASTFOOD_GPU_DS, FASTFOOD_GPU_BIG_DS = (2**10, 2**12, 2**14, 2**15), (10**6, 10**7, 86_000_000, 10**8)
+FASTFOOD_CPU_DS, FASTFOOD_CPU_BIG_DS = (2**10, 2**14), (10**6,)
+FASTFOOD_QUICK_DS, FASTFOOD_QUICK_BIG_DS = (2**14,), (10**5,)
+SUBSPACE_D = 2**14
+
+
+def fastfood_cases(quick: bool = False, device: Optional[torch.device] = None) -> List[Case]:
+    """kk.fastfood forward (``fwd``, fp32 theta) per (d, D) -- GPU: d = 2^10..2^15, D = 10^6..10^8;
+    CPU: d = 2^10, 2^14, D = 10^6; quick: d = 2^14, D = 10^5 -- in the variants ``fused`` (auto:
+    the compiled kernel, stacked mode), ``triton``, ``reference`` and ``floor`` (writing D floats);
+    and a subspace training step of a ViT-B attention module (``subspace_attn``)."""
+    device = device or default_device()
+    if quick:
+        ds, big_ds = FASTFOOD_QUICK_DS, FASTFOOD_QUICK_BIG_DS
+    elif device.type == "cuda":
+        ds, big_ds = FASTFOOD_GPU_DS, FASTFOOD_GPU_BIG_DS
+    else:
+        ds, big_ds = FASTFOOD_CPU_DS, FASTFOOD_CPU_BIG_DS
+    variants = ("fused", "triton", "reference", "floor")
+    cases = [Case("fastfood", f"d{d}-D{D}", FWD, variants, (("d", d), ("D", D))) for D in big_ds for d in ds]
+    cases.append(Case("subspace_attn", f"d{SUBSPACE_D}", FWD_BWD, ("fused", "reference", "floor"),
+                      (("model", BLOCK_MODEL), ("d", SUBSPACE_D))))
+    return cases
 
 
 def fwht_rows(n: int, device: torch.device, tokens: int) -> int:
@@ -278,6 +307,10 @@ def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int
         return _build_bottleneck(case, variant, device, tokens, gen)
     if case.op == "vit_block":
         return _build_vit_block(case, variant, device, tokens, gen)
+    if case.op == "fastfood":
+        return _build_fastfood(case, variant, device, gen)
+    if case.op == "subspace_attn":
+        return _build_subspace_attn(case, variant, device, tokens, gen)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -562,6 +595,101 @@ def _build_bottleneck(case, variant, device, tokens, gen) -> Bench:
 
 def _ref_arc_in_dtype(x, U, lam, bias, p, dtype):
     return ref_arc.arc(x, U.to(dtype), lam.to(dtype), bias.to(dtype), p)
+
+
+def _reference_fastfood_params(D: int, d: int, device):
+    """The intrinsic-dimension codes' projection: one padded block of ``2^ceil(log2 D)``
+    (Li et al.), its (B, Pi, G) stored -- generated here by ``kk.fastfood_params``."""
+    return kk.fastfood_params(D, d, seed=0, mode="padded", device=device)
+
+
+def _build_fastfood(case, variant, device, gen) -> Bench:
+    """``P theta`` for fp32 ``theta: (d,)``; ``bytes_moved`` is the output write (4 D bytes:
+    theta is read from cache), so ``gbps`` is the write bandwidth the op reaches."""
+    d, D = case.p["d"], case.p["D"]
+    theta = _randn(gen, d, device=device, dtype=torch.float32)
+    extra: Dict[str, Any] = {}
+    if variant in ("fused", "triton"):
+        if variant == "triton":
+            ok, reason = kk.backend.triton_status(device)
+            if not ok:
+                raise Unavailable(f"Triton cannot run here: {reason}")
+        impl = "auto" if variant == "fused" else "triton"
+
+        def forward():
+            with kk.use_backend(impl):
+                kk.fastfood(theta, D)
+
+        extra["note"] = "stacked mode (Lb = 2^ceil(log2 d)), B/Pi/G regenerated from the seed, nothing stored"
+    elif variant == "reference":
+        B, Pi, G = _reference_fastfood_params(D, d, device)
+        forward = lambda: ref_fastfood.fastfood_reference(theta, D, B, Pi, G)  # noqa: E731
+        extra["note"] = (f"padded mode (one block of Lb = {B.shape[1]}), stored B/Pi/G "
+                         f"({(B.numel() * 4 + Pi.numel() * 8 + G.numel() * 4) / 2**20:.0f} MiB, resident, not in the peak)")
+    elif variant == "floor":
+        forward = lambda: torch.zeros(D, device=device, dtype=torch.float32)  # noqa: E731
+        extra["floor"] = "torch.zeros(D): the write roofline"
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return Bench(_step(forward, (), None), bytes_moved=4 * D, extra=extra)
+
+
+def _build_subspace_attn(case, variant, device, tokens, gen) -> Bench:
+    """A subspace training step of block 0's attention of a ViT-B/16: ``theta`` (d = 2^14)
+    projected into the module's D = 2,362,368 parameters (``Theta = Theta0 + P theta``), the
+    attention forward and the backward to theta and the input. ``fused``:
+    ``kk.nn.FastfoodSubspace`` (stacked, regenerated projection); ``reference``: the same
+    reparameterisation through ``reference.fastfood`` (padded, stored B/Pi/G); ``floor``: the
+    frozen attention (forward + input gradient). bf16 autocast on CUDA, fp32 on CPU."""
+    try:
+        import timm
+    except Exception as exc:
+        raise Unavailable(f"timm is not importable ({type(exc).__name__}: {exc})") from None
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = timm.create_model(case.p["model"], pretrained=False, depth=1, num_classes=0)
+    attn = model.blocks[0].attn.to(device).requires_grad_(False)
+    d = case.p["d"]
+    shape = (max(1, tokens // VIT_TOKENS), VIT_TOKENS, model.embed_dim)
+    x = _randn(gen, *shape, device=device, dtype=activation_dtype(device), requires_grad=True)
+    grad_out = _randn(gen, *shape, device=device, dtype=activation_dtype(device))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    extra: Dict[str, Any] = {"shape": list(shape)}
+    if variant == "fused":
+        module = kk.nn.FastfoodSubspace(attn, d).to(device)
+        inputs = (x, module.theta)
+        run = lambda: module(x)  # noqa: E731
+        extra["D"] = module.D
+    elif variant == "reference":
+        names = [n for n, _ in attn.named_parameters()]
+        theta0 = [p.detach() for p in attn.parameters()]
+        D = sum(t.numel() for t in theta0)
+        B, Pi, G = _reference_fastfood_params(D, d, device)
+        theta = torch.zeros(d, device=device, requires_grad=True)
+        inputs = (x, theta)
+
+        def run():
+            flat = ref_fastfood.fastfood_reference(theta, D, B, Pi, G)
+            params, start = {}, 0
+            for name, t0 in zip(names, theta0):
+                params[name] = t0 + flat[start:start + t0.numel()].view_as(t0).to(t0.dtype)
+                start += t0.numel()
+            return functional_call(attn, params, (x,))
+
+        extra["D"] = D
+    elif variant == "floor":
+        inputs = (x,)
+        run = lambda: attn(x)  # noqa: E731
+        extra["floor"] = "the frozen attention: forward + input gradient"
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+
+    def forward():
+        with autocast():
+            return run()
+
+    return Bench(_step(forward, inputs, grad_out), extra=extra)
 
 
 def _build_vit_block(case, variant, device, tokens, gen) -> Bench:

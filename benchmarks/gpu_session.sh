@@ -1,41 +1,51 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in one call, from the repository root:
+# Everything a session with a lent GPU should run, from the repository root:
 #
-#     KRON_KERNELS_COMMIT=<git rev-parse HEAD, run here> bash benchmarks/gpu_session.sh "$OUT" [build] [tests] [resources] [report] [models]
+#     KRON_KERNELS_COMMIT=<git rev-parse HEAD, run here> bash benchmarks/gpu_session.sh "$OUT" [build] [tests] [resources] [report] [transforms] [models]
 #
 # (the device machine gets the working tree without .git: the commit must travel in the
 # environment for the results' provenance; commit before the call so it names the code run).
-# builds the extension in place for the local GPU only, runs `pytest -m gpu`, the ptxas
-# resource report, the op-level benchmark report and the model-level one (ViT-B/16, batch 64,
-# bf16, with a torch.cuda.memory snapshot of a KAdaptation step) -- all five when no step is
-# named; name fewer to fit a call's time limit, e.g. `build tests` then `build report` then
-# `build models`); logs and results land
-# under the given folder (results/<device>/ there is what to commit under
-# benchmarks/results/). Each step is time-boxed so that one hang cannot eat the lease.
+# Steps: build the extension in place for the local GPU only; `pytest -m gpu`; the ptxas
+# resource report; the op-level benchmark report (kron ops, bottleneck) and its transforms
+# part (fwht, fastfood); the model-level report (ViT-B/16, batch 64, bf16, with a
+# torch.cuda.memory snapshot of a KAdaptation step). All six when no step is named; name
+# fewer to fit a call's 10-minute limit, e.g. `build tests`, `build resources report`,
+# `build transforms`, `build models` (`build` is quick when `_C` is current).
+#
+# The device tool returns at most 8 files from $OUT, so everything (logs, env.txt, and
+# results/<device>/ -- what to commit under benchmarks/results/) is kept under a work folder
+# and packed into "$OUT/session.tgz" after every step: a step that hits its time box, or a
+# command killed at the call's limit, still leaves the archive of the steps before it.
 set -u
-out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR [build] [tests] [resources] [report] [models]}
+out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR [build] [tests] [resources] [report] [transforms] [models]}
 shift
-steps=${*:-build tests resources report models}
+steps=${*:-build tests resources report transforms models}
 mkdir -p "$out"
+work=$(mktemp -d /tmp/kk_session.XXXXXX)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
-step() {  # step NAME SECONDS CMD...: run, log to $out/NAME.log, keep going on failure
+pack() { tar czf "$out/session.tgz.tmp" -C "$work" . && mv "$out/session.tgz.tmp" "$out/session.tgz"; }
+
+step() {  # step NAME SECONDS CMD...: run, log to NAME.log, keep going on failure, pack
     local name=$1 limit=$2; shift 2
     case " $steps " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name ($(date -u +%H:%M:%S))"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout "$limit" "$@" > "$work/$name.log" 2>&1
     local rc=$?
-    echo "== $name rc=$rc"; tail -n 25 "$out/$name.log"
+    echo "== $name rc=$rc"; tail -n 25 "$work/$name.log"
+    pack
 }
 
-{ nvidia-smi; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; echo "commit ${KRON_KERNELS_COMMIT:-unknown}"; } > "$out/env.txt" 2>&1
-cat "$out/env.txt"
+{ nvidia-smi; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; echo "commit ${KRON_KERNELS_COMMIT:-unknown}"; } > "$work/env.txt" 2>&1
+cat "$work/env.txt"
+pack
 if ls csrc/*.cu csrc/*.cpp > /dev/null 2>&1; then
     arch=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 $py setup.py build_ext --inplace
 fi
 step tests 420 $py -m pytest -m gpu -q -p no:cacheprovider tests
 step resources 120 $py -m benchmarks.kernel_resources
-step report 540 $py -m benchmarks.report --suite kron_ops fwht bottleneck --out "$out/results"
-step models 540 $py -m benchmarks.report --suite models --memory-snapshot kadaptation --out "$out/results"
+step report 540 $py -m benchmarks.report --suite kron_ops bottleneck --out "$work/results"
+step transforms 540 $py -m benchmarks.report --suite fwht fastfood --out "$work/results"
+step models 540 $py -m benchmarks.report --suite models --memory-snapshot kadaptation --out "$work/results"

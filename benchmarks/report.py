@@ -299,6 +299,53 @@ def bottleneck_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
     return targets
 
 
+def fastfood_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
+    """Issue 4 (GPU): fastfood of d = 2^14 into D = 86e6 at >= 70% of HBM write bandwidth (the
+    ``torch.zeros(D)`` floor's), >= 20x faster than the reference, with no stored B/Pi/G (the
+    fused call's peak extra memory is its output)."""
+    d, D = common.FASTFOOD_TARGET
+    case = f"fastfood-d{d}-D{D}-{FWD}"
+    na = None if cfg.device.type == "cuda" else "GPU target, this run is on CPU"
+    if not any(r.case == case for r in rows):
+        why = na or "the case was not selected (a quick or --cases run)"
+        return [Target("GPU: >= 70% of HBM write bandwidth, >= 20x the reference, nothing stored", case, "-",
+                       f"n/a: {why}")]
+    fused, floor, ref = (_ok(rows, case, v) for v in ("fused", "floor", "reference"))
+    frac = common.ratio(fused and fused.gbps, floor and floor.gbps)
+    speedup = common.ratio(ref and ref.median_ms, fused and fused.median_ms)
+    peak = fused.peak_extra_bytes if fused is not None else None
+    over_output = None if peak is None else peak / (4 * D)
+    return [
+        Target("GPU: >= 70% of HBM write bandwidth (torch.zeros(D))", case,
+               "-" if frac is None else f"{frac:.0%} ({fused.gbps:.0f} / {floor.gbps:.0f} GB/s)",
+               _check(frac, lambda v: v >= 0.70, na, _missing(rows, case, ("fused", "floor")))),
+        Target("GPU: fused >= 20x faster than the reference", case,
+               "-" if speedup is None else f"{speedup:.1f}x faster",
+               _check(speedup, lambda v: v >= 20.0, na, _missing(rows, case, ("fused", "reference")))),
+        Target("no stored B/Pi/G: fused peak extra memory <= 1.01x its output (4 D bytes)", case,
+               "-" if over_output is None else f"{over_output:.3f}x the output",
+               _check(over_output, lambda v: v <= 1.01, na, _missing(rows, case, ("fused",)))),
+    ]
+
+
+FASTFOOD_NOTES = (
+    "- **fused**: `kk.fastfood(theta, D)` on the default backend, stacked mode (Lb = 2^ceil(log2 d)), "
+    "B/Pi/G regenerated from the seed inside the kernel (the compiled extension: CUDA C++ on GPU for "
+    "Lb <= 2^15, C++ on CPU); the notes column names the backend each dispatch took.",
+    "- **triton**: the same call on the Triton backend (fused kernel for Lb <= 2^13; larger blocks "
+    "take the kk.fwht chain with temporary B/Pi/G).",
+    "- **reference**: `kron_kernels.reference.fastfood` as the intrinsic-dimension code runs it: one "
+    "padded block of 2^ceil(log2 D), B/Pi/G stored (generated before timing, resident, so not in the "
+    "peak), a torch butterfly with one op per stage. Both compute a P theta in R^D with unit-norm "
+    "columns; the reference's projection is the padded one.",
+    "- **floor**: `torch.zeros(D)`, the write roofline (gbps = 4 D bytes / time for every variant).",
+    "- **subspace_attn** rows: block 0's attention of a ViT-B/16 (qkv + proj, D = 2,362,368) "
+    "reparameterised as Theta0 + P theta, d = 2^14, forward + backward to theta and the input; fused "
+    "`kk.nn.FastfoodSubspace`, reference the same through `reference.fastfood` (padded, stored "
+    "B/Pi/G), floor the frozen attention (forward + input gradient); bf16 autocast on CUDA.",
+)
+
+
 BOTTLENECK_NOTES = (
     "- **fused**: `kk.fact_tt_delta` / `kk.fact_tk_delta` (torch matmul/bmm on every backend), "
     "`kk.arc`, `kk.losa_mixer` on the default backend (Triton on CUDA); the notes column names "
@@ -337,6 +384,14 @@ SUITES: Dict[str, Suite] = {
         cases=common.bottleneck_cases,
         targets=bottleneck_targets,
         notes=BOTTLENECK_NOTES,
+    ),
+    "fastfood": Suite(
+        name="fastfood",
+        title="Fastfood projection and subspace training",
+        cases=common.fastfood_cases,
+        targets=fastfood_targets,
+        notes=FASTFOOD_NOTES,
+        cases_for=lambda cfg: common.fastfood_cases(cfg.quick, cfg.device),
     ),
     "models": Suite(
         name="models",
@@ -392,6 +447,9 @@ def _size_line(suite: Suite, rows: List[Row], cfg: RunConfig) -> str:
         batch = sorted({r.extra["rows"] for r in rows if "rows" in r.extra})
         return (f"x of shape (rows, n), rows = {', '.join(map(str, batch)) or '-'} "
                 "(fewer for long rows on CPU); the dtype is in the case label.")
+    if suite.name == "fastfood":
+        return (f"theta float32 of d elements into D outputs (in the case label); subspace rows: N = {cfg.tokens} "
+                f"tokens, activations {_dtype(cfg.device)}.")
     return (f"N = {cfg.tokens} tokens per step, activations and frozen weight "
             f"{_dtype(cfg.device)}, trainable factors float32.")
 
@@ -425,10 +483,12 @@ def markdown(suite: Suite, rows: List[Row], targets: List[Target], cfg: RunConfi
             "",
             "## Forward bandwidth",
             "",
+            "Bytes moved = the output write (4 D bytes); the floor is `torch.zeros(D)`, the write roofline."
+            if suite.name == "fastfood" else
             "Bytes moved = read the input + write the output (the memcpy roofline's traffic); the floor is "
             "`torch.clone` of the input.",
             "",
-            "| case | variant | time median ms | GB/s | fraction of clone bandwidth |",
+            "| case | variant | time median ms | GB/s | fraction of the floor's bandwidth |",
             "|---|---|---|---|---|",
         ]
         for row in bandwidth:

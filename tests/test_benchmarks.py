@@ -4,6 +4,7 @@ The numbers of this run mean nothing; it guards the code path of `make bench` an
 `pytest benchmarks/ --benchmark-only` against rot, on the CPU that CI has.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,35 @@ def test_report_quick(tmp_path):
     assert {(row["params"]["method"], row["variant"]) for row in blocks} == {
         (m, v) for m in ("fact_tt", "fact_tk", "arc") for v in ("fused", "reference", "floor")}
     assert all(row["status"] == "ok" and row["median_ms"] > 0 for row in blocks), blocks
+
+
+@pytest.mark.slow
+def test_report_fastfood_suite_quick(tmp_path):
+    """The fastfood suite at its quick size: every variant runs or says why not (Triton needs
+    CUDA), the bandwidth rows carry GB/s, and the GPU target reads n/a on CPU."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--suite", "fastfood", "--quick", "--tokens", "20", "--reps", "1",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    data = json.loads((folder / "fastfood.json").read_text())
+    rows = {(row["op"], row["variant"]): row for row in data["rows"]}
+    assert set(rows) == {("fastfood", v) for v in ("fused", "triton", "reference", "floor")} | {
+        ("subspace_attn", v) for v in ("fused", "reference", "floor")}
+    cuda = torch_cuda()
+    triton_runs = cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the subprocess inherits the interpreter
+    for (op, variant), row in rows.items():
+        if variant == "triton" and not triton_runs:
+            assert row["status"] == "skipped" and "Triton" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["median_ms"] > 0
+        if op == "fastfood":
+            assert row["gbps"] > 0
+    if not cuda:
+        assert [t["status"] for t in data["targets"]] == ["n/a: GPU target, this run is on CPU"]
 
 
 @pytest.mark.slow
