@@ -40,7 +40,7 @@ step() {  # step NAME SECONDS CMD...: run, log to NAME.log, keep going on failur
 { nvidia-smi; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; echo "commit ${KRON_KERNELS_COMMIT:-unknown}"; } > "$work/env.txt" 2>&1
 cat "$work/env.txt"
 pack
-if ls csrc/*.cu csrc/*.cpp > /dev/null 2>&1; then
+if [[ " $steps " == *" build "* ]] && ls csrc/*.cu csrc/*.cpp > /dev/null 2>&1; then
     arch=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 $py setup.py build_ext --inplace
 fi
