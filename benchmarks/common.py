@@ -223,6 +223,11 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def training_autocast(device: torch.device):
+    """The autocast context of a training step: bf16 on CUDA (fp32 weights, bf16 GEMMs), none on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def activation_dtype(device: torch.device) -> torch.dtype:
     """bf16 activations and frozen weights on GPU, fp32 on CPU; factors are always fp32."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -624,8 +629,9 @@ def _build_fastfood(case, variant, device, gen) -> Bench:
     elif variant == "reference":
         B, Pi, G = _reference_fastfood_params(D, d, device)
         forward = lambda: ref_fastfood.fastfood_reference(theta, D, B, Pi, G)  # noqa: E731
+        stored_mib = sum(t.numel() * t.element_size() for t in (B, Pi, G)) / 2**20
         extra["note"] = (f"padded mode (one block of Lb = {B.shape[1]}), stored B/Pi/G "
-                         f"({(B.numel() * 4 + Pi.numel() * 8 + G.numel() * 4) / 2**20:.0f} MiB, resident, not in the peak)")
+                         f"({stored_mib:.0f} MiB, resident, not in the peak)")
     elif variant == "floor":
         forward = lambda: torch.zeros(D, device=device, dtype=torch.float32)  # noqa: E731
         extra["floor"] = "torch.zeros(D): the write roofline"
@@ -654,7 +660,6 @@ def _build_subspace_attn(case, variant, device, tokens, gen) -> Bench:
     shape = (max(1, tokens // VIT_TOKENS), VIT_TOKENS, model.embed_dim)
     x = _randn(gen, *shape, device=device, dtype=activation_dtype(device), requires_grad=True)
     grad_out = _randn(gen, *shape, device=device, dtype=activation_dtype(device))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     extra: Dict[str, Any] = {"shape": list(shape)}
     if variant == "fused":
         module = kk.nn.FastfoodSubspace(attn, d).to(device)
@@ -686,7 +691,7 @@ def _build_subspace_attn(case, variant, device, tokens, gen) -> Bench:
         raise ValueError(f"unknown variant {variant!r}")
 
     def forward():
-        with autocast():
+        with training_autocast(device):
             return run()
 
     return Bench(_step(forward, inputs, grad_out), extra=extra)
@@ -721,10 +726,9 @@ def _build_vit_block(case, variant, device, tokens, gen) -> Bench:
     x = _randn(gen, *shape, device=device, dtype=activation_dtype(device), requires_grad=True)
     grad_out = _randn(gen, *shape, device=device, dtype=activation_dtype(device))
     inputs = [x] + factors
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     def step():
-        with autocast():
+        with training_autocast(device):
             out = block(x)
         torch.autograd.grad(out, inputs, grad_out)
 
