@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kron_kernels-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# The GPU machine's Triton: tests/test_gpu_targets.py compiles every kernel configuration with it
+# too (a side install, first on PYTHONPATH of that test's subprocesses only)
+GPU_MACHINE_TRITON ?= 3.6.0
+SIDE_TRITON := $(VENV)/triton-$(GPU_MACHINE_TRITON)
 
 .PHONY: test bench bench-ops install clean
 
@@ -17,10 +21,14 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	$(PY) -m pip install -q --no-build-isolation -e ".[bench]"
 	@touch $@
 
+$(SIDE_TRITON)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(SIDE_TRITON) triton==$(GPU_MACHINE_TRITON)
+	@touch $@
+
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(SIDE_TRITON)/.installed
+	KRON_KERNELS_EXTRA_TRITON=$(SIDE_TRITON) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.report $(BENCH_ARGS)

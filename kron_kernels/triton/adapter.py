@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
+from . import gpu_properties, on_device
 
 __all__ = ["bottleneck_adapter_forward", "bottleneck_adapter_backward"]
 
@@ -200,11 +200,6 @@ def _bottleneck_adapter_bwd_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _accumulation_dtype(h2: torch.Tensor) -> torch.dtype:
     return torch.float64 if h2.dtype == torch.float64 else torch.float32
 
@@ -241,7 +236,7 @@ def _config(h2: torch.Tensor, k_pad: int, backward: bool):
         block_d, num_warps, num_stages = 64, 8, 2
     if k_pad > 64:
         block_n //= 2
-    return block_n, block_d, num_warps, num_stages, _sm_count(h2.device.index or 0)
+    return block_n, block_d, num_warps, num_stages, gpu_properties(h2.device).multi_processor_count
 
 
 def _padded_weights(w_down, b_down, w_up, k_pad: int, acc: torch.dtype):

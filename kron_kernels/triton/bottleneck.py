@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
+from . import gpu_properties, on_device
 
 __all__ = ["bottleneck_forward", "bottleneck_backward", "fact_forward", "fact_backward", "dropout_keep_mask",
            "MIDDLES"]
@@ -518,11 +518,6 @@ def _dropout_keep_kernel(keep_ptr, n_rows, R, seed, p_drop, BLOCK_N: tl.constexp
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -559,7 +554,7 @@ def _config(x: torch.Tensor, r_pad: int, backward: bool):
         block_d, num_warps, num_stages = 64, 8, 2
     if r_pad > 64:
         block_n //= 2
-    return block_n, block_d, num_warps, num_stages, _sm_count(x.device.index or 0)
+    return block_n, block_d, num_warps, num_stages, gpu_properties(x.device).multi_processor_count
 
 
 def _rows_blocked(n_inner: int, block_n: int) -> bool:

@@ -17,8 +17,12 @@ the increment's output is ``Y = scale * S Uf^T`` viewed as ``(a_out, p)``.
   (deterministic: no atomics).
 * ``_kron_delta_kernel``: the materialised increment, one output tile per program.
 
-``tl.dot`` needs every dimension >= 16, so q, p and the rank chunk are padded to at least 16
-(padding is masked on load, so it contributes exact zeros). Token offsets are int64.
+``tl.dot`` needs K >= 16 on NVIDIA GPUs (Triton 3.6; newer Tritons accept 8 for fp32, so
+only a compile with 3.6 catches a violation: ``tests/test_gpu_targets.py`` does), and small M,
+N waste the tensor cores, so q, p and the rank chunk are padded to at least 16, the token
+rows of the backward's ``X^T R`` to ``BLOCK_N * A_IN_P >= 16``, and the backward's reduction
+over a block of fewer than 16 tokens is a broadcast-reduce (padding is masked on load, so it
+contributes exact zeros). Token offsets are int64.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
+from . import gpu_properties, on_device
 
 __all__ = ["kron_linear_forward", "kron_linear_backward", "kron_delta_forward"]
 
@@ -136,7 +140,13 @@ def _kron_bwd_kernel(
                 abar = tl.load(abar_ptr + offs_a[:, None] * (A_OUT * MR) + o * MR + offs_j[None, :],
                                mask=mask_a[:, None] & mask_j[None, :], other=0.0)
                 s = tl.sum(t3 * abar[None, :, :], axis=1)
-                duf_acc += tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
+                if BLOCK_N >= 16:
+                    duf_acc += tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
+                else:
+                    # a dot over the BLOCK_N tokens needs K >= 16 (Triton 3.6, every NVIDIA
+                    # target); at BLOCK_N = 8 the (BLOCK_N, P_P, BLOCK_J) product is 16
+                    # registers a thread at 8 warps: a broadcast-reduce costs less than padding
+                    duf_acc += tl.sum(dy[:, :, None] * s[:, None, :], axis=0)
                 r3 += abar[None, :, :] * p_o[:, None, :]
                 # this program's partial dAbar^T[j, o, :] (zeroed by the launcher): too large
                 # to stay in registers across the a_out loop, it accumulates in L2
@@ -221,21 +231,10 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@functools.lru_cache(maxsize=None)
-def _persistent_programs(device_index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _max_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return _persistent_programs(device.index if device.index is not None else torch.cuda.current_device())
+        return 4 * gpu_properties(device).multi_processor_count
     return 8  # the interpreter: few programs keep CPU tests fast
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_memory_per_block(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
 
 
 # Tokens per program. Resource use at ViT-B (a = 32, p = q = 24, bf16, 8 warps), read off ptxas
@@ -254,8 +253,7 @@ _FWD_BLOCK_N_16_SMEM = 96 * 1024
 def _fwd_block_n(device: torch.device) -> int:
     if device.type != "cuda":
         return 16  # the interpreter
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return 16 if _shared_memory_per_block(index) >= _FWD_BLOCK_N_16_SMEM else 8
+    return 16 if gpu_properties(device).shared_memory_per_block_optin >= _FWD_BLOCK_N_16_SMEM else 8
 
 
 def _meta(x2, Abar, Uf, Vf, max_block_j, block_n):
@@ -264,7 +262,8 @@ def _meta(x2, Abar, Uf, Vf, max_block_j, block_n):
     p, q = Uf.shape[0], Vf.shape[0]
     return dict(
         A_IN=a_in, A_OUT=a_out, P=p, Q=q, MR=mr,
-        A_IN_P=triton.next_power_of_2(a_in), P_P=_pad(p), Q_P=_pad(q),
+        # X^T R in the backward reduces over the BLOCK_N * A_IN_P token rows: >= 16 for tl.dot
+        A_IN_P=max(triton.next_power_of_2(a_in), triton.cdiv(16, block_n)), P_P=_pad(p), Q_P=_pad(q),
         BLOCK_N=block_n, BLOCK_J=min(_pad(mr), max_block_j),
         # fp32 activations keep fp32 products; 16-bit activations already carry 2^-8 error, so tf32 is free
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",

@@ -178,12 +178,13 @@ def test_kron_linear_triton_low_precision(shape, dtype):
 @needs_interpreter
 def test_kron_linear_triton_small_shared_memory_config(monkeypatch):
     """Devices with < 96 KB of shared memory per block (T4) run the forward at BLOCK_N = 8."""
+    from kron_kernels.triton import GPUProperties, simulate_gpu
     from kron_kernels.triton import kron as triton_kron
 
-    monkeypatch.setattr(triton_kron, "_shared_memory_per_block", lambda index: 64 * 1024)
-    assert triton_kron._fwd_block_n(torch.device("cuda", 0)) == 8
-    monkeypatch.setattr(triton_kron, "_shared_memory_per_block", lambda index: 227 * 1024)
-    assert triton_kron._fwd_block_n(torch.device("cuda", 0)) == 16
+    with simulate_gpu(GPUProperties("T4", (7, 5), 40, 64 * 1024)):
+        assert triton_kron._fwd_block_n(torch.device("cuda", 0)) == 8
+    with simulate_gpu(GPUProperties("H100", (9, 0), 132, 227 * 1024)):
+        assert triton_kron._fwd_block_n(torch.device("cuda", 0)) == 16
     monkeypatch.setattr(triton_kron, "_fwd_block_n", lambda device: 8)
     x, W, b, A, U, V = make_inputs(SHAPES[4].values[0], dtype=torch.float32)  # N = 37: a tail at BLOCK_N = 8
     with kk.use_backend("triton"):

@@ -1,0 +1,156 @@
+"""Every Triton kernel configuration the launchers can choose compiles for sm_75, sm_80 and
+sm_90, without a GPU (``kron_kernels.triton.targets``).
+
+The interpreter the CPU tests run under accepts kernels no GPU compiles (the H200 run of
+commit 349dfe8 failed on a ``tl.dot`` with K = 8). Here the launchers run on fake CUDA tensors
+for each target's SM count and shared memory, every launch they make is recorded and compiled
+through ptxas for that target -- once with the installed Triton and once with every Triton in
+``$KRON_KERNELS_EXTRA_TRITON`` (``make test`` puts Triton 3.6, the GPU machine's, there).
+The compiles run in a subprocess: this process interprets its kernels (``TRITON_INTERPRET=1``).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = (75, 80, 90)
+EXTRA_ENV = "KRON_KERNELS_EXTRA_TRITON"
+
+
+def _tritons():
+    """(id, site-packages dir to put first on sys.path or None for the installed Triton)."""
+    found = [("installed", None)]
+    for path in filter(None, os.environ.get(EXTRA_ENV, "").split(os.pathsep)):
+        versions = sorted(p.name[len("triton-"):-len(".dist-info")] for p in Path(path).glob("triton-*.dist-info"))
+        found.append((f"triton-{versions[0] if versions else 'missing'}", path))
+    return found
+
+
+TRITONS = _tritons()
+
+
+def _env(site):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    paths = [str(REPO)] + ([site] if site else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]] if env.get("PYTHONPATH") else paths)
+    return env
+
+
+def _run(args, site, **kwargs):
+    return subprocess.run([sys.executable, *args], env=_env(site), cwd=REPO, capture_output=True, text=True,
+                          **kwargs)
+
+
+@pytest.fixture(scope="session")
+def reports(tmp_path_factory):
+    """The compile report of each Triton, made on first use (a few minutes each on 2 cores)."""
+    cache = {}
+
+    def get(triton_id):
+        if triton_id not in cache:
+            site = dict(TRITONS)[triton_id]
+            if site is not None and not Path(site, "triton").is_dir():
+                pytest.fail(f"{EXTRA_ENV} names {site}, which holds no triton package")
+            out = tmp_path_factory.mktemp("targets") / "report.json"
+            proc = _run(["-m", "kron_kernels.triton.targets", "--quiet", "--json", str(out)], site)
+            if not out.exists():
+                pytest.fail(f"the compile check did not finish (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            cache[triton_id] = json.loads(out.read_text())
+        return cache[triton_id]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+@pytest.mark.parametrize("triton_id", [t for t, _ in TRITONS])
+def test_every_launch_compiles(reports, triton_id, arch):
+    report = reports(triton_id)
+    launches = report["targets"][str(arch)]["launches"]
+    failures = [e for e in launches if not e["ok"]]
+    assert not failures, f"Triton {report['triton']}, sm_{arch}: {len(failures)} of {len(launches)} failed:\n" + "\n".join(
+        f"- {e['kernel']} ({e['workload']}): {e['config']}\n    {e['error'].strip().splitlines()[-1]}" for e in failures
+    )
+
+
+@pytest.mark.parametrize("triton_id", [t for t, _ in TRITONS])
+def test_every_kernel_has_a_compiled_configuration(reports, triton_id):
+    """A kernel no workload launches would escape the check: every launched kernel (a jit
+    function no other jit function calls) must have at least one configuration per target."""
+    report = reports(triton_id)
+    kernels = {name.split(".")[-1] for name in report["kernels"]}
+    assert len(kernels) >= 13, report["kernels"]  # the package's kernels at the time of writing, at least
+    for arch in ARCHS:
+        covered = {e["kernel"] for e in report["targets"][str(arch)]["launches"]}
+        assert kernels <= covered, f"sm_{arch}: no configuration of {sorted(kernels - covered)}"
+
+
+def test_extra_triton_is_3_6_when_make_test_runs():
+    """``make test`` checks the GPU machine's Triton (3.6) besides the installed one."""
+    if not os.environ.get(EXTRA_ENV):
+        pytest.skip(f"{EXTRA_ENV} not set (make test sets it)")
+    assert any(tid.startswith("triton-3.6.") for tid, _ in TRITONS[1:]), TRITONS
+
+
+PLANTED = '''
+import torch
+import triton
+import triton.language as tl
+
+from kron_kernels.triton import targets
+
+
+@triton.jit
+def planted_kernel(x_ptr, y_ptr, BLOCK_N: tl.constexpr):
+    """x: (BLOCK_N, 16) fp16; y = x^T x: a dot that reduces over BLOCK_N rows."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 16)
+    x = tl.load(x_ptr + offs_n[:, None] * 16 + offs_k[None, :])
+    y = tl.dot(tl.trans(x), x)
+    tl.store(y_ptr + offs_k[:, None] * 16 + offs_k[None, :], y)
+
+
+def launcher(x):
+    y = torch.empty(16, 16, device=x.device, dtype=torch.float32)
+    planted_kernel[(1,)](x, y, BLOCK_N=x.shape[0], num_warps=4)
+    return y
+
+
+with targets.record_launches(targets.TARGETS[90]) as recording:
+    for rows in (8, 16):
+        launcher(torch.empty(rows, 16, device="cuda", dtype=torch.float16))
+for launch in recording.launches:
+    try:
+        targets.compile_launch(launch, 90)
+        print("ok", launch.config())
+    except Exception as exc:
+        print("FAIL", launch.config(), "|", str(exc).strip().splitlines()[-1])
+'''
+
+
+@pytest.mark.parametrize("triton_id", [t for t, _ in TRITONS])
+def test_check_rejects_a_dot_with_k_below_16(tmp_path, triton_id):
+    """The check itself can fail: a planted kernel whose dot reduces over 8 rows is recorded
+    with the configuration its launcher chose and rejected by the sm_90 compile, while the
+    same kernel at 16 rows compiles."""
+    script = tmp_path / "planted.py"
+    script.write_text(textwrap.dedent(PLANTED))
+    proc = _run([str(script)], dict(TRITONS)[triton_id])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2, proc.stdout
+    assert lines[0].startswith("FAIL") and "BLOCK_N=8" in lines[0] and "K >= 16" in lines[0], lines[0]
+    assert lines[1].startswith("ok") and "BLOCK_N=16" in lines[1], lines[1]
+
+
+def test_interpreter_refused():
+    """Interpreted kernels cannot be compiled: the command says so instead of failing obscurely."""
+    env = _env(None)
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "kron_kernels.triton.targets", "--arch", "90"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "TRITON_INTERPRET" in proc.stderr
