@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, from the repository root:
 #
-#     KRON_KERNELS_COMMIT=<git rev-parse HEAD, run here> bash benchmarks/gpu_session.sh "$OUT" [build] [tests] [resources] [report] [transforms] [models]
+#     KRON_KERNELS_COMMIT=<git rev-parse HEAD, run here> bash benchmarks/gpu_session.sh "$OUT" [check | STEP...]
 #
 # (the device machine gets the working tree without .git: the commit must travel in the
 # environment for the results' provenance; commit before the call so it names the code run).
-# Steps: build the extension in place for the local GPU only; `pytest -m gpu`; the ptxas
-# resource report; the op-level benchmark report (kron ops, bottleneck) and its transforms
-# part (fwht, fastfood); the model-level report (ViT-B/16, batch 64, bf16, with a
-# torch.cuda.memory snapshot of a KAdaptation step). All six when no step is named; name
-# fewer to fit a call's 10-minute limit, e.g. `build tests`, `build resources report`,
-# `build transforms`, `build models` (`build` is quick when `_C` is current).
+#
+# Profiles:
+# * `check` -- what a lent GPU's first call should run, in at most 7 minutes on an H100/H200
+#   (measured there: build ~110 s, tests ~105 s, models ~85 s): build the extension for the
+#   local GPU only; `pytest -m gpu -n 8`; the model-level report at --reps 10; the target
+#   cases of every op suite (kron_linear and the Compacter adapter at ViT-B, the ARC/LoSA
+#   bandwidth cases and the ViT-B blocks, fwht at n = 2^10 / 2^13, fastfood d = 2^14 into
+#   D = 86e6), each step time-boxed so that the total stays under 7 minutes.
+# * the full profile (no step named; for users with time): build, tests, resources (ptxas report),
+#   report (kron ops, bottleneck), transforms (fwht, fastfood), models (ViT-B/16, batch 64, bf16,
+#   with a torch.cuda.memory snapshot of a KAdaptation step). Name fewer steps to fit a call's
+#   10-minute limit, e.g. `build tests`, `build report`, `build transforms`, `build models`
+#   (`build` is quick when `_C` is current).
 #
 # The device tool returns at most 8 files from $OUT, so everything (logs, env.txt, and
 # results/<device>/ -- what to commit under benchmarks/results/) is kept under a work folder
 # and packed into "$OUT/session.tgz" after every step: a step that hits its time box, or a
 # command killed at the call's limit, still leaves the archive of the steps before it.
 set -u
-out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR [build] [tests] [resources] [report] [transforms] [models]}
+out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR [check | build tests resources report transforms models targets]}
 shift
 steps=${*:-build tests resources report transforms models}
+check=0
+if [[ "$steps" == check ]]; then
+    check=1
+    steps="build tests models targets"
+fi
 mkdir -p "$out"
 work=$(mktemp -d /tmp/kk_session.XXXXXX)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -42,7 +54,16 @@ cat "$work/env.txt"
 pack
 if [[ " $steps " == *" build "* ]] && ls csrc/*.cu csrc/*.cpp > /dev/null 2>&1; then
     arch=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 $py setup.py build_ext --inplace
+    step build $(( check ? 140 : 300 )) env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 $py setup.py build_ext --inplace
+fi
+if (( check )); then
+    step tests 130 $py -m pytest -m gpu -q -p no:cacheprovider -n 8 tests
+    step models 100 $py -m benchmarks.report --suite models --reps 10 --out "$work/results"
+    step targets 50 $py -m benchmarks.report --suite kron_ops bottleneck fwht fastfood --reps 10 --cases \
+        kron_linear-d768 bottleneck_adapter-d768 arc-d768-r50-fwd losa_channel-d768-r64-fwd \
+        losa_token-d768-r64-fwd vit_block fwht-n1024-bfloat16 fwht-n8192-bfloat16 fastfood-d16384-D86000000 \
+        --out "$work/results"
+    exit 0
 fi
 step tests 420 $py -m pytest -m gpu -q -p no:cacheprovider tests
 step resources 120 $py -m benchmarks.kernel_resources

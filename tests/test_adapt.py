@@ -394,12 +394,23 @@ def test_wrapped_attention_forwards_kwargs(impl):
 def test_vit_base_fused_on_cuda_matches_float64_reference(method):
     """ViT-B/16 at 224 on CUDA: the fused model in fp32 (Triton kernels) against the reference in
     float64, outputs and every trainable gradient. TF32 is off so that the frozen backbone's
-    cuBLAS/cuDNN calls are true fp32 (the Triton kernels use IEEE fp32 dots for fp32 inputs);
-    the same comparison with the torch backend on CPU measures <= 1.1e-5 relative error."""
+    cuBLAS/cuDNN calls are true fp32 (the Triton kernels use IEEE fp32 dots for fp32 inputs).
+
+    Tolerance: ``RTOL[fp32]``, or twice the error of the *reference* model run in fp32 on the
+    same GPU where that is larger (DESIGN.md 6's rule, here for fp32). Some gradients are sums
+    with heavy cancellation that no fp32 computation gets to 1e-4: LoSA's ``side.0.alpha`` is
+    a sum over ~300k products of a random cotangent, and the fp32 errors of the backbone and of
+    the eleven side layers behind it reach it amplified by that cancellation (the H200 measured
+    2.7e-4 for the fused model). The op alone is not the cause: ``losa_mixer``'s alpha gradient
+    at ViT-B size (2 x 197 x 768, r = 64, Triton under the interpreter) is within 4.7e-7 of
+    float64, as accurate as the fp32 torch path (1.1e-6). A fused model worse than twice the
+    fp32 reference still fails."""
     torch.manual_seed(0)
     backbone = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     fused = kk.adapt(copy.deepcopy(backbone), method).cuda()
     perturb(fused, seed=1)
+    naive = kk.adapt(copy.deepcopy(backbone), method, impl="reference").cuda()
+    naive.load_state_dict(fused.state_dict())
     exact = kk.adapt(backbone.double(), method, impl="reference").cuda()
     exact.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)).cuda()
@@ -407,9 +418,11 @@ def test_vit_base_fused_on_cuda_matches_float64_reference(method):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            got, want = outputs_and_grads(fused, x), outputs_and_grads(exact, x.double())
+            got, fp32, want = (outputs_and_grads(fused, x), outputs_and_grads(naive, x),
+                               outputs_and_grads(exact, x.double()))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-    assert got.keys() == want.keys()
+    assert got.keys() == want.keys() == fp32.keys()
     for name in want:
-        assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
+        tol = max(RTOL[torch.float32], 2 * rel_err(fp32[name], want[name]))
+        assert_rel_close(got[name], want[name], tol, name)

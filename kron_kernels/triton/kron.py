@@ -238,14 +238,17 @@ def _max_programs(device: torch.device) -> int:
 
 
 # Tokens per program. Resource use at ViT-B (a = 32, p = q = 24, bf16, 8 warps), read off ptxas
-# with `python -m benchmarks.kernel_resources`:
-#   forward, BLOCK_N = 16, BLOCK_J = 32: sm_90 158 registers, no spill, 14 KB shared memory;
-#     sm_75 224 registers, no spill, but 68 KB shared memory -- more than a T4's 64 KB per block,
-#     so devices with less than _FWD_BLOCK_N_16_SMEM per block take BLOCK_N = 8 (half of it);
+# with `python -m benchmarks.kernel_resources --arch 75|90` (Triton 3.8; 3.6 within ~20%):
+#   forward, BLOCK_N = 16, BLOCK_J = 32: sm_90 154 registers, no spill, 14 KB (r = 1) / 80 KB
+#     (r = 4) of Triton's shared memory; with 16 tokens it needs more than a T4's 64 KB per block,
+#     so devices with less than _FWD_BLOCK_N_16_SMEM per block take BLOCK_N = 8: sm_75 100-114
+#     registers in 36-40 KB;
 #   backward (three (BLOCK_N, a_in, BLOCK_J) tiles live at once), BLOCK_J = 16: BLOCK_N = 16
-#     spills 552 B (sm_90) / 800 B (sm_75) and needs 74 KB (sm_80/90) / 100 KB (sm_75) of shared
-#     memory; BLOCK_N = 8 spills 128 B (sm_90) / nothing (sm_75) in 42 / 52 KB, which every target
-#     has. The (BLOCK_N * a_in, q) token tile still gives tl.dot 256 rows at BLOCK_N = 8.
+#     spilled and needed 74-100 KB of shared memory; BLOCK_N = 8 uses 167-173 registers (sm_90) /
+#     236 (sm_75) with no spill, in 42 / 52 KB, which every target has. Its reduction over the 8
+#     tokens of a block is a broadcast-reduce (tl.dot needs K >= 16); the (BLOCK_N * a_in, q)
+#     token tile still gives the other dots 256 rows.
+# tests/test_gpu_targets.py compiles every configuration and checks it fits the shared memory.
 _BWD_BLOCK_N = 8
 _FWD_BLOCK_N_16_SMEM = 96 * 1024
 

@@ -470,11 +470,15 @@ def _compile_entry(index: int) -> Dict[str, Any]:
     entry = {"kernel": launch.name, "config": launch.config(), "workload": launch.workload}
     try:
         compiled = compile_launch(launch, arch)
-        entry.update(ok=True, shared=compiled.metadata.shared)
-        if resources:
-            entry["resources"] = resource_usage(compiled)
     except Exception as exc:  # the compiler's error, whatever its class
         entry.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        return entry
+    shared, limit = compiled.metadata.shared, TARGETS[arch].shared_memory_per_block_optin
+    entry.update(ok=shared <= limit, shared=shared)
+    if shared > limit:  # the launch would fail with "out of resource: shared memory" on the GPU
+        entry["error"] = f"needs {shared} bytes of shared memory per block, sm_{arch} ({TARGETS[arch].name}) has {limit}"
+    if resources:
+        entry["resources"] = resource_usage(compiled)
     return entry
 
 
@@ -501,7 +505,10 @@ def check(archs: Sequence[int], selected: Optional[Sequence[str]] = None, resour
         entries = [_compile_entry(i) for i in range(len(_pending))]
     for (launch, arch, _), entry in zip(_pending, entries):
         status = "ok  " if entry["ok"] else "FAIL"
-        extra = entry.get("resources", "") if entry["ok"] else entry["error"].splitlines()[-1]
+        if entry["ok"]:
+            extra = f"{entry['resources']} triton-shared={entry['shared']}" if resources else ""
+        else:
+            extra = entry["error"].strip().splitlines()[-1]
         log(f"sm_{arch} {status} {launch.name} [{launch.workload}] {extra}")
         target = report["targets"].setdefault(str(arch), {"name": TARGETS[arch].name, "launches": []})
         target["launches"].append(entry)

@@ -623,7 +623,7 @@ def test_gpu_extension_target_size_and_padded():
 def test_gpu_extension_misaligned_grad_and_refusal():
     ext = backend.extension()
     D, Lb = 5000, 64
-    base = rand(D + 1, dtype=torch.float32, device="cuda")
+    base = rand(D + 1, dtype=torch.float32).cuda()
     aligned = base[1:].clone()
     a, b = torch.empty(Lb, device="cuda"), torch.empty(Lb, device="cuda")
     ext.fastfood_backward(base[1:], a, 3, Lb)  # a view 4 bytes into its allocation: copied
