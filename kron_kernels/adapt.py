@@ -99,7 +99,11 @@ class SharedFactors(nn.Module):
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-def _check_vit(model) -> None:
+def _check_vit(model) -> nn.Module:
+    """Refuse what adapt cannot serve; returns the model's (single) classifier head.
+
+    Everything adapt needs from the model is asked here or in the method's ``build``, before
+    anything is changed: a refusal must leave the caller's model as it was."""
     supported = "timm.models.vision_transformer.VisionTransformer"
     try:
         from timm.models.vision_transformer import VisionTransformer
@@ -107,6 +111,39 @@ def _check_vit(model) -> None:
         raise TypeError(f"kk.adapt supports {supported} models, and timm is not installed") from None
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"kk.adapt supports {supported} models, got {type(model).__module__}.{type(model).__name__}")
+    name = f"{type(model).__module__}.{type(model).__name__}"
+    head = model.get_classifier()
+    if not isinstance(head, nn.Module):
+        # DeiT's VisionTransformerDistilled returns (head, head_dist) and reads a distillation
+        # token: the head handling (trainable head, adapter state dicts) serves one head only
+        raise TypeError(
+            f"model: kk.adapt supports {supported} models with one classifier head; {name}.get_classifier() "
+            f"returned a {type(head).__name__} (a distillation head beside the class head, as DeiT's "
+            f"VisionTransformerDistilled), which is not supported"
+        )
+    return head
+
+
+def _check_fresh(model: nn.Module) -> None:
+    """Refuse a model that already carries adapters: methods do not stack (each freezes the
+    backbone and owns ``kk_shared``), and a second adapt would wrap the first's layers."""
+    if any(isinstance(m, SharedFactors) for m in model.modules()):
+        previous = _find_shared(model)  # also a LoSA wrapper, which is no ViT itself
+        raise ValueError(
+            f"model is already adapted ({previous.method}); kk.adapt takes a fresh model "
+            f"(adapting twice or stacking methods is not supported)"
+        )
+    if _adapter_layers(model) or isinstance(model, nn_losa.LoSAModel):
+        raise ValueError("model already holds kron_kernels adapter layers; kk.adapt takes a fresh model")
+    # a LoSA wrapper hooks its backbone's blocks (and holds kk_shared itself, not the backbone)
+    blocks = getattr(model, "blocks", None)
+    blocks = list(blocks.children()) if isinstance(blocks, nn.Module) else []
+    hook_owners = [getattr(hook, "__self__", None) for blk in blocks for hook in blk._forward_hooks.values()]
+    if any(isinstance(owner, nn_losa.LoSAModel) for owner in hook_owners):
+        raise ValueError(
+            "model is the backbone of a LoSA wrapper (it runs without autograd there); "
+            "kk.adapt takes a fresh model"
+        )
 
 
 def _factory(model: nn.Module) -> Dict[str, Any]:
@@ -163,6 +200,10 @@ def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedF
     targets = config["targets"]
     if isinstance(targets, str):
         targets = (targets,)
+    if not isinstance(targets, (tuple, list)):
+        raise ValueError(
+            f"kadaptation targets must be distinct names among {_KADAPTATION_TARGETS}, got {config['targets']!r}"
+        )
     targets = tuple(targets)
     unknown = [t for t in targets if t not in _KADAPTATION_TARGETS]
     if unknown or not targets or len(set(targets)) != len(targets):
@@ -170,9 +211,11 @@ def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedF
             f"kadaptation targets must be distinct names among {_KADAPTATION_TARGETS}, got {config['targets']!r}"
         )
     config["targets"] = targets
-    n = config["n"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = _positive_int("n", config["n"])
+    _positive_int("r", config["r"])
+    if not isinstance(config["bias"], bool):
+        raise TypeError(f"bias must be a bool, got {config['bias']!r}")
+    config["scale"] = _finite_float("scale", config["scale"])
     factory = _factory(model)
     for kind in targets:
         shared.register_parameter(f"A_{kind}", nn.Parameter(torch.empty(n, n, n, **factory)))
@@ -241,6 +284,12 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _finite_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
+
+
 def _dropout(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
@@ -275,10 +324,7 @@ def _build_fact(fmt: str):
     def build(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
         """FacT on every block's q, k, v, o, fc1 (4 row blocks) and fc2 (4 column blocks)."""
         r = _positive_int("r", config["r"])
-        scale = config["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite float, got {scale!r}")
-        config["scale"] = float(scale)
+        config["scale"] = _finite_float("scale", config["scale"])
         config["dropout"] = _dropout(config["dropout"])
         d = model.embed_dim
         n_slots = FACT_SLOTS_PER_BLOCK * len(model.blocks)
@@ -400,27 +446,27 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     frame-major after the prefix (cls/register) tokens -- e.g. F frames stacked along the image
     height -- and each token-mixing layer sums a spatial and a temporal mixer
     (:mod:`kron_kernels.nn.losa`).
+
+    Every check (the model, the method, impl and config, every block's layers) runs before
+    the model is touched: when adapt raises, the model is exactly as it was. An adapted model
+    is refused (methods do not stack).
     """
-    if isinstance(model, nn.Module) and any(isinstance(m, SharedFactors) for m in model.modules()):
-        previous = _find_shared(model)  # also a LoSA wrapper, which is no ViT itself
-        raise ValueError(f"this model is already adapted ({previous.method}); adapt a fresh model")
-    _check_vit(model)
-    if method not in _REGISTRY:
+    if isinstance(model, nn.Module):
+        _check_fresh(model)
+    head = _check_vit(model)
+    if not isinstance(method, str) or method not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; kk.METHODS = {METHODS}")
-    if impl not in IMPLS:
+    if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     spec = _REGISTRY[method]
     unknown = sorted(set(config) - set(spec.defaults))
     if unknown:
         raise TypeError(f"{method} got unknown config {unknown}; it accepts {sorted(spec.defaults)}")
-    if any(isinstance(m, SharedFactors) for m in model.modules()):
-        previous = _find_shared(model)
-        raise ValueError(f"this model is already adapted ({previous.method}); adapt a fresh model")
     config = {**spec.defaults, **config}
     shared = SharedFactors(method, impl, {})
     replacements = spec.build(model, impl, config, shared)
     shared.config = config  # as resolved by build (defaults filled in)
-    # everything is built: only now change the model
+    # everything is built and checked: only now change the model (nothing below can refuse)
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, attr, new in replacements:
@@ -433,7 +479,7 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
         result.train(model.training)
     shared.train(model.training)
     setattr(result, SHARED_ATTR, shared)
-    for p in model.get_classifier().parameters():
+    for p in head.parameters():
         p.requires_grad_(True)
     return result
 
@@ -450,9 +496,22 @@ def merge(model: nn.Module) -> nn.Module:
     layers = [m for m in _adapter_layers(model) if hasattr(m, "merge")]
     if any(m.merged for m in layers):
         raise ValueError("the model is already merged; call kk.unmerge(model) first")
-    for m in layers:
-        m.merge()
+    _all_or_none(layers, "merge", "unmerge")
     return model
+
+
+def _all_or_none(layers: List[nn.Module], step: str, undo: str) -> None:
+    """Run ``layer.<step>()`` on every layer; if one raises, ``<undo>`` the layers already done
+    (merge and unmerge restore each other bitwise) and re-raise: the model is left as it was."""
+    done = []
+    try:
+        for m in layers:
+            getattr(m, step)()
+            done.append(m)
+    except BaseException:
+        for m in reversed(done):
+            getattr(m, undo)()
+        raise
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -464,8 +523,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = [m for m in _adapter_layers(model) if hasattr(m, "unmerge")]
     if not all(m.merged for m in layers):
         raise ValueError("the model is not merged; call kk.merge(model) first")
-    for m in layers:
-        m.unmerge()
+    _all_or_none(layers, "unmerge", "merge")
     return model
 
 
@@ -536,8 +594,20 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
         )
     if any(getattr(m, "merged", False) for m in _adapter_layers(model)):
         raise ValueError("the model is merged; call kk.unmerge(model) before loading adapter weights")
+    # convert every value first (a dtype or device it cannot take raises here), then copy:
+    # a load that raises leaves the model as it was
+    staged = {}
+    for key, tensor in targets.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if value.is_complex() and not tensor.is_complex():
+            raise TypeError(f"state[{key!r}] is complex ({value.dtype}); the model's {key} is {tensor.dtype}")
+        try:
+            staged[key] = value.detach().to(device=tensor.device, dtype=tensor.dtype)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise ValueError(f"state[{key!r}] cannot be loaded into the model's {key}: {exc}") from exc
     with torch.no_grad():
-        for key, tensor in targets.items():
-            if key in state:
-                tensor.copy_(state[key])
+        for key, value in staged.items():
+            targets[key].copy_(value)
     return LoadResult(missing, unexpected)

@@ -1,4 +1,4 @@
-"""Input checks and dtype rules shared by the op families."""
+"""Input checks, dtype rules and the operand-layout rule shared by the op families."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -41,6 +41,21 @@ def check_scale(scale) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
     return value
+
+
+def as_kernel_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` as the Triton kernels may index it: contiguous (None stays None).
+
+    The kernels index 1-D vectors and factor tensors (biases, ``A``/``U``/``V``, weights
+    that are read through a bare pointer) as contiguous; only activations get their strides
+    passed. A non-contiguous or expanded (stride-0) operand is therefore copied once here,
+    by the op, before it reaches a launcher -- never indexed through a pointer as if it were
+    dense, which reads the wrong elements (out of bounds on a GPU). These operands are
+    O(d) or O(factor) in size, so the copy is negligible; it is a ``.contiguous()`` in the
+    autograd graph, so gradients still reach the caller's tensor."""
+    if t is None or t.is_contiguous():
+        return t
+    return t.contiguous()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

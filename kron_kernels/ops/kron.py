@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import autocast_dtype, check_scale, check_tensor, compute_dtype
+from ._common import as_kernel_operand, autocast_dtype, check_scale, check_tensor, compute_dtype
 
 __all__ = [
     "kron_delta",
@@ -79,31 +79,36 @@ def _torch_T(x2, V):
 def _torch_S(T, A):
     """``S[i, (t, n), o] = sum_a A[i, o, a] T[(i, t), (n, a)]`` as one batched GEMM over i."""
     m, a_out, a_in = A.shape
-    return torch.bmm(T.view(m, -1, a_in), A.transpose(1, 2))  # (m, r*N, a_out)
+    rows = T.numel() // (m * a_in)  # r*N, named: at N = 0 a -1 would be ambiguous
+    return torch.bmm(T.view(m, rows, a_in), A.transpose(1, 2))  # (m, r*N, a_out)
 
 
 def _torch_kron_term(xa, A, U, V, scale):
-    """``scale * x @ delta.T`` in xa's dtype: ``Y[(n, o), p] = sum_{i,t} S[(i, t), (n, o)] U[i, p, t]``."""
-    m, r = A.shape[0], U.shape[2]
+    """``scale * x @ delta.T`` in xa's dtype: ``Y[(n, o), p] = sum_{i,t} S[(i, t), (n, o)] U[i, p, t]``.
+
+    Views name every size: with 0 tokens a ``-1`` would be ambiguous (and raise)."""
+    m, a_out, p, r = A.shape[0], A.shape[1], U.shape[1], U.shape[2]
+    n = xa.shape[0]
     S = _torch_S(_torch_T(xa, V), A)
-    return (S.view(m * r, -1).t() @ _rank_major(U)).view(xa.shape[0], -1).mul_(scale)
+    return (S.view(m * r, n * a_out).t() @ _rank_major(U)).view(n, a_out * p).mul_(scale)
 
 
 def _torch_kron_backward(dy, xa, A, U, V, scale, need_dx: bool):
     """``(dx_term, dA, dU, dV)`` of one increment from its output-gradient columns ``dy``."""
     m, a_out, a_in = A.shape
     p, q, r = U.shape[1], V.shape[1], U.shape[2]
+    n = xa.shape[0]  # sizes spelled out: with 0 tokens a -1 in a view is ambiguous
     T = _torch_T(xa, V)  # (m*r, N*a_in)
     S = _torch_S(T, A)  # (m, r*N, a_out)
-    dy = dy.reshape(-1, p)
+    dy = dy.reshape(n * a_out, p)
     # P[(i, t), (n, o)] = scale * sum_p U[i, p, t] dY_n[o, p]
     P = (_rank_major(U) @ dy.t()).mul_(scale)  # (m*r, N*a_out)
-    Pb = P.view(m, -1, a_out)
-    dA = torch.bmm(Pb.transpose(1, 2), T.view(m, -1, a_in))  # (m, a_out, a_in)
-    R = torch.bmm(Pb, A).view(m * r, -1)  # R[(i, t), (n, a)] = sum_o P A[i, o, a]
-    dV = (R @ xa.reshape(-1, q)).view(m, r, q).transpose(1, 2)
-    dU = (S.view(m * r, -1) @ dy).mul_(scale).view(m, r, p).transpose(1, 2)
-    dx = (R.t() @ _rank_major(V)).view(xa.shape[0], a_in * q) if need_dx else None
+    Pb = P.view(m, r * n, a_out)
+    dA = torch.bmm(Pb.transpose(1, 2), T.view(m, r * n, a_in))  # (m, a_out, a_in)
+    R = torch.bmm(Pb, A).view(m * r, n * a_in)  # R[(i, t), (n, a)] = sum_o P A[i, o, a]
+    dV = (R @ xa.reshape(n * a_in, q)).view(m, r, q).transpose(1, 2)
+    dU = (S.view(m * r, n * a_out) @ dy).mul_(scale).view(m, r, p).transpose(1, 2)
+    dx = (R.t() @ _rank_major(V)).view(n, a_in * q) if need_dx else None
     return dx, dA, dU, dV
 
 
@@ -236,6 +241,7 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     if torch.float64 in (A.dtype, U.dtype, V.dtype):
         refuses = "its kernels compute in float32, got float64 factors"
     impl = backend.select("kron_delta", A.device, triton_refuses=refuses)
+    A, U, V = (as_kernel_operand(t) for t in (A, U, V))
     # the increment is built in the factors' precision even under autocast: it is small, and
     # the projection that consumes it runs at autocast precision anyway
     with torch.autocast(device_type=A.device.type, enabled=False):
@@ -298,6 +304,10 @@ def _kron_apply(x, weight, bias, targets, d_out, scale, op):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")
+    # the kernels read the bias and the factors through bare pointers (x and weight keep their
+    # strides: the kernels and cuBLAS take them)
+    bias = as_kernel_operand(bias)
+    flat = [as_kernel_operand(f) for f in flat]
     refuses = None
     if x.dtype == torch.float64:
         refuses = "its kernels take float16/bfloat16/float32 activations, got float64"

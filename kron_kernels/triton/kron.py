@@ -293,6 +293,8 @@ def _launch_setup(x2, targets, max_block_j, block_n):
 @on_device
 def kron_linear_forward(x2, weight, bias, targets, d_out, scale):
     """``x2 @ weight.T + bias`` plus each target's ``scale * kron-term`` on its output rows.
+    ``x2`` and ``weight`` may have any strides; ``bias`` is indexed as contiguous (the op
+    hands it over so: ``ops._common.as_kernel_operand``).
 
     The kron kernels write their terms (and the bias) first, straight into their row slices;
     rows no target covers start as the bias (or zero). The frozen GEMM then adds onto all of it
@@ -369,11 +371,11 @@ def kron_linear_backward(dy2, x2, weight, targets, scale, need_dx):
 
 @on_device
 def kron_delta_forward(A, U, V, scale):
-    """The materialised ``(a_out*p, a_in*q)`` increment, in A's dtype."""
+    """The materialised ``(a_out*p, a_in*q)`` increment, in A's dtype. ``A``, ``U``, ``V`` are
+    indexed as contiguous: the op hands them over so (``ops._common.as_kernel_operand``)."""
     m, a_out, a_in = A.shape
     p, r = U.shape[1], U.shape[2]
     q = V.shape[1]
-    A, U, V = A.contiguous(), U.contiguous(), V.contiguous()
     out = torch.empty((a_out * p, a_in * q), device=A.device, dtype=A.dtype)
     block_r, block_c = 32, 64
     grid = (triton.cdiv(a_out * p, block_r), triton.cdiv(a_in * q, block_c))
