@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kron_kernels-installed
 PYTEST_ARGS ?=
+# the test suite runs on every core (pytest-xdist); the compile check's tests share one worker
+TEST_PARALLEL ?= -n auto --dist loadgroup
 BENCH_ARGS ?=
 # The GPU machine's Triton: tests/test_gpu_targets.py compiles every kernel configuration with it
 # too (a side install, first on PYTHONPATH of that test's subprocesses only)
@@ -22,13 +24,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	@touch $@
 
 $(SIDE_TRITON)/.installed: $(STAMP)
-	$(PY) -m pip install -q --no-deps --target $(SIDE_TRITON) triton==$(GPU_MACHINE_TRITON)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(SIDE_TRITON) triton==$(GPU_MACHINE_TRITON)
 	@touch $@
 
 install: $(STAMP)
 
 test: $(STAMP) $(SIDE_TRITON)/.installed
-	KRON_KERNELS_EXTRA_TRITON=$(SIDE_TRITON) $(PY) -m pytest $(PYTEST_ARGS)
+	KRON_KERNELS_EXTRA_TRITON=$(SIDE_TRITON) $(PY) -m pytest $(TEST_PARALLEL) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.report $(BENCH_ARGS)

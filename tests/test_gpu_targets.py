@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# one xdist worker runs them all, so each Triton's report is made once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("gpu_targets")
+
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = (75, 80, 90)
 EXTRA_ENV = "KRON_KERNELS_EXTRA_TRITON"

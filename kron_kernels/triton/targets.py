@@ -373,9 +373,10 @@ def _bottleneck_workloads():
                         return ops.losa_mixer(h, z, _param(n, 64), _param(64, n), alpha, axis=axis)
 
                     yield f"losa_mixer {model} {axis} T{tokens}{' dz' if z_grad else ''} {dt}", _fwd_bwd(losa)
-            # FacT: r = 8 (the papers' default) and 16, 32; rows (qkv: 3 slots, fc1: 4) and cols
-            # (fc2: 4 chunks), as fact_linear (the modules) and fact_apply, with dropout 0.1 and 0
-            for r in (8, 16, 32):
+            # FacT: r = 4 (fact_tt's default), 8 (fact_tk's, the benchmarks'), 16, 32; rows (qkv:
+            # 3 slots, fc1: 4) and cols (fc2: 4 chunks), as fact_linear (the modules) and
+            # fact_apply, with dropout 0.1 and 0
+            for r in (4, 8, 16, 32):
                 for split, k in (("rows", 3), ("rows", 4), ("cols", 4)):
                     for p in (0.1, 0.0):
                         def fact(dtype=dtype, d=d, r=r, split=split, k=k, p=p, linear=True):
