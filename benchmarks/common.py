@@ -93,9 +93,11 @@ def kron_ops_cases(quick: bool = False) -> List[Case]:
     """The first benchmark set: Kronecker ops and the Compacter adapter at ViT-B/L shapes
     (``quick``: the default rank r = 1 only)."""
     cases = []
+    # fused: auto (on CUDA the dense cuBLAS-first composition, ops/kron.py's choice table);
+    # triton: the structured Triton kernels, measured beside it so that a GPU run decides
     for op, variants in (
-        ("kron_linear", ("fused", "reference", "floor", "peft_lokr")),
-        ("kron_matmul", ("fused", "reference", "floor")),
+        ("kron_linear", ("fused", "triton", "reference", "floor", "peft_lokr")),
+        ("kron_matmul", ("fused", "triton", "reference", "floor")),
     ):
         for model, d, n, p in KRON_SHAPES:
             for r in KRON_RANKS[:1] if quick else KRON_RANKS:
@@ -335,11 +337,22 @@ def _build_kron(case, variant, device, tokens, gen) -> Bench:
     factors = (x, A, U, V)
     extra: Dict[str, Any] = {}
 
-    if variant == "fused":
+    if variant in ("fused", "triton"):
         if linear:
-            forward = lambda: kk.kron_linear(x, weight, bias, A, U, V, scale)  # noqa: E731
+            op = lambda: kk.kron_linear(x, weight, bias, A, U, V, scale)  # noqa: E731
         else:
-            forward = lambda: kk.kron_matmul(x, A, U, V, scale)  # noqa: E731
+            op = lambda: kk.kron_matmul(x, A, U, V, scale)  # noqa: E731
+        forward = op
+        if variant == "triton":
+            ok, reason = kk.backend.triton_status(device)
+            if not ok:
+                raise Unavailable(f"Triton cannot run here: {reason}")
+            extra["note"] = "the structured Triton kernels (backend 'triton')"
+
+            def forward():
+                with kk.use_backend("triton"):
+                    return op()
+
         return Bench(_step(forward, factors, grad_out), extra=extra)
     if variant == "reference":
         if linear:

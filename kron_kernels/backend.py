@@ -1,8 +1,18 @@
-"""Which implementation serves a call: the CUDA extension, Triton, or structured torch code.
+"""Which implementation serves a call: the CUDA extension, Triton, structured torch code, or
+a cuBLAS-first dense composition.
 
-``auto`` (the default) uses the compiled extension where it implements the op and the
-input lives on CUDA, else Triton on CUDA tensors, else the torch implementation (which is
-structured, not the naive reference). An explicit backend -- ``set_backend(name)``, the
+* ``cuda``: the compiled extension (CUDA C++ / C++ CPU kernels) where it implements the op;
+* ``triton``: the fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+* ``torch``: the structured torch implementation (GEMMs on views of the factors; the CPU path,
+  not the naive reference);
+* ``dense``: for ops that have one, a composition of dense GEMMs on a materialised small
+  increment (e.g. ``kron_linear``: one GEMM on ``W + delta``, the weight-gradient GEMM of the
+  adapted rows only, contracted onto the factors) -- plain torch calls, so cuBLAS on a GPU.
+
+``auto`` (the default) uses the compiled extension where it implements the op and the input
+lives on CUDA; else, on CUDA, what the op's choice table names (``cuda_auto``: Triton unless
+a measurement -- or the absence of one, where the op says so -- picks its dense composition);
+else the torch implementation. An explicit backend -- ``set_backend(name)``, the
 ``use_backend(name)`` context or the ``KRON_KERNELS_BACKEND`` environment variable -- wins
 and raises :class:`BackendUnavailableError` when it cannot serve a call, naming why.
 
@@ -20,7 +30,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch", "dense")
 _ENV_VAR = "KRON_KERNELS_BACKEND"
 
 __all__ = [
@@ -50,7 +60,7 @@ def _validate(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for this thread: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``."""
+    """Select the backend for this thread: ``"auto"``, ``"triton"``, ``"cuda"``, ``"torch"`` or ``"dense"``."""
     _state.name = _validate(name)
 
 
@@ -146,18 +156,30 @@ def select(
     device: torch.device,
     cuda_ops: frozenset = frozenset(),
     triton_refuses: Optional[str] = None,
+    dense: bool = False,
+    cuda_auto: str = "triton",
 ) -> str:
-    """Pick ``"cuda"``, ``"triton"`` or ``"torch"`` for ``op`` on ``device``.
+    """Pick ``"cuda"``, ``"triton"``, ``"torch"`` or ``"dense"`` for ``op`` on ``device``.
 
     ``cuda_ops`` names the device types for which the compiled extension implements ``op``
     (``{"cuda"}``, ``{"cpu"}``, both, or empty when it has no kernel for it).
     ``triton_refuses`` is the op's reason why its Triton kernels cannot take *this* call
     (e.g. an unsupported dtype), or None: ``auto`` then falls back, an explicit
-    ``triton`` raises with that reason.
+    ``triton`` raises with that reason. ``dense``: the op has a dense (cuBLAS-first)
+    composition; ``cuda_auto``: what ``auto`` takes on CUDA when the extension does not serve
+    the op -- ``"triton"`` or ``"dense"``, from the op's choice table.
     """
+    if cuda_auto not in ("triton", "dense") or (cuda_auto == "dense" and not dense):
+        raise ValueError(f"{op}: cuda_auto must be 'triton' or (with a dense composition) 'dense', got {cuda_auto!r}")
     requested = get_backend()
     if requested == "torch":
         return "torch"
+    if requested == "dense":
+        if not dense:
+            raise BackendUnavailableError(
+                f"backend 'dense' has no dense composition for {op}; use set_backend('auto') to fall back"
+            )
+        return "dense"
     if requested == "cuda":
         if device.type not in cuda_ops:
             raise BackendUnavailableError(
@@ -178,6 +200,8 @@ def select(
     # auto
     if device.type in cuda_ops and extension_status()[0]:
         return "cuda"
+    if device.type == "cuda" and cuda_auto == "dense":
+        return "dense"
     if device.type == "cuda" and not triton_refuses and triton_status(device)[0]:
         return "triton"
     return "torch"

@@ -14,6 +14,12 @@ O(N * d_out * d_in) of a dense weight gradient.
 The torch backend below orders the work so that every step is one GEMM or one batched GEMM
 on views, with no permuted copies (``T``, ``S``, ``P``, ``R`` are the rank-term-major
 intermediates, ``(m*r, N*a)``); the Triton kernels (``triton/kron.py``) keep them on chip.
+
+The ``dense`` backend is the cuBLAS-first alternative (issue 10): it *does* form the small
+increment (O(m d^2) from the factors, no token dimension), runs one GEMM on ``W + delta`` --
+the frozen layer's own cost -- and in the backward ``dx = dy (W + delta)`` and the weight
+gradient of the adapted rows only, contracted onto A, U, V. ``auto`` takes it on CUDA until a
+GPU measurement decides per shape (``_CUDA_AUTO``); on CPU the structured torch path.
 """
 from __future__ import annotations
 
@@ -146,6 +152,82 @@ def _torch_backward(dy2, x2, weight, targets, scale, need_dx: bool):
 
 
 # ----------------------------------------------------------------------------------------
+# the materialised increment and its gradient (kron_delta's torch path, the dense backend)
+# ----------------------------------------------------------------------------------------
+def _torch_delta(A, U, V, scale):
+    """``scale * sum_i kron(A[i], U[i] @ V[i].T)`` in the factors' dtype: ``m`` contracted
+    as one GEMM ``(a_out*a_in, m) @ (m, p*q)``, then rows ordered ``(o, p)``, columns ``(a, q)``."""
+    m, a_out, a_in = A.shape
+    p, q = U.shape[1], V.shape[1]
+    B = U @ V.transpose(1, 2)  # (m, p, q)
+    delta = (A.reshape(m, a_out * a_in).t() @ B.reshape(m, p * q)).mul_(scale)
+    return delta.reshape(a_out, a_in, p, q).permute(0, 2, 1, 3).reshape(a_out * p, a_in * q)
+
+
+def _delta_grads(G, A, U, V, scale):
+    """``(dA, dU, dV)`` from ``G``, the gradient of the materialised increment ``(a_out*p, a_in*q)``
+    (all in G's dtype): two GEMMs over ``m`` on the permuted gradient, O(m * d_out * d_in)."""
+    m, a_out, a_in = A.shape
+    p, q = U.shape[1], V.shape[1]
+    G = G.reshape(a_out, p, a_in, q).permute(0, 2, 1, 3).reshape(a_out * a_in, p * q)
+    B = (U @ V.transpose(1, 2)).reshape(m, p * q)
+    dA = (B @ G.t()).mul_(scale).reshape(m, a_out, a_in)
+    dB = (A.reshape(m, a_out * a_in) @ G).mul_(scale).reshape(m, p, q)
+    return dA, dB @ V, dB.transpose(1, 2) @ U
+
+
+# ----------------------------------------------------------------------------------------
+# dense backend: cuBLAS-first (the small increment materialised, dense GEMMs)
+# ----------------------------------------------------------------------------------------
+# Which implementation ``auto`` takes on CUDA (DESIGN.md 5: a choice table next to the op,
+# with the measurement behind it). kron_matmul / kron_linear / kron_linear_slices: the dense
+# composition and the structured Triton kernels have not yet been timed against each other
+# on a GPU. The H200 run of commit 349dfe8 (shared/gpu/2026-11-27-H200: the Triton
+# Kronecker and bottleneck kernels at 4-15% of memory bandwidth, slower than cuBLAS
+# compositions in most comparisons) is the only evidence, so until a measurement decides per
+# shape class, auto takes the dense composition on CUDA (issue 10); the structured kernels
+# stay available as backend "triton" (and, on CPU, the structured torch path is the default:
+# it measured 3.6x faster than the materialising reference, benchmarks/results/CPU).
+_CUDA_AUTO = "dense"
+
+
+def _dense_weight(x2, weight, targets, d_out, scale):
+    """``weight`` (or zeros) plus every target's increment on its rows, in x2's dtype -- what
+    the papers' code multiplies by, formed from the small factors in the accumulation dtype
+    and rounded once to x2's dtype (as the reference under autocast)."""
+    acc = compute_dtype(x2.dtype)
+    if weight is None and len(targets) == 1 and targets[0][0] == 0:
+        _, A, U, V = targets[0]
+        if A.shape[1] * U.shape[1] == d_out:  # kron_matmul: the increment is the whole weight
+            return _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale).to(x2.dtype)
+    w = (torch.zeros((d_out, x2.shape[1]), device=x2.device, dtype=acc) if weight is None
+         else weight.to(acc, copy=True))
+    for start, A, U, V in targets:
+        delta = _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale)
+        w[start:start + delta.shape[0]] += delta
+    return w.to(x2.dtype)
+
+
+def _dense_forward(x2, weight, bias, targets, d_out, scale):
+    """One GEMM on ``W + delta``: as cheap as the frozen layer's forward plus an O(d^2) build."""
+    return F.linear(x2, _dense_weight(x2, weight, targets, d_out, scale), bias)
+
+
+def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool):
+    """``dx = dy (W + delta)`` (the weight rebuilt, not saved: O(d^2) work, no stored d x d), and
+    per target the weight-gradient GEMM of *its rows only* (``dy[:, rows]^T x``, in x's dtype as
+    a Linear's weight gradient under autocast), contracted onto A, U, V in the accumulation dtype."""
+    acc = compute_dtype(x2.dtype)
+    dx = dy2 @ _dense_weight(x2, weight, targets, dy2.shape[1], scale) if need_dx else None
+    grads = []
+    for start, A, U, V in targets:
+        rows = A.shape[1] * U.shape[1]
+        G = (dy2[:, start:start + rows].t() @ x2).to(acc)
+        grads.append(_delta_grads(G, A.to(acc), U.to(acc), V.to(acc), scale))
+    return dx, grads
+
+
+# ----------------------------------------------------------------------------------------
 # autograd Functions (thin: dispatch to a backend's forward/backward)
 # ----------------------------------------------------------------------------------------
 def _triton_kron():
@@ -162,7 +244,10 @@ class KronLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, scale, impl, d_out, starts, *factors):
         targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
-        forward = _triton_kron().kron_linear_forward if impl == "triton" else _torch_forward
+        if impl == "triton":
+            forward = _triton_kron().kron_linear_forward
+        else:
+            forward = _dense_forward if impl == "dense" else _torch_forward
         y = forward(x2, weight, bias, targets, d_out, scale)
         ctx.save_for_backward(x2, weight, *factors)
         ctx.scale, ctx.impl, ctx.starts = scale, impl, starts
@@ -175,7 +260,10 @@ class KronLinearFunction(torch.autograd.Function):
         targets = list(zip(ctx.starts, factors[0::3], factors[1::3], factors[2::3]))
         acc = compute_dtype(x2.dtype)
         dy2 = dy2.contiguous()
-        backward = _triton_kron().kron_linear_backward if ctx.impl == "triton" else _torch_backward
+        if ctx.impl == "triton":
+            backward = _triton_kron().kron_linear_backward
+        else:
+            backward = _dense_backward if ctx.impl == "dense" else _torch_backward
         dx, grads = backward(dy2, x2, weight, targets, ctx.scale, ctx.needs_input_grad[0])
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -199,13 +287,7 @@ class KronDeltaFunction(torch.autograd.Function):
             delta = _triton_kron().kron_delta_forward(A, U, V, scale)
         else:
             acc = compute_dtype(A.dtype)
-            B = U.to(acc) @ V.to(acc).transpose(1, 2)  # (m, p, q)
-            m, a_out, a_in = A.shape
-            p, q = B.shape[1:]
-            # contract i as one GEMM: (a_out*a_in, m) @ (m, p*q), then order rows (o, p), cols (a, q)
-            delta = (A.to(acc).reshape(m, a_out * a_in).t() @ B.reshape(m, p * q)).mul_(scale)
-            delta = delta.reshape(a_out, a_in, p, q).permute(0, 2, 1, 3).reshape(a_out * p, a_in * q)
-            delta = delta.to(A.dtype)
+            delta = _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale).to(A.dtype)
         ctx.save_for_backward(A, U, V)
         ctx.scale = scale
         return delta
@@ -214,14 +296,7 @@ class KronDeltaFunction(torch.autograd.Function):
     def backward(ctx, grad):
         A, U, V = ctx.saved_tensors
         acc = compute_dtype(A.dtype)
-        m, a_out, a_in = A.shape
-        p, q = U.shape[1], V.shape[1]
-        G = grad.to(acc).reshape(a_out, p, a_in, q).permute(0, 2, 1, 3).reshape(a_out * a_in, p * q)
-        B = (U.to(acc) @ V.to(acc).transpose(1, 2)).reshape(m, p * q)
-        dA = (B @ G.t()).mul_(ctx.scale).reshape(m, a_out, a_in)
-        dB = (A.to(acc).reshape(m, a_out * a_in) @ G).mul_(ctx.scale).reshape(m, p, q)
-        dU = dB @ V.to(acc)
-        dV = dB.transpose(1, 2) @ U.to(acc)
+        dA, dU, dV = _delta_grads(grad.to(acc), A.to(acc), U.to(acc), V.to(acc), ctx.scale)
         return dA.to(A.dtype), dU.to(U.dtype), dV.to(V.dtype), None, None
 
 
@@ -311,7 +386,7 @@ def _kron_apply(x, weight, bias, targets, d_out, scale, op):
     refuses = None
     if x.dtype == torch.float64:
         refuses = "its kernels take float16/bfloat16/float32 activations, got float64"
-    impl = backend.select(op, x.device, triton_refuses=refuses)
+    impl = backend.select(op, x.device, triton_refuses=refuses, dense=True, cuda_auto=_CUDA_AUTO)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -1,0 +1,124 @@
+"""The dense (cuBLAS-first) backend of the Kronecker ops: ``W + delta`` in one GEMM, the
+weight-gradient GEMM of the adapted rows only, contracted onto A, U, V (issue 10).
+
+Compared with the naive reference (``kron_kernels/reference``) and dense float64 formulas,
+like the structured backends in ``test_kron.py``."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kron_kernels as kk
+from kron_kernels import backend
+from kron_kernels.ops import kron as kron_ops
+from test_kron import (SHAPES, SMALL_SHAPES, fused_linear, fused_matmul, fused_slices, make_inputs, make_slice_inputs,
+                       ref_linear, ref_matmul, ref_slices)
+from utils import RTOL, compare_low_precision, compare_with_reference
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dense_kron_linear_float64(shape):
+    x, W, b, A, U, V = make_inputs(shape, weight_grad=True)
+    with kk.use_backend("dense"):
+        compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dense_kron_matmul_float64(shape):
+    x, _, _, A, U, V = make_inputs(shape)
+    with kk.use_backend("dense"):
+        compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float64])
+
+
+def test_dense_kron_linear_slices_float64():
+    x, W, b, q, v = make_slice_inputs()
+    with kk.use_backend("dense"):
+        compare_with_reference(fused_slices, ref_slices, [x, W, b, *q, *v], RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+def test_dense_gradcheck(shape):
+    x, W, b, A, U, V = make_inputs(shape)
+    with kk.use_backend("dense"):
+        assert torch.autograd.gradcheck(fused_linear, (x, W, b, A, U, V))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dense_low_precision(dtype):
+    x, W, b, A, U, V = make_inputs((32, 4, 4, 24, 24, 1, (64,)), dtype=torch.float32)
+    with kk.use_backend("dense"):
+        compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], dtype, activations=(0, 1, 2))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["N0", "B2xN0"])
+def test_dense_zero_tokens(lead):
+    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, lead))
+    with kk.use_backend("dense"):
+        y = fused_linear(x, W, b, A, U, V)
+        assert y.shape == (*lead, 30)
+        gA, gU, gV = torch.autograd.grad(y.sum(), (A, U, V))
+    for g in (gA, gU, gV):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+class _MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.matmul):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_dense_weight_gradient_only_for_adapted_rows():
+    """On a fused qkv with increments on the q and v rows, the backward forms the weight
+    gradient of those 30-row slices (each (30, 24)), never of the whole (90, 24) weight."""
+    x, W, b, q, v = make_slice_inputs()
+    with kk.use_backend("dense"):
+        y = fused_slices(x, W, b, *q, *v)
+        g = torch.randn_like(y)
+        with _MatmulShapes() as mode:
+            torch.autograd.grad(y, [x, *q, *v], g)
+    assert (30, 24) in mode.shapes and (90, 24) not in mode.shapes, mode.shapes
+
+
+def test_auto_takes_dense_on_cuda_and_structured_on_cpu():
+    """The choice table (ops/kron.py ``_CUDA_AUTO``): no GPU measurement has decided between the
+    dense composition and the Triton kernels, so auto takes the dense one on CUDA (issue 10);
+    on CPU auto keeps the structured torch path."""
+    assert kron_ops._CUDA_AUTO == "dense"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backend.select("kron_linear", cuda, dense=True, cuda_auto="dense") == "dense"
+    assert backend.select("kron_linear", cpu, dense=True, cuda_auto="dense") == "torch"
+    assert backend.select("op", cuda, dense=True, cuda_auto="triton") == "triton"
+    with kk.use_backend("triton"):
+        assert backend.select("kron_linear", cuda, dense=True, cuda_auto="dense") == "triton"
+
+
+def test_kron_ops_ask_for_the_choice_table(monkeypatch):
+    seen = []
+    real = backend.select
+
+    def spy(op, device, **kwargs):
+        seen.append((op, kwargs.get("dense"), kwargs.get("cuda_auto")))
+        return real(op, device, **kwargs)
+
+    monkeypatch.setattr(backend, "select", spy)
+    x, W, b, A, U, V = make_inputs(SMALL_SHAPES[0].values[0])
+    kk.kron_linear(x, W, b, A, U, V)
+    kk.kron_matmul(x, A, U, V)
+    assert seen == [("kron_linear", True, "dense"), ("kron_matmul", True, "dense")]
+
+
+def test_explicit_dense_on_an_op_without_one_raises():
+    with kk.use_backend("dense"), pytest.raises(kk.BackendUnavailableError, match="no dense composition for fwht"):
+        kk.fwht(torch.randn(2, 8))
+
+
+def test_select_refuses_a_dense_default_without_a_dense_composition():
+    with pytest.raises(ValueError, match="cuda_auto"):
+        backend.select("op", torch.device("cuda"), cuda_auto="dense")
