@@ -61,6 +61,25 @@ def _torch_backward(dout2, h2, w_down, b_down, w_up, need_dh: bool, need_dw: boo
 
 
 # ----------------------------------------------------------------------------------------
+# dense backend: the reference's composition
+# ----------------------------------------------------------------------------------------
+# ``auto`` on CUDA (DESIGN.md 5), with the measurement behind it: on the H200 (commit 349dfe8,
+# shared/gpu/2026-11-27-H200; ViT-B/16, batch 64, bf16 autocast) the Compacter step with the
+# Triton adapter took 90.6 ms against the reference's 68.8 ms (two nn.Linear cuBLAS GEMMs;
+# 0.76x), the adapter forward moving 4-11% of torch.clone's bandwidth -> the dense composition
+# until a GPU measurement of the Triton kernels says otherwise.
+_CUDA_AUTO = "dense"
+
+
+def _dense_adapter(h2, w_down, b_down, w_up, b_up, autocast_to):
+    """Two dense GEMMs in plain autograd, in the autocast dtype under autocast (else ``h``'s),
+    as the reference's two ``nn.Linear`` calls run; the residual keeps ``h``'s dtype."""
+    proj = h2.dtype if autocast_to is None else autocast_to
+    w_down, b_down, w_up, b_up = (None if t is None else t.to(proj) for t in (w_down, b_down, w_up, b_up))
+    return h2 + F.linear(F.gelu(F.linear(h2.to(proj), w_down, b_down)), w_up, b_up).to(h2.dtype)
+
+
+# ----------------------------------------------------------------------------------------
 # autograd Function (thin: dispatch to a backend's forward/backward)
 # ----------------------------------------------------------------------------------------
 def _triton_adapter():
@@ -162,9 +181,12 @@ def bottleneck_adapter(
     _check_inputs(h, w_down, b_down, w_up, b_up)
     cast = autocast_dtype(h.device)
     autocast_to = None if cast is None or h.dtype == torch.float64 else cast
-    impl = backend.select("bottleneck_adapter", h.device)
+    impl = backend.select("bottleneck_adapter", h.device, dense=True, cuda_auto=_CUDA_AUTO)
     lead, d = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, d)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
     with torch.autocast(device_type=h.device.type, enabled=False):
-        out2 = BottleneckAdapterFunction.apply(h2, w_down, b_down, w_up, b_up, autocast_to, impl)
+        if impl == "dense":
+            out2 = _dense_adapter(h2, w_down, b_down, w_up, b_up, autocast_to)
+        else:
+            out2 = BottleneckAdapterFunction.apply(h2, w_down, b_down, w_up, b_up, autocast_to, impl)
     return out2.reshape(*lead, d)

@@ -262,6 +262,67 @@ def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
     return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
 
 
+# ``auto`` on CUDA (DESIGN.md 5), per op, with the measurement behind it: the H200 run of
+# commit 349dfe8 (shared/gpu/2026-11-27-H200; ViT-B/16, batch 64, bf16 autocast, AdamW):
+# * arc: Triton fused step 52.9 ms against the reference's two cuBLAS GEMMs 35.0 ms (0.66x),
+#   the forward at 4% of torch.clone's bandwidth -> the dense composition;
+# * losa_mixer: 26.5 ms against 17.5 ms (0.66x), forward 6-15% of clone -> dense;
+# * fact_apply / fact_linear: Triton 83.8 / 120 ms against the reference's 112 / 152 ms
+#   (1.34x / 1.26x faster) -> triton.
+# A new GPU measurement of these rows (models and bottleneck reports) replaces these lines.
+_CUDA_AUTO = {"arc": "dense", "losa_mixer": "dense", "fact_apply": "triton", "fact_linear": "triton"}
+_DENSE_OPS = ("arc", "losa_mixer")  # the ops with a dense composition (FacT's cuBLAS path is its torch backend)
+
+
+class _ScaleBy(torch.autograd.Function):
+    """``a * scale`` for a one-element ``scale`` (LoSA's alpha) on activations ``a`` in their
+    dtype; the scale's gradient, a sum over every element of ``a``, accumulates in the scale's
+    dtype (fp32) -- in bf16 it would lose the 2^-8 that the fused kernels and the reference keep."""
+
+    @staticmethod
+    def forward(ctx, a, scale):
+        ctx.save_for_backward(a, scale)
+        return a * scale.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, scale = ctx.saved_tensors
+        da = g * scale.to(g.dtype) if ctx.needs_input_grad[0] else None
+        dscale = None
+        if ctx.needs_input_grad[1]:
+            dscale = (g.to(scale.dtype) * a.to(scale.dtype)).sum().reshape(scale.shape)
+        return da, dscale
+
+
+def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
+    """The composition the references run, in plain autograd: two dense GEMMs in the
+    activations' dtype (bf16 GEMMs on tensor cores for bf16 activations, as under autocast),
+    the r-wide intermediate materialised, autograd's backward. Same dropout mask as the torch
+    backend (``_torch_keep_mask``)."""
+    dt = x1.dtype
+    x = x1 if x2 is None else x1 + x2
+    D = down.to(dt)
+    Up = (down if up_t is None else up_t.t()).to(dt)  # (features, r)
+    token = spec.mode == "token"
+    pre = torch.matmul(D.t(), x) if token else x @ D  # token: (r, T) @ (B, T, C) -> (B, r, C)
+    if spec.middle == "diag":
+        a = pre * (diag.to(dt)[:, None] if token else diag.to(dt))
+    else:
+        a = F.gelu(pre)
+    r = down.shape[1]
+    n_rows = x1.shape[0] * x1.shape[2] if token else x1.shape[0]
+    mask = _mask_scale(spec, n_rows, r, x1.device, compute_dtype(dt), x1.shape[0])
+    if mask is not None:
+        a = a * mask.to(dt)
+    out = torch.matmul(Up, a) if token else a @ Up.t()  # token: (T, r) @ (B, r, C)
+    out = _ScaleBy.apply(out, scale)  # on the branch's output, as LoSA's reference (ARC's scale is 1)
+    if spec.residual:
+        out = x1 + out
+    if bias is not None:
+        out = out + bias.to(dt)
+    return out
+
+
 def _triton_bottleneck():
     from ..triton import bottleneck as triton_bottleneck  # imported on first use: never at package import
 
@@ -609,7 +670,7 @@ def _resolve_seed(seed, p_drop: float, n_elements: int) -> int:
 
 def _activation_backend(op: str, x: torch.Tensor) -> str:
     refuses = _TRITON_REFUSES_FP64 if x.dtype == torch.float64 else None
-    return backend.select(op, x.device, triton_refuses=refuses)
+    return backend.select(op, x.device, triton_refuses=refuses, dense=op in _DENSE_OPS, cuda_auto=_CUDA_AUTO[op])
 
 
 def arc(
@@ -656,7 +717,10 @@ def arc(
     spec = _Spec("channel", "diag", True, p_drop, seed, x.dtype in LOW_PRECISION)
     one = torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out = BottleneckFunction.apply(rows, None, U, None, lam, one, bias, spec, impl)
+        if impl == "dense":
+            out = _dense_bottleneck(rows, None, U, None, lam, one, bias, spec)
+        else:
+            out = BottleneckFunction.apply(rows, None, U, None, lam, one, bias, spec, impl)
     return out.reshape(*lead, d)
 
 
@@ -720,7 +784,10 @@ def losa_mixer(
     else:
         rows_h, rows_z = h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1])  # (N, C)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        out = BottleneckFunction.apply(rows_h, rows_z, W_down, W_up, None, scale, None, spec, impl)
+        if impl == "dense":
+            out = _dense_bottleneck(rows_h, rows_z, W_down, W_up, None, scale, None, spec)
+        else:
+            out = BottleneckFunction.apply(rows_h, rows_z, W_down, W_up, None, scale, None, spec, impl)
     return out.reshape(h.shape)
 
 

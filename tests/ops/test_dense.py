@@ -1,8 +1,13 @@
-"""The dense (cuBLAS-first) backend of the Kronecker ops: ``W + delta`` in one GEMM, the
-weight-gradient GEMM of the adapted rows only, contracted onto A, U, V (issue 10).
+"""The dense (cuBLAS-first) backend, which ``auto`` takes on CUDA where no GPU measurement
+has shown a fused kernel faster (issues 10, 11):
+
+* Kronecker ops: ``W + delta`` in one GEMM, the weight-gradient GEMM of the adapted rows
+  only, contracted onto A, U, V;
+* ARC, the LoSA mixer and the Compacter adapter: the references' two GEMMs in the
+  activations' dtype, in plain autograd.
 
 Compared with the naive reference (``kron_kernels/reference``) and dense float64 formulas,
-like the structured backends in ``test_kron.py``."""
+like the structured backends in ``test_kron.py``, ``test_bottleneck.py``, ``test_adapter.py``."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,6 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kron_kernels as kk
 from kron_kernels import backend
 from kron_kernels.ops import kron as kron_ops
+from kron_kernels.ops.bottleneck import dropout_keep_mask
+from test_adapter import adapter_fns, make_inputs as adapter_inputs
+from test_bottleneck import ARC_SHAPES, LOSA_SHAPES_TORCH, arc_fns, arc_inputs, losa_fns, losa_inputs, on_backend
 from test_kron import (SHAPES, SMALL_SHAPES, fused_linear, fused_matmul, fused_slices, make_inputs, make_slice_inputs,
                        ref_linear, ref_matmul, ref_slices)
 from utils import RTOL, compare_low_precision, compare_with_reference
@@ -122,3 +130,78 @@ def test_explicit_dense_on_an_op_without_one_raises():
 def test_select_refuses_a_dense_default_without_a_dense_composition():
     with pytest.raises(ValueError, match="cuda_auto"):
         backend.select("op", torch.device("cuda"), cuda_auto="dense")
+
+
+# ------------------------------------------------------------- ARC, LoSA, Compacter adapter
+@pytest.mark.parametrize("lead, d, r, bias", ARC_SHAPES)
+def test_dense_arc_float64(lead, d, r, bias):
+    fused, ref = arc_fns(bias)
+    compare_with_reference(on_backend("dense", fused), ref, arc_inputs(lead, d, r, bias=bias), RTOL[torch.float64])
+
+
+def test_dense_arc_dropout_is_the_torch_backends_mask():
+    """Same seed, same mask as the torch backend; compared with the reference given that mask."""
+    lead, d, r, p, seed = (5, 7), 24, 6, 0.3, 11
+    keep = dropout_keep_mask(35, r, p, seed, "cpu", "torch").view(*lead, r).double()
+    fused, ref = arc_fns(True, dropout=p, seed=seed, keep=keep)
+    compare_with_reference(on_backend("dense", fused), ref, arc_inputs(lead, d, r), RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape, r, axis", LOSA_SHAPES_TORCH)
+def test_dense_losa_float64(shape, r, axis):
+    fused, ref = losa_fns(axis)
+    compare_with_reference(on_backend("dense", fused), ref, losa_inputs(shape, r, axis), RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_dense_adapter_float64(bias):
+    fused, ref = adapter_fns(bias)
+    compare_with_reference(on_backend("dense", fused), ref, adapter_inputs((3, 7), 48, 5, bias=bias),
+                           RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("op", ["arc", "losa-channel", "losa-token", "adapter"])
+def test_dense_bottleneck_low_precision(op, dtype):
+    if op == "arc":
+        (fused, ref), inputs, acts = arc_fns(True), arc_inputs((64, 3), 96, 50, dtype=torch.float32), (0,)
+    elif op == "adapter":
+        (fused, ref), inputs, acts = adapter_fns(True), adapter_inputs((64, 3), 96, 8, dtype=torch.float32), (0,)
+    else:
+        axis = op.split("-")[1]
+        (fused, ref), inputs, acts = losa_fns(axis), losa_inputs((4, 48, 96), 16, axis, dtype=torch.float32), (0, 1)
+    compare_low_precision(on_backend("dense", fused), ref, inputs, dtype, activations=acts)
+
+
+def test_bottleneck_choice_tables():
+    """auto on CUDA takes what won on the H200 (ops/bottleneck.py, ops/adapter.py): the dense
+    composition for ARC, LoSA and the Compacter adapter, the Triton kernels for FacT."""
+    from kron_kernels.ops import adapter as adapter_ops
+    from kron_kernels.ops import bottleneck as bottleneck_ops
+
+    assert bottleneck_ops._CUDA_AUTO == {"arc": "dense", "losa_mixer": "dense", "fact_apply": "triton",
+                                         "fact_linear": "triton"}
+    assert adapter_ops._CUDA_AUTO == "dense"
+    seen = []
+    real = backend.select
+
+    def spy(op, device, **kwargs):
+        seen.append((op, kwargs.get("dense", False), kwargs.get("cuda_auto", "triton")))
+        return real(op, device, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "select", spy)
+        fused, _ = arc_fns(True)
+        fused(*arc_inputs((3,), 8, 2))
+        fused, _ = losa_fns("token")
+        fused(*losa_inputs((2, 5, 6), 3, "token"))
+        fused, _ = adapter_fns(True)
+        fused(*adapter_inputs((3,), 8, 2))
+    assert seen == [("arc", True, "dense"), ("losa_mixer", True, "dense"), ("bottleneck_adapter", True, "dense")]
+
+
+def test_explicit_dense_on_fact_raises():
+    x = torch.randn(3, 8)
+    U, V, cores = torch.randn(8, 2), torch.randn(8, 2), torch.randn(1, 2, 2)
+    with kk.use_backend("dense"), pytest.raises(kk.BackendUnavailableError, match="no dense composition for fact_apply"):
+        kk.fact_apply(x, U, V, cores)
