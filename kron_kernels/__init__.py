@@ -24,6 +24,7 @@ from .ops import (
 from . import nn
 from .intrinsic import IntrinsicDimensionResult, intrinsic_dimension
 from .adapt import METHODS, adapt, adapter_state_dict, load_adapter_state_dict, merge, unmerge
+from .adapter_files import AdapterFileInfo, adapter_file_info, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -56,4 +57,8 @@ __all__ = [
     "unmerge",
     "adapter_state_dict",
     "load_adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "adapter_file_info",
+    "AdapterFileInfo",
 ]
