@@ -157,7 +157,7 @@ def select(
     cuda_ops: frozenset = frozenset(),
     triton_refuses: Optional[str] = None,
     dense: bool = False,
-    cuda_auto: str = "triton",
+    cuda_auto: Optional[str] = None,
 ) -> str:
     """Pick ``"cuda"``, ``"triton"``, ``"torch"`` or ``"dense"`` for ``op`` on ``device``.
 
@@ -166,11 +166,14 @@ def select(
     ``triton_refuses`` is the op's reason why its Triton kernels cannot take *this* call
     (e.g. an unsupported dtype), or None: ``auto`` then falls back, an explicit
     ``triton`` raises with that reason. ``dense``: the op has a dense (cuBLAS-first)
-    composition; ``cuda_auto``: what ``auto`` takes on CUDA when the extension does not serve
-    the op -- ``"triton"`` or ``"dense"``, from the op's choice table.
+    composition. ``cuda_auto``: what ``auto`` takes on CUDA, from the op's choice table (the
+    measured winner for this call's shape class): ``"dense"``, ``"triton"`` (before the
+    extension; the extension where Triton refuses), or None (the extension where it has the
+    op, else Triton).
     """
-    if cuda_auto not in ("triton", "dense") or (cuda_auto == "dense" and not dense):
-        raise ValueError(f"{op}: cuda_auto must be 'triton' or (with a dense composition) 'dense', got {cuda_auto!r}")
+    if cuda_auto not in (None, "triton", "dense") or (cuda_auto == "dense" and not dense):
+        raise ValueError(f"{op}: cuda_auto must be None, 'triton' or (with a dense composition) 'dense', "
+                         f"got {cuda_auto!r}")
     requested = get_backend()
     if requested == "torch":
         return "torch"
@@ -198,10 +201,14 @@ def select(
             raise BackendUnavailableError(f"backend 'triton' cannot run {op}: {reason}")
         return "triton"
     # auto
+    on_cuda = device.type == "cuda"
+    if on_cuda and cuda_auto == "dense":
+        return "dense"
+    triton_ok = on_cuda and not triton_refuses and triton_status(device)[0]
+    if triton_ok and cuda_auto == "triton":
+        return "triton"
     if device.type in cuda_ops and extension_status()[0]:
         return "cuda"
-    if device.type == "cuda" and cuda_auto == "dense":
-        return "dense"
-    if device.type == "cuda" and not triton_refuses and triton_status(device)[0]:
+    if triton_ok:
         return "triton"
     return "torch"

@@ -67,3 +67,41 @@ def test_triton_refusal_falls_back_under_auto():
 def test_torch_backend_serves_everything():
     kk.set_backend("torch")
     assert backend.select("anything", torch.device("meta"), cuda_ops=frozenset({"meta"})) == "torch"
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "cuda_auto, extension, expected",
+    [
+        (None, True, "cuda"),  # default precedence: the extension where it has the op
+        (None, False, "triton"),
+        ("triton", True, "triton"),  # the choice table measured Triton faster
+        ("triton", False, "triton"),
+        ("dense", True, "dense"),
+    ],
+)
+def test_auto_on_cuda_follows_the_choice_table(monkeypatch, cuda_auto, extension, expected):
+    monkeypatch.setattr(backend, "extension_status", lambda: (extension, "" if extension else "missing"))
+    got = backend.select("op", CUDA, cuda_ops=frozenset({"cuda"}), dense=cuda_auto == "dense", cuda_auto=cuda_auto)
+    assert got == expected
+
+
+def test_triton_choice_falls_back_to_the_extension_when_triton_refuses(monkeypatch):
+    monkeypatch.setattr(backend, "extension_status", lambda: (True, ""))
+    assert backend.select("op", CUDA, cuda_ops=frozenset({"cuda"}), triton_refuses="fp64", cuda_auto="triton") == "cuda"
+
+
+def test_fwht_choice_table():
+    """Triton where the H200 measured it faster than the extension (2-byte rows of 2^10..2^13),
+    the extension's default elsewhere (ops/fwht.py)."""
+    import importlib
+
+    fwht_ops = importlib.import_module("kron_kernels.ops.fwht")  # kron_kernels.ops.fwht is the function
+
+    for log_n in range(0, 16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = torch.empty(1, 1 << log_n, dtype=dtype)
+            want = "triton" if dtype != torch.float32 and 10 <= log_n <= 13 else None
+            assert fwht_ops._cuda_auto(x, 1 << log_n) == want, (log_n, dtype)

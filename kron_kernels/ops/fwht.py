@@ -33,6 +33,20 @@ def _extension_devices(fp64: bool) -> frozenset:
     return devices & {"cpu"} if fp64 else devices
 
 
+# ``auto`` on CUDA (DESIGN.md 5), per (n, dtype) class, with the measurement behind it: on the
+# H200 (commit 349dfe8, shared/gpu/2026-11-27-H200/fwht.md; bf16, 32768 rows) the Triton row
+# kernel took 1.49x / 1.09x / 1.08x torch.clone's time at n = 2^10 / 2^12 / 2^13 and the
+# extension's CUDA kernel 3.13x / 3.34x / 3.45x: Triton for 2-byte rows of 2^10 ... 2^13 (fp16
+# runs the same 2-byte code path). Unmeasured classes (fp32, n < 2^10, n > 2^13: the multi-pass
+# transforms) keep the extension until a GPU run decides.
+_TRITON_MEASURED_LOGS = range(10, 14)
+
+
+def _cuda_auto(x: torch.Tensor, n: int):
+    two_byte = x.dtype in (torch.float16, torch.bfloat16)
+    return "triton" if two_byte and n.bit_length() - 1 in _TRITON_MEASURED_LOGS else None
+
+
 def _torch_fwht(x2: torch.Tensor, scale: float) -> torch.Tensor:
     """The torch butterfly, one vectorised stage per index bit (Pease's form): the pairs of
     the lowest bit ``(a, b)`` become ``(a + b, a - b)`` stacked as the new *top* bit, the other
@@ -103,6 +117,7 @@ def fwht(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         x.device,
         cuda_ops=_extension_devices(fp64),
         triton_refuses="its kernels compute in float32, got float64" if fp64 else None,
+        cuda_auto=_cuda_auto(x, n),
     )
     x2 = x.reshape(-1, n).contiguous()
     return FwhtFunction.apply(x2, scale, impl).view(x.shape)
