@@ -13,7 +13,9 @@ P has squared norm ``nb * Lb / D`` before the cut to D rows: exactly 1 when ``Lb
 The backward is ``P^T g``: block j ``B_j H Pi_j^T G_j H (g_j / (||G_j|| sqrt(D)))`` summed over
 blocks and cut to d (H is symmetric; ``Pi^T`` is the scatter ``z[Pi[k]] = w[k]``).
 
-Counter-based generator (the same integer arithmetic in torch, Triton and C++/CUDA: csrc/fastfood.h)
+Counter-based generator (the same integer arithmetic in torch, Triton and C++/CUDA: csrc/fastfood.h;
+its constants and key schedule in ``ops/_fastfood_generator.py``, imported by this module and by
+``triton/fastfood.py``)
 ------------------------------------------------------------------------------------------------------
 All words are unsigned 32-bit; ``+`` and ``*`` wrap mod 2^32; ``mix`` is MurmurHash3's
 finaliser ``fmix32`` (a bijection of 32-bit words with full avalanche)::
@@ -78,35 +80,15 @@ import torch
 
 from .. import backend
 from ._common import FLOAT_DTYPES, check_tensor, compute_dtype
+from ._fastfood_generator import (  # noqa: F401  (re-exported: the generator's constants)
+    MASK32, MAX_LOG_LB, MIX_C1, MIX_C2, PI_ROUNDS, STREAM_B, STREAM_G_ANGLE, STREAM_G_RADIUS, STREAM_PI, WEYL,
+    mix32, stream_keys,
+)
 from .fwht import fwht
 
 __all__ = ["fastfood", "fastfood_params", "fastfood_block_size", "FastfoodFunction", "MODES"]
 
 MODES = ("stacked", "padded")
-MASK32 = 0xFFFFFFFF
-WEYL = 0x9E3779B9
-MIX_C1, MIX_C2 = 0x85EBCA6B, 0xC2B2AE35
-STREAM_B, STREAM_G_RADIUS, STREAM_G_ANGLE, STREAM_PI = 1, 2, 3, 4
-PI_ROUNDS = 6
-MAX_LOG_LB = 32  # element counters are 32-bit words
-
-
-# ------------------------------------------------------------------------- scalar generator
-def mix32(x: int) -> int:
-    """MurmurHash3 fmix32 on a Python int (the per-seed stream keys)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * MIX_C1) & MASK32
-    x ^= x >> 13
-    x = (x * MIX_C2) & MASK32
-    x ^= x >> 16
-    return x
-
-
-def stream_keys(seed: int) -> Tuple[int, int, int, int]:
-    """``key(s)`` for the streams B, G_radius, G_angle, Pi (module docstring)."""
-    lo, hi = seed & MASK32, (seed >> 32) & MASK32
-    return tuple(mix32(mix32(lo + s) ^ hi) for s in (STREAM_B, STREAM_G_RADIUS, STREAM_G_ANGLE, STREAM_PI))
 
 
 # ------------------------------------------------------------------- tensor generator (int64)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.fastfood import MIX_C1, MIX_C2, PI_ROUNDS, WEYL, stream_keys
+from ..ops._fastfood_generator import MIX_C1, MIX_C2, PI_ROUNDS, WEYL, stream_keys
 
 __all__ = ["fastfood_forward", "fastfood_transpose", "MAX_LOG_LB"]
 
