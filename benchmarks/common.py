@@ -919,6 +919,9 @@ def _quiet_native_stderr():
         os.close(saved)
 
 
+quiet_native_stderr = _quiet_native_stderr  # around any torch.profiler run (models' kernel breakdown)
+
+
 def peak_memory_cuda(fn: Callable[[], None], warm: bool = True) -> int:
     """Bytes allocated by one step beyond what was allocated before it (inputs, weights).
 

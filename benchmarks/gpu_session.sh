@@ -54,12 +54,12 @@ cat "$work/env.txt"
 pack
 if [[ " $steps " == *" build "* ]] && ls csrc/*.cu csrc/*.cpp > /dev/null 2>&1; then
     arch=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    step build $(( check ? 140 : 300 )) env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 $py setup.py build_ext --inplace
+    step build $(( check ? 130 : 300 )) env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 $py setup.py build_ext --inplace
 fi
 if (( check )); then
     step tests 130 $py -m pytest -m gpu -q -p no:cacheprovider -n 8 tests
-    step models 100 $py -m benchmarks.report --suite models --reps 10 --out "$work/results"
-    step targets 50 $py -m benchmarks.report --suite kron_ops bottleneck fwht fastfood --reps 10 --cases \
+    step models 115 $py -m benchmarks.report --suite models --reps 10 --profile-steps 1 --out "$work/results"
+    step targets 45 $py -m benchmarks.report --suite kron_ops bottleneck fwht fastfood --reps 10 --cases \
         kron_linear-d768 bottleneck_adapter-d768 arc-d768-r50-fwd losa_channel-d768-r64-fwd \
         losa_token-d768-r64-fwd vit_block fwht-n1024-bfloat16 fwht-n8192-bfloat16 fastfood-d16384-D86000000 \
         --out "$work/results"

@@ -21,6 +21,13 @@ resident tensors minus the gradients (CUDA: ``max_memory_allocated``; CPU: the p
 allocator events, as in :mod:`benchmarks.common`); the step peak is the whole step's peak
 including everything resident.
 
+Where a step's time goes, per row: after the timing (so the timed steps never run under the
+profiler) a few more steps run under ``torch.profiler`` (one profiler warm-up step, then
+``profile_steps`` recorded ones), and ``row.extra["profile"]`` keeps the top entries by time with
+their time and call count per step, the remainder and the total. On CUDA the entries are the
+device's kernels (and memcpy/memset) by device time, the count their launches; on CPU, where
+there are no kernels, the ops by self CPU time ("CPU op time"), the count their calls.
+
 Used by ``python -m benchmarks.report --suite models`` and ``benchmarks/test_bench_models.py``.
 Nothing here touches CUDA or imports timm/PEFT/matplotlib at import time.
 """
@@ -33,7 +40,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -363,6 +370,213 @@ def reps_for(device: torch.device, quick: bool, reps: Optional[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# where a step's time goes (torch.profiler)
+# ----------------------------------------------------------------------------------------
+PROFILE_TOP = 10  # entries kept per row; the rest are summed into "other"
+CUDA_KERNELS, CPU_OPS = "cuda_kernels", "cpu_ops"  # what a breakdown's entries are
+PROFILE_LABEL = {
+    CUDA_KERNELS: "CUDA kernel time (device time of each kernel, memcpy, memset; count = launches)",
+    CPU_OPS: "CPU op time (self CPU time of each op; count = calls; not GPU kernel time)",
+}
+# FunctionEventAvg's self device time: `self_device_time_total` from torch 2.4, `self_cuda_time_total`
+# before (kept as a deprecated alias in some versions)
+_SELF_DEVICE_TIME = ("self_device_time_total", "self_cuda_time_total")
+_SELF_CPU_TIME = ("self_cpu_time_total",)
+
+
+def profile_steps_for(device: torch.device, quick: bool, steps: Optional[int]) -> int:
+    """Steps recorded per row (0: no breakdown)."""
+    if steps is not None:
+        return max(0, steps)
+    if device.type == "cuda":
+        return 3
+    return 1 if quick else 2
+
+
+Entries = List[Tuple[str, float, int]]  # (name, self time in µs, events) per name
+# the profiler's own bookkeeping, which key_averages() leaves out too
+_PROFILER_UTILITY = frozenset({
+    "[memory]", "[OutOfMemory]", "profiler::_record_function_enter", "profiler::_record_function_enter_new",
+    "profiler::_record_function_exit", "aten::is_leaf", "aten::output_nr", "aten::_version",
+})
+
+
+_demangle = getattr(torch._C, "_demangle", lambda name: name)
+
+
+def _is_step(name: str) -> bool:  # the schedule's ProfilerStep#<n> range around each whole step
+    return str(name).startswith("ProfilerStep")
+
+
+def _us(event: Any, names: Sequence[str]) -> float:
+    for name in names:
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _entries_from_averages(events: Sequence[Any], kind: str) -> Tuple[Entries, Optional[float]]:
+    """The entries of ``kind`` and the recorded steps' wall time (µs) from ``prof.key_averages()``."""
+    cpu = torch.autograd.DeviceType.CPU
+    if kind == CUDA_KERNELS:
+        # GPU-side copies of record_function ranges (ProfilerStep#, Optimizer.step) span kernels counted already
+        entries = [(e.key, _us(e, _SELF_DEVICE_TIME), e.count) for e in events
+                   if getattr(e, "device_type", cpu) != cpu and not getattr(e, "is_user_annotation", False)
+                   and not _is_step(e.key)]
+    elif kind == CPU_OPS:
+        entries = [(e.key, _us(e, _SELF_CPU_TIME), e.count) for e in events
+                   if getattr(e, "device_type", cpu) == cpu and not _is_step(e.key)]
+    else:
+        raise ValueError(f"unknown profile kind {kind!r}")
+    walls = [e for e in events if _is_step(e.key) and getattr(e, "device_type", cpu) == cpu]
+    return entries, (sum(_us(e, ("cpu_time_total",)) for e in walls) if walls else None)
+
+
+def _entries_from_kineto(events: Sequence[Any], kind: str) -> Tuple[Entries, Optional[float]]:
+    """The same as :func:`_entries_from_averages`, straight from the raw Kineto events
+    (``prof.profiler.kineto_results.events()``): key_averages() builds a Python FunctionEvent per
+    event, ~45 µs each, and a ViT-B step has thousands (floor) to tens of thousands (FacT
+    reference) CPU ops, plus its kernels and their launches; this reads each event's name, times
+    and device once (10-20x faster on CPU profiles of the suite's steps, the same numbers).
+    CPU self time = the op's span minus its direct children's on the same thread, the tree built as
+    torch builds it (an op inside another's span, by start, longest first; an only child of the
+    same name folded into its parent)."""
+    if kind not in (CUDA_KERNELS, CPU_OPS):
+        raise ValueError(f"unknown profile kind {kind!r}")
+    cpu = torch.autograd.DeviceType.CPU
+    totals: Dict[str, List[float]] = {}
+    wall_ns, steps_seen = 0.0, 0
+
+    def add(name: str, ns: float) -> None:
+        slot = totals.setdefault(name, [0.0, 0])
+        slot[0] += ns
+        slot[1] += 1
+
+    threads: Dict[Any, List[Tuple[int, int, str]]] = {}
+    for e in events:
+        name = e.name()
+        if name in _PROFILER_UTILITY or getattr(e, "is_hidden_event", lambda: False)():
+            continue
+        if e.device_type() != cpu:
+            if kind == CUDA_KERNELS and not e.is_user_annotation() and not _is_step(name):
+                add(name, e.duration_ns())
+            continue
+        if e.is_async() or e.start_thread_id() != e.end_thread_id():
+            if kind == CPU_OPS and not _is_step(name):
+                add(name, 0.0)  # counted, no self time, as in torch's tree
+            continue
+        if _is_step(name):
+            wall_ns += e.duration_ns()
+            steps_seen += 1
+        if kind == CPU_OPS:
+            threads.setdefault(e.start_thread_id(), []).append((e.start_ns(), e.end_ns(), name))
+    for spans in threads.values():
+        spans.sort(key=lambda span: (span[0], -span[1]))
+        ops: List[List[Any]] = []  # [name, self ns, parent's index or -1, children, end]
+        stack: List[int] = []  # the enclosing ops, innermost last
+        for start, end, name in spans:
+            while stack and (start >= ops[stack[-1]][4] or end > ops[stack[-1]][4]):
+                stack.pop()
+            parent = stack[-1] if stack else -1
+            if parent >= 0:
+                ops[parent][1] -= end - start
+                ops[parent][3] += 1
+            stack.append(len(ops))
+            ops.append([name, end - start, parent, 0, end])
+        # torch's tree folds an op into its parent of the same name when it is the parent's only
+        # child (a redispatch): one call, the two self times summed (children after parents: reversed)
+        for op in reversed(ops):
+            parent = op[2]
+            if parent >= 0 and ops[parent][0] == op[0] and ops[parent][3] == 1:
+                ops[parent][1] += op[1]
+                ops[parent][3] = op[3]
+                op[0] = None
+        for name, self_ns, *_ in ops:
+            if name is not None and not _is_step(name):
+                add(name, self_ns)
+    demangled: Dict[str, List[float]] = {}  # kernel names as key_averages() shows them
+    for name, (ns, count) in totals.items():
+        slot = demangled.setdefault(_demangle(name), [0.0, 0])
+        slot[0] += ns
+        slot[1] += count
+    entries = [(name, ns / 1e3, count) for name, (ns, count) in demangled.items()]
+    return entries, (wall_ns / 1e3 if steps_seen else None)
+
+
+def summarise_profile(entries: Entries, wall_us: Optional[float], steps: int, kind: str,
+                      top: int = PROFILE_TOP) -> Dict[str, Any]:
+    """Top ``top`` entries by time, per step (ms, calls), the rest as "other", and the total.
+    ``kind``: :data:`CUDA_KERNELS` (device events by device time) or :data:`CPU_OPS` (CPU ops by
+    self CPU time, the ProfilerStep# ranges, which hold the whole step, left out)."""
+    picked = sorted(entries, key=lambda entry: (-entry[1], entry[0]))
+
+    def entry(us: float, calls: float, **more) -> Dict[str, Any]:
+        return dict(more, ms_per_step=us / steps / 1e3, calls_per_step=calls / steps)
+
+    total_us = sum(us for _, us, _ in picked)
+    head = [entry(us, calls, name=name, share=common.ratio(us, total_us)) for name, us, calls in picked[:top]]
+    rest = picked[top:]
+    return {
+        "kind": kind,
+        "label": PROFILE_LABEL[kind],
+        "steps": steps,
+        "top": head,
+        "other": entry(sum(us for _, us, _ in rest), sum(calls for _, _, calls in rest), entries=len(rest)),
+        "total": entry(total_us, sum(calls for _, _, calls in picked), entries=len(picked)),
+        # wall time of a recorded step, profiler overhead included (never a timing)
+        "profiled_step_ms": None if wall_us is None else wall_us / steps / 1e3,
+    }
+
+
+def _read_profile(prof: Any, kind: str) -> Tuple[Entries, Optional[float], str]:
+    try:
+        return (*_entries_from_kineto(prof.profiler.kineto_results.events(), kind), "Kineto events")
+    except (AttributeError, TypeError):  # a torch without these bindings: the documented, slower path
+        return (*_entries_from_averages(prof.key_averages(), kind), "key_averages()")
+
+
+def profile_step(bench: ModelBench, device: torch.device, steps: int, top: int = PROFILE_TOP) -> Dict[str, Any]:
+    """Where ``steps`` training steps' time goes (see the module's docstring); one more step runs
+    first under the profiler (its warm-up, discarded). Call it after the timing, never around it."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with common.quiet_native_stderr():
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+            for _ in range(1 + steps):
+                bench.step()
+                if cuda:  # each recorded step ends with its kernels
+                    torch.cuda.synchronize()
+                prof.step()
+    kind = CUDA_KERNELS if cuda else CPU_OPS
+    entries, wall_us, source = _read_profile(prof, kind)
+    note = None
+    if cuda and not entries:
+        kind = CPU_OPS
+        entries, wall_us, source = _read_profile(prof, kind)
+        note = "the profiler recorded no CUDA kernel (CUPTI unavailable?): CPU op time instead"
+    summary = summarise_profile(entries, wall_us, steps, kind, top)
+    if note:
+        summary["note"] = note
+    summary["method"] = (f"torch.profiler {torch.__version__}, activities {'CPU+CUDA' if cuda else 'CPU'}: "
+                         f"1 warm-up + {steps} recorded step{'' if steps == 1 else 's'} after the timing, "
+                         f"read from its {source}")
+    return summary
+
+
+def _profiled(row: Row, bench: ModelBench, device: torch.device, steps: int) -> None:
+    """``row.extra["profile"]``: the breakdown, or why there is none; never fails the row."""
+    if not steps or row.status != "ok":
+        return
+    try:
+        row.extra["profile"] = profile_step(bench, device, steps)
+    except Exception as exc:  # the timing stands without its breakdown
+        row.extra["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+# ----------------------------------------------------------------------------------------
 # measuring one case into rows
 # ----------------------------------------------------------------------------------------
 def _row(case: Case, variant: str, device: torch.device) -> Row:
@@ -397,12 +611,14 @@ def _timed(row: Row, timing: Any, batch: int) -> None:
 
 
 def measure_case(suite: str, case: Case, cfg) -> List[Row]:
-    """Build, warm, memory-profile and time the variants of one case; never raises.
+    """Build, warm, memory-profile and time the variants of one case, then profile where their
+    step's time goes (``cfg.profile_steps``; 0: not); never raises.
 
     CUDA: one variant at a time (built, measured, freed), timed with CUDA events.
     CPU: every variant of the case alive at once and timed in turns (as the op suites do)."""
     device = cfg.device
     reps = reps_for(device, cfg.quick, getattr(cfg, "model_reps", None))
+    profile_steps = profile_steps_for(device, cfg.quick, getattr(cfg, "profile_steps", None))
     rows = {variant: _row(case, variant, device) for variant in case.variants}
     benches: Dict[str, ModelBench] = {}
     try:
@@ -421,6 +637,7 @@ def measure_case(suite: str, case: Case, cfg) -> List[Row]:
                     if getattr(cfg, "memory_snapshot", None) == case.op and getattr(cfg, "folder", None):
                         path = Path(cfg.folder) / f"memory_snapshot-{case.op}-{variant}.pickle"
                         row.extra["memory_snapshot"] = dump_memory_snapshot(bench, path)
+                    _profiled(row, bench, device, profile_steps)
                 else:
                     benches[variant] = bench
             except Exception as exc:  # reported in the row, never allowed to end the run
@@ -430,6 +647,8 @@ def measure_case(suite: str, case: Case, cfg) -> List[Row]:
                 {v: b.step for v, b in benches.items()}, reps=reps, warmup=1, min_repeat_s=0.0)
             for variant, timing in timings.items():
                 _timed(rows[variant], timing, benches[variant].batch)
+            for variant, bench in benches.items():  # after every variant's timing
+                _profiled(rows[variant], bench, device, profile_steps)
     finally:
         benches.clear()
         common.free_memory(device)
@@ -559,6 +778,94 @@ def _label(row: Row) -> str:
     return ANCHOR_TITLE.get(row.op, f"`{row.op}`")
 
 
+PROFILE_TOP_MD = 5  # entries per row in the Markdown (the JSON keeps PROFILE_TOP)
+_NAMESPACES = ("(anonymous namespace)::", "at::native::", "at::cuda::", "c10::")
+
+
+def _kernel_name(name: str, width: int = 80) -> str:
+    """A kernel's name for a table cell: no ``void``, no argument list, no common namespaces, at most
+    ``width`` characters (the JSON keeps the full name)."""
+    short = name.strip()
+    if short.startswith("void "):
+        short = short[5:]
+    if short.endswith(")"):  # a CUDA kernel's signature: cut the last top-level (...)
+        depth = 0
+        for i in range(len(short) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(short[i], 0)
+            if depth == 0:
+                short = short[:i] if i > 0 else short
+                break
+    for prefix in _NAMESPACES:
+        short = short.replace(prefix, "")
+    if len(short) > width:
+        short = short[: width - 1] + "…"
+    return short.replace("|", "\\|").replace("`", "'")
+
+
+def _calls(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value - round(value)) < 1e-9 else f"{value:,.1f}"
+
+
+def _share(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def profile_lines(rows: List[Row], cfg) -> List[str]:
+    """The Markdown section of the per-row breakdowns (empty when no row has one)."""
+    profiled = [r for r in rows if "profile" in r.extra]
+    if not profiled:
+        return []
+    cuda = cfg.device.type == "cuda"
+    kinds = {r.extra["profile"].get("kind") for r in profiled} - {None}
+    steps = sorted({r.extra["profile"]["steps"] for r in profiled if "steps" in r.extra["profile"]})
+    label = PROFILE_LABEL[CUDA_KERNELS if cuda else CPU_OPS]
+    lines = [
+        "",
+        "## Where a step's time goes (torch.profiler)",
+        "",
+        f"{label}, per training step: the top {PROFILE_TOP_MD} of each row, the rest as *other*, and the "
+        f"total, with its share of the row's timed step median. Recorded over {'/'.join(map(str, steps))} "
+        f"step{'' if steps == [1] else 's'} after one profiler warm-up step, in a separate pass after the "
+        "row's timing (the profiler's overhead is in no timed number). The JSON rows keep the top "
+        f"{PROFILE_TOP} with full names (`extra.profile`)."
+        + (" On CPU there are no kernels: these are the aten ops (and `record_function` ranges such as "
+           "the optimizer's Python) by self CPU time." if not cuda else
+           " A total well under the step median means the GPU idles between kernels (launch-bound)."),
+        "",
+        f"| method | impl | {'kernel' if cuda else 'CPU op'} | ms / step | share | "
+        f"{'launches' if cuda else 'calls'} / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in profiled:
+        prof = row.extra["profile"]
+        first = f"| {_label(row)} | {row.variant} "
+        if "error" in prof:
+            lines.append(first + f"| profile failed: {prof['error'].replace('|', '/')} | - | - | - |")
+            continue
+        for i, entry in enumerate(prof["top"][:PROFILE_TOP_MD]):
+            lead = first if i == 0 else "| | "
+            lines.append(f"{lead}| `{_kernel_name(entry['name'])}` | {_num(entry['ms_per_step'])} "
+                         f"| {_share(entry['share'])} | {_calls(entry['calls_per_step'])} |")
+        shown = prof["top"][:PROFILE_TOP_MD]
+        total = prof["total"]
+        rest_ms = max(total["ms_per_step"] - sum(e["ms_per_step"] for e in shown), 0.0)
+        rest_calls = max(total["calls_per_step"] - sum(e["calls_per_step"] for e in shown), 0.0)
+        rest_n = total["entries"] - len(shown)
+        if rest_n > 0:
+            lines.append(f"| | | other ({rest_n} more) | {_num(rest_ms)} "
+                         f"| {_share(common.ratio(rest_ms, total['ms_per_step']))} | {_calls(rest_calls)} |")
+        of_median = common.ratio(total["ms_per_step"], row.median_ms)
+        note = f"; {prof['note']}" if prof.get("note") else ""
+        lines.append(f"{first if not shown else '| | '}| **total** ({total['entries']} distinct; "
+                     f"{'-' if of_median is None else f'{of_median:.0%}'} of the step median{note}) "
+                     f"| {_num(total['ms_per_step'])} | 100% | {_calls(total['calls_per_step'])} |")
+    if len(kinds) > 1:
+        lines += ["", "Rows whose total names a note recorded CPU op time instead of kernel time."]
+    return lines
+
+
 def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[str, Any]) -> str:
     device_kind = "GPU" if cfg.device.type == "cuda" else "CPU"
     shapes = sorted({r.shape for r in rows})
@@ -613,6 +920,7 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
             f"| {_label(row)} | {row.variant} | {_mib(mem['parameters'])} | {_mib(mem['optimizer_state'])} "
             f"| {_mib(mem['gradients'])} | {_mib(mem['activations'])} | {_mib(mem['step_peak'])} |"
         )
+    lines += profile_lines(rows, cfg)
     lines += ["", "## Targets (GPU, ViT-B/16, bf16, batch 64, unless a row says any device; reported, not asserted)",
               "",
               "| target | method | measured | status |", "|---|---|---|---|"]
@@ -636,6 +944,11 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
         "- Overhead over floor = step time / floor step time − 1.",
         f"- Timing: {'; '.join(timing_methods) or '-'}. Memory: {'; '.join(memory_methods) or '-'}.",
     ]
+    profile_methods = sorted({r.extra["profile"]["method"] for r in rows if "method" in r.extra.get("profile", {})})
+    if profile_methods:
+        lines.append(f"- Step breakdown: {'; '.join(profile_methods)}.")
+    elif getattr(cfg, "profile_steps", None) == 0:
+        lines.append("- Step breakdown: not profiled (`--no-profile`).")
     if cfg.device.type == "cpu":
         lines.append(
             f"- CPU: {prov['cpu']}, {prov['torch_threads']} torch threads; 1-min load average "

@@ -49,6 +49,7 @@ class RunConfig:
     depth: Optional[int] = None
     model_reps: Optional[int] = None
     memory_snapshot: Optional[str] = None
+    profile_steps: Optional[int] = None  # steps of the per-row torch.profiler breakdown (0: none)
     folder: Optional[Path] = None
 
     def describe(self) -> Dict[str, Any]:
@@ -71,6 +72,7 @@ class RunConfig:
                 "methods": self.methods or "all",
                 "reps": models.reps_for(self.device, self.quick, self.model_reps),
                 "memory_snapshot": self.memory_snapshot,
+                "profile_steps": models.profile_steps_for(self.device, self.quick, self.profile_steps),
             },
         }
 
@@ -636,6 +638,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     models_group.add_argument("--memory-snapshot", default=None, metavar="METHOD",
                               help="CUDA: dump a torch.cuda.memory snapshot of one training step of METHOD "
                               "(fused and reference) into the results folder")
+    profiling = models_group.add_mutually_exclusive_group()
+    profiling.add_argument("--profile-steps", type=int, default=None, metavar="N",
+                           help="per row, after its timing: N training steps under torch.profiler for the "
+                           "breakdown of where a step's time goes (CUDA kernels; CPU ops) (default GPU 3, "
+                           "CPU 2, CPU quick 1)")
+    profiling.add_argument("--no-profile", action="store_true",
+                           help="no torch.profiler breakdown (the same as --profile-steps 0)")
     parser.add_argument("--out", type=Path, default=common.REPO_ROOT / "benchmarks" / "results",
                         help="results root (default benchmarks/results)")
     return parser.parse_args(argv)
@@ -671,10 +680,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         methods=args.methods,
         model_reps=args.reps,
         memory_snapshot=args.memory_snapshot,
+        profile_steps=0 if args.no_profile else args.profile_steps,
     )
     for option in ("batch", "img", "depth"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise SystemExit(f"--{option} must be >= 1, got {getattr(args, option)}")
+    if args.profile_steps is not None and args.profile_steps < 0:
+        raise SystemExit(f"--profile-steps must be >= 0, got {args.profile_steps}")
     suites = [SUITES[name] for name in args.suite]
     try:
         jobs = sum(len(c.variants) for s in suites for c in s.case_list(cfg))
