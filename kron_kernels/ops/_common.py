@@ -1,4 +1,4 @@
-"""Input checks, dtype rules and the operand-layout rule shared by the op families."""
+"""Input checks, dtype rules and the operand- and gradient-layout rules shared by the op families."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -56,6 +56,33 @@ def as_kernel_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or t.is_contiguous():
         return t
     return t.contiguous()
+
+
+def grad_like(grad: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``grad`` in ``like``'s dtype *and strides*: what an autograd Function returns for the
+    parameter-like input ``like`` (a factor, weight, bias, diagonal or scale; None stays None).
+
+    Backward code computes factor gradients in whatever layout its GEMMs leave them -- e.g.
+    the rank-major ``(m, r, k)`` result viewed as ``(m, k, r)`` through a transpose, or a
+    Triton launcher's buffer. A gradient with other strides than its parameter is copied
+    again by ``AccumulateGrad`` (when a dim of size > 1 differs) or, when only the strides of
+    size-1 dims differ (a ``(32, 8, 1)`` factor receiving strides ``(8, 1, 8)``), is kept as
+    ``.grad`` and then copied by ``DistributedDataParallel`` into its bucket on every step,
+    with the warning "Grad strides do not match bucket view strides". So the layout is fixed
+    here, once, and only when it differs: free (a view) when just size-1 strides differ, else
+    one copy of a factor-sized tensor, fused with the dtype cast."""
+    if grad is None:
+        return None
+    if grad.stride() == like.stride():
+        return grad if grad.dtype == like.dtype else grad.to(like.dtype)
+    if grad.is_contiguous() and like.is_contiguous():  # same memory order, only size-1 strides differ
+        flat = grad.view(-1).view(like.shape)  # canonical contiguous strides, no copy
+        if flat.stride() == like.stride():
+            return flat if flat.dtype == like.dtype else flat.to(like.dtype)
+    out = torch.empty_like(like)  # like's strides when it is dense (every parameter is)
+    if out.stride() != like.stride():  # an overlapping / non-dense view: no layout to match
+        return grad if grad.dtype == like.dtype else grad.to(like.dtype)
+    return out.copy_(grad)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

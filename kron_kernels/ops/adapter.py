@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import LOW_PRECISION, autocast_dtype, check_tensor, compute_dtype
+from ._common import LOW_PRECISION, autocast_dtype, check_tensor, compute_dtype, grad_like
 
 __all__ = ["bottleneck_adapter", "BottleneckAdapterFunction"]
 
@@ -122,11 +122,12 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         def cast(grad, needed, dtype):
             return grad.to(dtype) if needed else None
 
+        # parameter gradients in their parameter's dtype and strides (see grad_like)
         return (
             cast(dh, need[0], h2.dtype),
-            cast(dw_down, need[1], w_down.dtype),
-            cast(db_down, need[2], None if b_down is None else b_down.dtype),
-            cast(dw_up, need[3], w_up.dtype),
+            grad_like(dw_down, w_down) if need[1] else None,
+            grad_like(db_down, b_down) if need[2] else None,
+            grad_like(dw_up, w_up) if need[3] else None,
             cast(db_up, need[4], ctx.b_up_dtype),
             None,
             None,

@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_scale, check_tensor, compute_dtype
+from ._common import (
+    FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_scale, check_tensor, compute_dtype, grad_like,
+)
 
 __all__ = [
     "fact_tt_delta",
@@ -248,7 +250,7 @@ class _TorchBottleneck:
         elif need_dx:
             grads["dx"] = self.down_proj_t_add(d_pre, g) if residual else self.down_proj_t(d_pre)
         if need_dw:
-            grads["ddown"] = self.outer(d_pre, x).t()
+            grads["ddown"] = self.outer(x, d_pre)  # (features, r), in down's own (row-major) layout
             grads["dup_t"] = self.outer(a * scale, g)
             grads["dscale"] = (dm * a).sum()
             grads["ddiag"] = self.r_sum(d_y * pre) if self.spec.middle == "diag" else None
@@ -290,7 +292,7 @@ class _ScaleBy(torch.autograd.Function):
         da = g * scale.to(g.dtype) if ctx.needs_input_grad[0] else None
         dscale = None
         if ctx.needs_input_grad[1]:
-            dscale = (g.to(scale.dtype) * a.to(scale.dtype)).sum().reshape(scale.shape)
+            dscale = grad_like((g.to(scale.dtype) * a.to(scale.dtype)).sum().reshape(scale.shape), scale)
         return da, dscale
 
 
@@ -371,22 +373,23 @@ class BottleneckFunction(torch.autograd.Function):
         def cast(name, needed, like):
             return grads[name].to(like.dtype) if needed else None
 
+        # parameter gradients in their parameter's dtype and strides (see grad_like)
         ddown = dup_t = None
         if need[2] and up_t is None:  # tied: D and Up are one tensor (the Triton kernel sums them)
             ddown = grads["ddown"] if ctx.impl == "triton" else grads["ddown"] + grads["dup_t"].t()
-            ddown = ddown.to(down.dtype)
+            ddown = grad_like(ddown, down)
         elif need[2]:
-            ddown = grads["ddown"].to(down.dtype)
+            ddown = grad_like(grads["ddown"], down)
         if need[3]:
-            dup_t = grads["dup_t"].to(up_t.dtype)
+            dup_t = grad_like(grads["dup_t"], up_t)
         dbias = grads["dbias"].to(ctx.bias_dtype) if need[6] else None
-        dscale = grads["dscale"].reshape(scale.shape).to(scale.dtype) if need[5] else None
+        dscale = grad_like(grads["dscale"].reshape(scale.shape), scale) if need[5] else None
         return (
             cast("dx", need_dx, x1),
             cast("dx2", need_dx2, x1),
             ddown,
             dup_t,
-            grads["ddiag"].to(diag.dtype) if need[4] else None,
+            grad_like(grads["ddiag"], diag) if need[4] else None,
             dscale,
             dbias,
             None,
@@ -519,15 +522,16 @@ class FacTFunction(torch.autograd.Function):
         else:
             grads = _TorchFacT(spec, x2, U, V, cores).backward(dout, x2, weight, need_dx, need_dw)
         acc = compute_dtype(x2.dtype)
-        dweight = (dout.to(acc).t() @ x2.to(acc)).to(weight.dtype) if need[1] else None
+        dweight = grad_like(dout.to(acc).t() @ x2.to(acc), weight) if need[1] else None
         dbias = dout.to(acc).sum(0).to(ctx.bias_dtype) if need[2] else None
+        # parameter gradients in their parameter's dtype and strides (see grad_like)
         return (
             grads["dx"].to(x2.dtype) if need_dx else None,
             dweight,
             dbias,
-            grads["dU"].to(U.dtype) if need[3] else None,
-            grads["dV"].to(V.dtype) if need[4] else None,
-            grads["dcores"].to(cores.dtype) if need[5] else None,
+            grad_like(grads["dU"], U) if need[3] else None,
+            grad_like(grads["dV"], V) if need[4] else None,
+            grad_like(grads["dcores"], cores) if need[5] else None,
             None,
             None,
         )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import as_kernel_operand, autocast_dtype, check_scale, check_tensor, compute_dtype
+from ._common import as_kernel_operand, autocast_dtype, check_scale, check_tensor, compute_dtype, grad_like
 
 __all__ = [
     "kron_delta",
@@ -267,11 +267,13 @@ class KronLinearFunction(torch.autograd.Function):
         dx, grads = backward(dy2, x2, weight, targets, ctx.scale, ctx.needs_input_grad[0])
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = (dy2.to(acc).t() @ x2.to(acc)).to(weight.dtype)
+            dweight = grad_like(dy2.to(acc).t() @ x2.to(acc), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2.to(acc).sum(0).to(x2.dtype)
+        # each factor's gradient in its factor's dtype and strides (the torch backend's dU, dV
+        # are transposed views of rank-major results; DDP copies mismatched ones every step)
         dfactors = [
-            g.to(f.dtype) if needed else None
+            grad_like(g, f) if needed else None
             for g, f, needed in zip((g for triple in grads for g in triple), factors, ctx.needs_input_grad[7:])
         ]
         return (None if dx is None else dx.to(x2.dtype), dweight, dbias, None, None, None, None, *dfactors)
@@ -297,7 +299,7 @@ class KronDeltaFunction(torch.autograd.Function):
         A, U, V = ctx.saved_tensors
         acc = compute_dtype(A.dtype)
         dA, dU, dV = _delta_grads(grad.to(acc), A.to(acc), U.to(acc), V.to(acc), ctx.scale)
-        return dA.to(A.dtype), dU.to(U.dtype), dV.to(V.dtype), None, None
+        return grad_like(dA, A), grad_like(dU, U), grad_like(dV, V), None, None
 
 
 # ----------------------------------------------------------------------------------------
