@@ -108,7 +108,7 @@ def kron_ops_cases(quick: bool = False) -> List[Case]:
         # training step: PHM weights rebuilt from their factors, adapter forward + backward
         cases.append(Case("compacter_adapter", f"d{d}-k{k}-n{PHM_N}", FWD_BWD, ("fused", "reference", "floor"), params))
         # the adapter kernel alone (weights prebuilt, no autograd): the bandwidth target
-        cases.append(Case("bottleneck_adapter", f"d{d}-k{k}", FWD, ("fused", "reference", "floor"), params))
+        cases.append(Case("bottleneck_adapter", f"d{d}-k{k}", FWD, ("fused", "triton", "reference", "floor"), params))
     return cases
 
 
@@ -199,11 +199,14 @@ def bottleneck_cases(quick: bool = False) -> List[Case]:
              (("model", "ViT-B"), ("d", d), ("r", FACT_R), ("S", slots)))
         for op in ("fact_tt_delta", "fact_tk_delta")
     ]
+    # fused: auto (on CUDA the dense composition, ops/bottleneck.py's choice table); triton: the
+    # fused kernels, measured beside it so that a GPU run decides
+    mixer_variants = ("fused", "triton", "reference", "floor")
     for mode in (FWD_BWD, FWD):
-        cases.append(Case("arc", f"d{d}-r{ARC_R}", mode, variants,
+        cases.append(Case("arc", f"d{d}-r{ARC_R}", mode, mixer_variants,
                           (("model", "ViT-B"), ("d", d), ("r", ARC_R), ("dropout", ARC_DROPOUT))))
         for axis in ("channel", "token"):
-            cases.append(Case(f"losa_{axis}", f"d{d}-r{LOSA_R}", mode, variants,
+            cases.append(Case(f"losa_{axis}", f"d{d}-r{LOSA_R}", mode, mixer_variants,
                               (("model", "ViT-B"), ("d", d), ("r", LOSA_R), ("axis", axis))))
     for method in BLOCK_METHODS:
         cases.append(Case("vit_block", f"{method}-d{d}", FWD_BWD, variants,
@@ -295,6 +298,21 @@ def _step(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], g
     return fwd_bwd
 
 
+def _on_triton(op: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``op`` on the structured Triton kernels (variant ``triton``: measured beside ``fused``,
+    i.e. ``auto``, so that a GPU run can decide the choice tables); Unavailable where Triton
+    cannot run."""
+    ok, reason = kk.backend.triton_status(device)
+    if not ok:
+        raise Unavailable(f"Triton cannot run here: {reason}")
+
+    def run():
+        with kk.use_backend("triton"):
+            return op()
+
+    return run
+
+
 def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int = 0) -> Bench:
     """The step function of ``variant`` of ``case``; raises :class:`Unavailable` to skip."""
     if variant not in case.variants:
@@ -344,15 +362,8 @@ def _build_kron(case, variant, device, tokens, gen) -> Bench:
             op = lambda: kk.kron_matmul(x, A, U, V, scale)  # noqa: E731
         forward = op
         if variant == "triton":
-            ok, reason = kk.backend.triton_status(device)
-            if not ok:
-                raise Unavailable(f"Triton cannot run here: {reason}")
+            forward = _on_triton(op, device)
             extra["note"] = "the structured Triton kernels (backend 'triton')"
-
-            def forward():
-                with kk.use_backend("triton"):
-                    return op()
-
         return Bench(_step(forward, factors, grad_out), extra=extra)
     if variant == "reference":
         if linear:
@@ -485,9 +496,11 @@ def _build_adapter_forward(case, variant, device, tokens, gen) -> Bench:
         weights_cast = tuple(t.to(dtype) for t in weights)
     bytes_moved = 2 * h.numel() * h.element_size()  # read h, write the output
     extra = {"note": "forward alone under no_grad, PHM weights prebuilt"}
-    if variant == "fused":
+    if variant in ("fused", "triton"):
         adapter = _bottleneck_adapter_op()
         forward = lambda: adapter(h, *weights)  # noqa: E731
+        if variant == "triton":
+            forward = _on_triton(forward, device)
     elif variant == "reference":
         forward = lambda: ref_compacter.bottleneck_adapter(h, *weights_cast)  # noqa: E731
     elif variant == "floor":
@@ -593,8 +606,9 @@ def _build_bottleneck(case, variant, device, tokens, gen) -> Bench:
         bytes_moved = 3 * h.numel() * h.element_size()  # read h and z, write the output
     grad_out = _randn(gen, *shape, **act) if train else None
     extra: Dict[str, Any] = {"shape": list(shape)}
-    if variant == "fused":
-        step = _step(fused, inputs if train else (), grad_out)
+    if variant in ("fused", "triton"):
+        op = fused if variant == "fused" else _on_triton(fused, device)
+        step = _step(op, inputs if train else (), grad_out)
     elif variant == "reference":
         step = _step(ref, inputs if train else (), grad_out)
     elif variant == "floor":
