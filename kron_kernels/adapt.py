@@ -15,11 +15,18 @@ kadaptation, compacter, fact_tt, fact_tk (FacT's global ``U``, ``V`` and cores o
 ``kk_shared``; :class:`~kron_kernels.nn.FacTLinear` in place of qkv, proj, fc1, fc2), arc
 (:class:`~kron_kernels.nn.ARCAdapter` on norm1/norm2 outputs, ``U_attn``/``U_mlp`` shared) and
 losa (``adapt`` returns a :class:`~kron_kernels.nn.LoSAModel` wrapper; ``kk_shared`` is on it).
+
+Backbones: timm ``VisionTransformer`` (every method) and timm ``SwinTransformer`` (kadaptation,
+compacter, fact_tt, fact_tk, arc; blocks ``layers.<i>.blocks.<j>``, width ``d_i`` per stage).
+Factors whose shape depends on the width are kept per stage on Swin, as ``kk_shared.stage<i>``
+(FacT's U, V and cores: the paper's partitioned tensorization; ARC's U per position and stage);
+width-free factors (KAdaptation's and Compacter's ``A``) stay global. Each method's registration
+lists the backbones it serves and, for the others, why not (LoSA refuses Swin with a TypeError).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -60,12 +67,15 @@ class _Method:
     build: Callable[..., List[Tuple[nn.Module, str, nn.Module]]]
     merge_error: Optional[str]  # None when the method merges; else why it cannot
     wrap: Optional[Callable[..., nn.Module]] = None  # (model, replacements) -> the model adapt returns
+    # backbone -> None (served) or the reason it is refused; a backbone not listed is refused
+    backbones: Mapping[str, Optional[str]] = field(default_factory=lambda: MappingProxyType({"vit": None}))
 
 
 _REGISTRY: Dict[str, _Method] = {}
 
 
-def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str] = None, wrap=None):
+def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str] = None, wrap=None,
+              backbones: Optional[Mapping[str, Optional[str]]] = None):
     """Register ``build(model, impl, config, shared) -> [(parent, attribute, new_module), ...]``.
 
     ``build`` validates everything and creates the new modules and the shared parameters
@@ -78,7 +88,8 @@ def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str]
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = _Method(name, MappingProxyType(dict(defaults)), build, merge_error, wrap)
+        served = MappingProxyType(dict(backbones if backbones is not None else {"vit": None}))
+        _REGISTRY[name] = _Method(name, MappingProxyType(dict(defaults)), build, merge_error, wrap, served)
         return build
 
     return decorator
@@ -99,18 +110,34 @@ class SharedFactors(nn.Module):
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
+BACKBONES = {
+    "vit": "timm.models.vision_transformer.VisionTransformer",
+    "swin": "timm.models.swin_transformer.SwinTransformer",
+}
+
+
+def _backbone(model) -> str:
+    """``"vit"`` or ``"swin"``; a TypeError for anything else."""
+    supported = " or ".join(BACKBONES.values())
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # without timm nothing can be a timm model
+        raise TypeError(f"kk.adapt supports {supported} models, and timm is not installed") from None
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    raise TypeError(f"kk.adapt supports {supported} models, got {type(model).__module__}.{type(model).__name__}")
+
+
 def _check_vit(model) -> nn.Module:
     """Refuse what adapt cannot serve; returns the model's (single) classifier head.
 
     Everything adapt needs from the model is asked here or in the method's ``build``, before
     anything is changed: a refusal must leave the caller's model as it was."""
-    supported = "timm.models.vision_transformer.VisionTransformer"
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # without timm nothing can be a timm ViT
-        raise TypeError(f"kk.adapt supports {supported} models, and timm is not installed") from None
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"kk.adapt supports {supported} models, got {type(model).__module__}.{type(model).__name__}")
+    backbone = _backbone(model)
+    supported = BACKBONES[backbone]
     name = f"{type(model).__module__}.{type(model).__name__}"
     head = model.get_classifier()
     if not isinstance(head, nn.Module):
@@ -122,6 +149,60 @@ def _check_vit(model) -> nn.Module:
             f"VisionTransformerDistilled), which is not supported"
         )
     return head
+
+
+def _check_method_backbone(model, spec: "_Method") -> None:
+    """Refuse a method its paper does not define on this backbone (or that is not built for it)."""
+    backbone = _backbone(model)
+    if backbone in spec.backbones and spec.backbones[backbone] is None:
+        return
+    reason = spec.backbones.get(backbone) or "it is not implemented for this backbone"
+    served = [b for b, why in spec.backbones.items() if why is None]
+    raise TypeError(
+        f"{spec.name} does not support {BACKBONES[backbone]} ({backbone}) models: {reason}. "
+        f"{spec.name} serves: {', '.join(BACKBONES[b] for b in served)}; "
+        f"methods serving {backbone}: {[m for m, s in _REGISTRY.items() if s.backbones.get(backbone, 1) is None]}"
+    )
+
+
+class _StageFactors(nn.Module):
+    """The factors of one Swin stage (``model.layers[i]``), as ``kk_shared.stage<i>``: the
+    layers of that stage look their factors up here by name, exactly as they do on
+    ``kk_shared`` for a plain ViT."""
+
+
+class _Stage(NamedTuple):
+    index: int
+    d: int  # the width of every block of the stage
+    blocks: List[Tuple[str, nn.Module]]
+
+
+def _stages(model) -> List[_Stage]:
+    """The blocks grouped by width: one stage (``d = embed_dim``) for a ViT; Swin's
+    ``model.layers[i].blocks`` with their per-stage width (``embed_dim * 2**i`` in timm's configs)."""
+    if _backbone(model) == "vit":
+        return [_Stage(0, model.embed_dim, _named_blocks(model))]
+    stages = []
+    for i, layer in enumerate(model.layers):
+        blocks = getattr(layer, "blocks", None)
+        if not isinstance(blocks, nn.Module):
+            raise TypeError(f"layers.{i} ({type(layer).__name__}) has no 'blocks' to adapt")
+        named = [(f"layers.{i}.blocks.{j}", blk) for j, blk in enumerate(blocks.children())]
+        widths = {getattr(blk, "dim", None) for _, blk in named}
+        if len(widths) != 1 or not isinstance(next(iter(widths)), int):
+            raise TypeError(f"layers.{i}: the blocks of a stage must share one integer width 'dim', got {widths}")
+        stages.append(_Stage(i, next(iter(widths)), named))
+    return stages
+
+
+def _stage_owner(model, shared: "SharedFactors", stage: _Stage) -> nn.Module:
+    """Where a stage's width-dependent factors live: ``kk_shared`` itself on a ViT (one width,
+    the names of DESIGN.md 3), a new ``kk_shared.stage<i>`` on Swin."""
+    if _backbone(model) == "vit":
+        return shared
+    owner = _StageFactors()
+    shared.add_module(f"stage{stage.index}", owner)
+    return owner
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -154,6 +235,11 @@ def _factory(model: nn.Module) -> Dict[str, Any]:
 
 def _named_blocks(model) -> List[Tuple[str, nn.Module]]:
     return [(f"blocks.{i}", blk) for i, blk in enumerate(model.blocks)]
+
+
+def _all_blocks(model) -> List[Tuple[str, nn.Module]]:
+    """Every block of the model, in order (Swin: every stage's)."""
+    return [named for stage in _stages(model) for named in stage.blocks]
 
 
 def _submodule(blk: nn.Module, block_name: str, attr: str, method: str) -> nn.Module:
@@ -194,9 +280,22 @@ def _adapter_layers(model: nn.Module) -> List[nn.Module]:
 _KADAPTATION_TARGETS = ("q", "k", "v", "proj")
 
 
-@_register("kadaptation", defaults=dict(n=32, r=1, targets=("q", "v"), bias=False, scale=1.0))
+_VIT_SWIN = {"vit": None, "swin": None}
+
+
+@_register(
+    "kadaptation", defaults=dict(n=32, r=1, targets=("q", "v"), bias=False, scale=1.0), backbones=_VIT_SWIN
+)
 def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
-    """KAdaptation on the q/k/v row slices of each block's fused ``attn.qkv`` and/or ``attn.proj``."""
+    """KAdaptation on the q/k/v row slices of each block's fused ``attn.qkv`` and/or ``attn.proj``.
+
+    Swin: the same targets on every block of every stage (``WindowAttention``'s fused ``qkv``
+    and ``proj``). ``A_<target>: (n, n, n)`` stays ONE tensor shared by every layer of every
+    stage, as the paper shares its slow weights across all layers: ``A_i`` is ``n x n`` whatever
+    the layer's width (only the per-layer ``B_i = u_i v_i^T``, ``(d/n) x (d/n)``, follows d), so a
+    per-width ``A`` would be a choice the paper does not make, and would cost ``n^3`` per stage
+    and target (4 x 65,536 more on Swin-B at n=32). n must divide every stage's width.
+    """
     targets = config["targets"]
     if isinstance(targets, str):
         targets = (targets,)
@@ -224,7 +323,7 @@ def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedF
     options = dict(n=n, r=config["r"], bias=config["bias"], scale=config["scale"], shared=shared)
     qkv_kinds = [t for t in ("q", "k", "v") if t in targets]
     replacements = []
-    for block_name, blk in _named_blocks(model):
+    for block_name, blk in _all_blocks(model):
         attn = _submodule(blk, block_name, "attn", "kadaptation")
         for attr, kinds in (("qkv", qkv_kinds), ("proj", ["proj"] if "proj" in targets else [])):
             if not kinds:
@@ -254,29 +353,54 @@ def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedF
     "compacter",
     defaults=dict(n=4, k=None),
     merge_error="the GELU between the down and up projections makes the adapter nonlinear",
+    backbones=_VIT_SWIN,
 )
 def _build_compacter(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
-    """A Compacter adapter on the output of every block's ``attn`` and ``mlp`` (before the residual)."""
-    n, d = config["n"], model.embed_dim
-    k = d // 32 if config["k"] is None else config["k"]
-    config["k"] = k
+    """A Compacter adapter on the output of every block's ``attn`` and ``mlp`` (before the residual).
+
+    Swin: the same on every block of every stage (after the window attention, on the windowed
+    tokens -- token-wise, so the same as after the window reverse -- and after the MLP), each
+    adapter ``d_i -> k_i -> d_i`` at its stage's width. The PHM ``A: (n, n, n)`` is one tensor
+    for the whole model (its size does not depend on d). ``k=None`` gives each stage
+    ``k_i = d_i // 32`` rounded up to a multiple of n (``d // 32`` itself when n divides it: the
+    ViT default; Swin-T's first stage, d=96, gets k=4 at n=4, not 3); an int k is used at every
+    stage. The recorded config keeps ``k=None`` on Swin. n must divide every d_i and k_i.
+    """
+    n = config["n"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"the bottleneck size k must be a positive int, got {k!r} (default d // 32 = {d // 32})")
-    if d % n or k % n:
-        raise ValueError(f"n={n} must divide the hidden size d={d} and the bottleneck size k={k}")
+    stages = _stages(model)
+    swin = _backbone(model) == "swin"
+    if config["k"] is None:
+        if swin:
+            ks = [n * max(1, -(-(s.d // 32) // n)) for s in stages]
+        else:
+            ks = [model.embed_dim // 32]
+            config["k"] = ks[0]
+    else:
+        ks = [config["k"]] * len(stages)
+    for stage, k in zip(stages, ks):
+        d = stage.d
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(
+                f"the bottleneck size k must be a positive int, got {k!r} (default d // 32 = {d // 32})"
+            )
+        if d % n or k % n:
+            where = f" (stage layers.{stage.index})" if swin else ""
+            raise ValueError(f"n={n} must divide the hidden size d={d} and the bottleneck size k={k}{where}")
     factory = _factory(model)
     shared.A = nn.Parameter(nn_kadaptation.init_shared_factor(torch.empty(n, n, n, **factory)))
     adapter_cls = nn_compacter.CompacterAdapter if impl == "fused" else ref_compacter.CompacterAdapter
     replacements = []
-    for block_name, blk in _named_blocks(model):
-        for attr in ("attn", "mlp"):
-            module = _submodule(blk, block_name, attr, "compacter")
-            name = f"{block_name}.{attr}"
-            adapter = _built(name, lambda: adapter_cls(d, k, n, A=shared, **factory))
-            replacements.append((blk, attr, nn_compacter.AdapterWrapper(module, adapter)))
+    for stage, k in zip(stages, ks):
+        for block_name, blk in stage.blocks:
+            for attr in ("attn", "mlp"):
+                module = _submodule(blk, block_name, attr, "compacter")
+                name = f"{block_name}.{attr}"
+                adapter = _built(name, lambda: adapter_cls(stage.d, k, n, A=shared, **factory))
+                replacements.append((blk, attr, nn_compacter.AdapterWrapper(module, adapter)))
     return replacements
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -322,65 +446,86 @@ def _build_fact(fmt: str):
     method = f"fact_{fmt}"
 
     def build(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
-        """FacT on every block's q, k, v, o, fc1 (4 row blocks) and fc2 (4 column blocks)."""
+        """FacT on every block's q, k, v, o, fc1 (4 row blocks) and fc2 (4 column blocks).
+
+        Swin: FacT's own Swin setting, the paper's *partitioned tensorization* (section 4.3):
+        each stage (``model.layers[i]``, width d_i, L_i blocks) is its own ``12 L_i x d_i x d_i``
+        tensor, decomposed individually, so each stage has its own ``U, V: (d_i, r)`` and its
+        own cores (TT: ``cores: (12 L_i, r, r)``; TK: ``C: (r, r, r)``, ``P: (12 L_i, r)``), on
+        ``kk_shared.stage<i>``; slot indices count from 0 within the stage. On Swin-B, FacT-TT
+        at r=16 gives the paper's 0.135M (Table 2).
+        """
         r = _positive_int("r", config["r"])
         config["scale"] = _finite_float("scale", config["scale"])
         config["dropout"] = _dropout(config["dropout"])
-        d = model.embed_dim
-        n_slots = FACT_SLOTS_PER_BLOCK * len(model.blocks)
         factory = _factory(model)
-        # U ~ N(0, 1/d) keeps x @ U at x's scale; V = 0 makes every increment zero at step 0
-        shared.U = nn.Parameter(torch.empty(d, r, **factory).normal_(0.0, d**-0.5))
-        shared.V = nn.Parameter(torch.zeros(d, r, **factory))
-        if fmt == "tt":
-            shared.cores = nn.Parameter(torch.empty(n_slots, r, r, **factory).normal_(0.0, r**-0.5))
-        else:  # Σ_i = sum_t P[i, t] C[t] has variance r * (1/r) * (1/r) = 1/r, as TT's cores
-            shared.C = nn.Parameter(torch.empty(r, r, r, **factory).normal_(0.0, r**-0.5))
-            shared.P = nn.Parameter(torch.empty(n_slots, r, **factory).normal_(0.0, r**-0.5))
         layer_cls = nn_fact.FacTLinear if impl == "fused" else ref_fact.FacTLinear
         replacements = []
-        for i, (block_name, blk) in enumerate(_named_blocks(model)):
-            for owner, attr, offsets, mode, (rows, cols) in _FACT_LAYERS:
-                parent = _submodule(blk, block_name, owner, method)
-                name = f"{block_name}.{owner}.{attr}"
-                linear = _linear(parent, name, attr, method, (rows * d, cols * d))
-                slots = [FACT_SLOTS_PER_BLOCK * i + o for o in offsets]
-                options = dict(scale=config["scale"], dropout=config["dropout"])
-                new = _built(name, lambda: layer_cls(linear, slots, mode, fmt, shared, **options))
-                replacements.append((parent, attr, new))
+        for stage in _stages(model):
+            d = stage.d
+            n_slots = FACT_SLOTS_PER_BLOCK * len(stage.blocks)
+            owner = _stage_owner(model, shared, stage)
+            # U ~ N(0, 1/d) keeps x @ U at x's scale; V = 0 makes every increment zero at step 0
+            owner.U = nn.Parameter(torch.empty(d, r, **factory).normal_(0.0, d**-0.5))
+            owner.V = nn.Parameter(torch.zeros(d, r, **factory))
+            if fmt == "tt":
+                owner.cores = nn.Parameter(torch.empty(n_slots, r, r, **factory).normal_(0.0, r**-0.5))
+            else:  # Σ_i = sum_t P[i, t] C[t] has variance r * (1/r) * (1/r) = 1/r, as TT's cores
+                owner.C = nn.Parameter(torch.empty(r, r, r, **factory).normal_(0.0, r**-0.5))
+                owner.P = nn.Parameter(torch.empty(n_slots, r, **factory).normal_(0.0, r**-0.5))
+            for i, (block_name, blk) in enumerate(stage.blocks):
+                for parent_attr, attr, offsets, mode, (rows, cols) in _FACT_LAYERS:
+                    parent = _submodule(blk, block_name, parent_attr, method)
+                    name = f"{block_name}.{parent_attr}.{attr}"
+                    linear = _linear(parent, name, attr, method, (rows * d, cols * d))
+                    slots = [FACT_SLOTS_PER_BLOCK * i + o for o in offsets]
+                    options = dict(scale=config["scale"], dropout=config["dropout"])
+                    new = _built(name, lambda: layer_cls(linear, slots, mode, fmt, owner, **options))
+                    replacements.append((parent, attr, new))
         return replacements
 
     return build
 
 
-_register("fact_tt", defaults=dict(r=4, scale=1.0, dropout=0.1))(_build_fact("tt"))
-_register("fact_tk", defaults=dict(r=8, scale=1.0, dropout=0.1))(_build_fact("tk"))
+_register("fact_tt", defaults=dict(r=4, scale=1.0, dropout=0.1), backbones=_VIT_SWIN)(_build_fact("tt"))
+_register("fact_tk", defaults=dict(r=8, scale=1.0, dropout=0.1), backbones=_VIT_SWIN)(_build_fact("tk"))
 
 
-@_register("arc", defaults=dict(r=50, dropout=0.1))
+@_register("arc", defaults=dict(r=50, dropout=0.1), backbones=_VIT_SWIN)
 def _build_arc(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
-    """ARC on the outputs of every block's norm1 and norm2; merges into attn.qkv and mlp.fc1."""
+    """ARC on the outputs of every block's norm1 and norm2; merges into attn.qkv and mlp.fc1.
+
+    Swin: the same two positions in every block of every stage (norm1's output is the
+    ``(B, H, W, C)`` map the window attention partitions; norm2's the ``(B, HW, C)`` tokens).
+    ``U_attn``, ``U_mlp: (d, r)`` depend on the width, so each is shared per position AND per
+    stage: ``kk_shared.stage<i>.U_attn`` / ``.U_mlp`` with ``d = d_i`` (every block of a stage).
+    Merging is exact when no window padding occurs (every stage's resolution divisible by the
+    window size, as in timm's 224-pixel Swin configs): padded positions are zeros after the
+    adapter, and a merged ARC bias would add ``W b`` there.
+    """
     r = _positive_int("r", config["r"])
     config["dropout"] = _dropout(config["dropout"])
-    d = model.embed_dim
     factory = _factory(model)
-    for position in ("attn", "mlp"):
-        U = nn.Parameter(torch.empty(d, r, **factory))
-        with torch.no_grad():
-            nn.init.xavier_uniform_(U)
-        shared.register_parameter(f"U_{position}", U)
     adapter_cls = nn_arc.ARCAdapter if impl == "fused" else ref_arc.ARCAdapter
     replacements = []
-    for block_name, blk in _named_blocks(model):
-        for norm_attr, position, target in (("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")):
-            norm = _submodule(blk, block_name, norm_attr, "arc")
-            parent = _submodule(blk, block_name, position, "arc")
-            linear = _linear(parent, f"{block_name}.{position}.{target}", target, "arc", None)
-            if linear.in_features != d:
-                raise ValueError(f"arc needs {block_name}.{position}.{target} to read d={d} features")
-            adapter = adapter_cls(d, r, shared, position, dropout=config["dropout"], **factory)
-            adapter.fold_into(linear)
-            replacements.append((blk, norm_attr, nn_compacter.AdapterWrapper(norm, adapter)))
+    for stage in _stages(model):
+        d = stage.d
+        owner = _stage_owner(model, shared, stage)
+        for position in ("attn", "mlp"):
+            U = nn.Parameter(torch.empty(d, r, **factory))
+            with torch.no_grad():
+                nn.init.xavier_uniform_(U)
+            owner.register_parameter(f"U_{position}", U)
+        for block_name, blk in stage.blocks:
+            for norm_attr, position, target in (("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")):
+                norm = _submodule(blk, block_name, norm_attr, "arc")
+                parent = _submodule(blk, block_name, position, "arc")
+                linear = _linear(parent, f"{block_name}.{position}.{target}", target, "arc", None)
+                if linear.in_features != d:
+                    raise ValueError(f"arc needs {block_name}.{position}.{target} to read d={d} features")
+                adapter = adapter_cls(d, r, owner, position, dropout=config["dropout"], **factory)
+                adapter.fold_into(linear)
+                replacements.append((blk, norm_attr, nn_compacter.AdapterWrapper(norm, adapter)))
     return replacements
 
 
@@ -389,6 +534,14 @@ def _build_arc(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
     defaults=dict(r=64, frames=None),
     merge_error="the side network is nonlinear (GELU) and runs beside the backbone, not inside it",
     wrap=lambda model, new: nn_losa.LoSAModel(model, new["side"]),
+    backbones={
+        "vit": None,
+        "swin": (
+            "LoSA's side network mixes a plain ViT's fixed token grid (the same T tokens and width d "
+            "at every layer, read from each block's output); Swin's stages change both (patch "
+            "merging halves the grid and doubles d) and the paper defines no side network for that"
+        ),
+    },
 )
 def _build_losa(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
     """The LoSA side network (one mixer per block); adapt returns the LoSAModel wrapper."""
@@ -426,7 +579,10 @@ METHODS = tuple(_REGISTRY)
 # public API
 # ----------------------------------------------------------------------------------------
 def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Module:
-    """Adapt a timm VisionTransformer in place with ``method`` (one of :data:`METHODS`).
+    """Adapt a timm VisionTransformer or SwinTransformer in place with ``method`` (one of :data:`METHODS`).
+
+    On Swin every block of every stage is adapted (see each method's build for what is
+    shared per stage); a method that does not serve Swin (LoSA) raises a TypeError saying why.
 
     Freezes every backbone parameter, inserts the method's trainable modules, leaves the
     classifier head trainable and returns ``model``. At init the adapted model computes
@@ -459,6 +615,7 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     spec = _REGISTRY[method]
+    _check_method_backbone(model, spec)
     unknown = sorted(set(config) - set(spec.defaults))
     if unknown:
         raise TypeError(f"{method} got unknown config {unknown}; it accepts {sorted(spec.defaults)}")
@@ -534,7 +691,8 @@ def _adapter_keys(model: nn.Module) -> List[str]:
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, SharedFactors):
-            keys += [dot + name for name, _ in module.named_parameters(recurse=False)]
+            # recurse: a Swin model's per-stage factors live on kk_shared.stage<i>
+            keys += [dot + name for name, _ in module.named_parameters()]
         elif module is head:
             keys += [dot + name for name in module.state_dict()]
         else:
