@@ -1,6 +1,7 @@
 """Input checks, dtype rules and the operand- and gradient-layout rules shared by the op families."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -33,13 +34,19 @@ def check_tensor(
     return t
 
 
-def check_scale(scale) -> float:
+def check_scale(scale, name: str = "scale") -> float:
+    """``scale`` as a finite Python float, or a TypeError/ValueError naming ``name``: a tensor,
+    a bool or a string is not a number, and an infinite or NaN scale only yields NaN."""
     if isinstance(scale, torch.Tensor):
-        raise TypeError("scale must be a Python number, not a tensor")
+        raise TypeError(f"{name} must be a Python number, not a tensor")
+    if isinstance(scale, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__}")
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 

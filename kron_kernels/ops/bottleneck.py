@@ -779,7 +779,7 @@ def losa_mixer(
             raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
         scale = alpha
     else:
-        scale = torch.tensor(check_scale(alpha), dtype=acc, device=h.device)
+        scale = torch.tensor(check_scale(alpha, "alpha"), dtype=acc, device=h.device)
 
     impl = _activation_backend("losa_mixer", h)
     spec = _Spec(axis, "gelu", True, 0.0, 0, h.dtype in LOW_PRECISION)

@@ -316,7 +316,8 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     scale = check_scale(scale)
     refuses = None
     if torch.float64 in (A.dtype, U.dtype, V.dtype):
-        refuses = "its kernels compute in float32, got float64 factors"
+        refuses = ("its kernels compute in float32, got float64 factors "
+                   f"(A: {A.dtype}, U: {U.dtype}, V: {V.dtype})")
     impl = backend.select("kron_delta", A.device, triton_refuses=refuses)
     A, U, V = (as_kernel_operand(t) for t in (A, U, V))
     # the increment is built in the factors' precision even under autocast: it is small, and
