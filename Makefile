@@ -14,7 +14,12 @@ BENCH_ARGS ?=
 GPU_MACHINE_TRITON ?= 3.6.0
 SIDE_TRITON := $(VENV)/triton-$(GPU_MACHINE_TRITON)
 
-.PHONY: test bench bench-ops install clean
+# `make mutants`: the planted-bug check (mutants/mutants.py, driver mutants/run.py; not part of
+# `make test` or CI): each bug in a scratch copy against its tests, and the block-size bugs
+# against the compile check with the GPU machine's Triton
+MUTANT_ARGS ?=
+
+.PHONY: test bench bench-ops install clean mutants
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +36,9 @@ install: $(STAMP)
 
 test: $(STAMP) $(SIDE_TRITON)/.installed
 	KRON_KERNELS_EXTRA_TRITON=$(SIDE_TRITON) $(PY) -m pytest $(TEST_PARALLEL) $(PYTEST_ARGS)
+
+mutants: $(STAMP) $(SIDE_TRITON)/.installed
+	$(PY) mutants/run.py --triton $(SIDE_TRITON) $(MUTANT_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.report $(BENCH_ARGS)

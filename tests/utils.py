@@ -13,9 +13,27 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Sequence
 
+import pytest
 import torch
 
+from conftest import INTERPRET
+
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+# Where the Triton kernels of a test run: CPU tensors under the interpreter (TRITON_INTERPRET=1,
+# set by conftest when there is no GPU), CUDA tensors compiled for real (``pytest -m gpu`` on a
+# GPU machine). One test body, parametrised over these, checks the same small shapes (tails,
+# odd sizes, several row blocks) in both places; each case skips where its device is absent.
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=needs_interpreter, id="interpreter"),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+]
+
+
+def to_device(tensors, device):
+    """Copies of ``tensors`` on ``device``, each a new leaf requiring grad as the original does."""
+    return [t.detach().to(device).requires_grad_(t.requires_grad) for t in tensors]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

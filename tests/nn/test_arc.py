@@ -1,6 +1,5 @@
 """ARC (kron_kernels.nn.ARCAdapter, kk.adapt "arc") against the two-matmul reference:
 placement, agreement, dropout, merge into qkv / fc1, bad configs."""
-import conftest
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -9,7 +8,7 @@ from torch import nn
 import kron_kernels as kk
 from kron_kernels.nn import AdapterWrapper, ARCAdapter
 from kron_kernels.reference import arc as ref
-from utils import RTOL, assert_rel_close
+from utils import RTOL, assert_rel_close, needs_interpreter
 
 D, R = 24, 5
 
@@ -131,18 +130,38 @@ def test_bad_config(config, match):
     assert repr(model) == before
 
 
-@pytest.mark.skipif(not (conftest.INTERPRET or conftest.HAS_CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
-def test_model_on_triton_kernels_matches_torch_backend():
-    """The whole adapted model with the ARC adapters on the Triton kernels (interpreter on CPU,
-    tiny shapes) against the torch backend: fp32 output and every trainable gradient."""
-    device = "cpu" if conftest.INTERPRET else "cuda"
+# (implementation, device) of the fused modules: the torch backend and the Triton kernels on the
+# CPU (the interpreter, tiny shapes), the Triton kernels and the dense composition (auto's choice
+# for ARC on CUDA) on a GPU
+MODEL_BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=needs_interpreter),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("dense", "cuda", id="dense-cuda", marks=pytest.mark.gpu),
+]
+
+
+def outputs_and_grads(model, x, cotangent):
+    """``{"out", <trainable parameter names>}`` for the cotangent (moved to the output)."""
+    out = model(x)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(out, list(params.values()), cotangent.to(device=out.device, dtype=out.dtype))
+    return {"out": out, **dict(zip(params, grads))}
+
+
+@pytest.mark.parametrize("impl, device", MODEL_BACKENDS)
+def test_model_matches_reference_modules(impl, device):
+    """The whole adapted model with the fused ARC adapters in fp32 (on backend ``impl``) against
+    the model built from the reference modules (kron_kernels/reference, ``impl="reference"``) in
+    float64 with the same adapter tensors: output and every trainable gradient, 1e-4."""
     model = perturbed().float().to(device)
-    x = torch.randn(2, 3, 32, 32, device=device)
-    results = {}
-    for name in ("torch", "triton"):
-        with kk.use_backend(name):
-            out = model(x)
-            params = [p for p in model.parameters() if p.requires_grad]
-            results[name] = [out, *torch.autograd.grad(out, params, torch.cos(out.detach()))]
-    for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
-        assert_rel_close(got, want, RTOL[torch.float32], f"tensor {i}")
+    reference = kk.adapt(tiny_vit(), "arc", impl="reference", r=R)
+    kk.load_adapter_state_dict(reference, kk.adapter_state_dict(model))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cotangent = torch.cos(reference(x.double()).detach())
+    want = outputs_and_grads(reference, x.double(), cotangent)
+    with kk.use_backend(impl):
+        got = outputs_and_grads(model, x.to(device), cotangent)
+    assert got.keys() == want.keys() and len(want) > 2
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float32], name)

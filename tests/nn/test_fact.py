@@ -7,11 +7,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-import conftest
 import kron_kernels as kk
 from kron_kernels.nn import FacTLinear
 from kron_kernels.reference import fact as ref
-from utils import RTOL, assert_rel_close
+from utils import RTOL, TRITON_DEVICES, assert_rel_close
 
 D, R = 16, 3  # r = 3: a rank no kernel tile divides
 
@@ -66,12 +65,11 @@ def test_layer_matches_reference_float64(fmt, mode, slots, shape):
         assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
 
 
-@pytest.mark.skipif(not (conftest.INTERPRET or conftest.HAS_CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("mode, slots, shape", LAYERS)
-def test_layer_on_triton_matches_reference(mode, slots, shape):
+def test_layer_on_triton_matches_reference(mode, slots, shape, device):
     """The layer's fused path on the Triton kernel (fp32 activations, ops.fact_linear) against
     the float64 reference chain; 1e-4 is the fp32 tolerance of tests/utils.RTOL."""
-    device = "cpu" if conftest.INTERPRET else "cuda"
     shared, shared64 = owner("tt", 12).float().to(device), owner("tt", 12)
     base = nn.Linear(shape[1], shape[0]).to(device)
     base64 = copy.deepcopy(base).double().cpu()

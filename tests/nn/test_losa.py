@@ -2,7 +2,6 @@
 autograd, the side network matches the plain reference, video mixing, merge refusal."""
 import copy
 
-import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 import kron_kernels as kk
 from kron_kernels.nn import LoSAMixer, LoSAModel
 from kron_kernels.reference import losa as ref
-from utils import RTOL, assert_rel_close
+from utils import RTOL, assert_rel_close, needs_interpreter
 
 D, R = 32, 6
 
@@ -215,20 +214,40 @@ def test_deepcopy_rebinds_the_hooks():
     assert torch.equal(model(x), tiny_vit()(x))
 
 
-@pytest.mark.skipif(not (conftest.INTERPRET or conftest.HAS_CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+# (implementation, device) of the fused mixers: the torch backend and the Triton kernels on the
+# CPU (the interpreter, tiny shapes), the Triton kernels and the dense composition (auto's choice
+# for the LoSA mixer on CUDA) on a GPU
+MODEL_BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=needs_interpreter),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("dense", "cuda", id="dense-cuda", marks=pytest.mark.gpu),
+]
+
+
+def model_outputs_and_grads(model, x, cotangent):
+    """``{"out", <trainable parameter names>}`` for the cotangent (moved to the output)."""
+    out = model(x)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(out, list(params.values()), cotangent.to(device=out.device, dtype=out.dtype))
+    return {"out": out, **dict(zip(params, grads))}
+
+
+@pytest.mark.parametrize("impl, device", MODEL_BACKENDS)
 @pytest.mark.parametrize("frames", [None, 2], ids=["image", "video-F2"])
-def test_model_on_triton_kernels_matches_torch_backend(frames):
-    """The side network on the Triton mixers (interpreter on CPU, tiny shapes) against the torch
-    backend: fp32 output and every trainable gradient."""
-    device = "cpu" if conftest.INTERPRET else "cuda"
+def test_model_matches_reference_modules(frames, impl, device):
+    """The side network's fused mixers in fp32 (on backend ``impl``) against the model built from
+    the reference modules (kron_kernels/reference, ``impl="reference"``) in float64 with the same
+    adapter tensors and backbone: output and every trainable gradient, 1e-4."""
     model = kk.adapt(tiny_vit(), "losa", r=R, frames=frames).to(device)
     perturb(model)
-    x = images().to(device)
-    results = {}
-    for name in ("torch", "triton"):
-        with kk.use_backend(name):
-            out = model(x)
-            params = [p for p in model.parameters() if p.requires_grad]
-            results[name] = [out, *torch.autograd.grad(out, params, torch.cos(out.detach()))]
-    for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
-        assert_rel_close(got, want, RTOL[torch.float32], f"tensor {i}")
+    reference = kk.adapt(tiny_vit().double(), "losa", impl="reference", r=R, frames=frames)
+    kk.load_adapter_state_dict(reference, kk.adapter_state_dict(model))
+    x = images(dtype=torch.float64)
+    cotangent = torch.cos(reference(x).detach())
+    want = model_outputs_and_grads(reference, x, cotangent)
+    with kk.use_backend(impl):
+        got = model_outputs_and_grads(model, x.float().to(device), cotangent)
+    assert got.keys() == want.keys() and len(want) > 2
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float32], name)

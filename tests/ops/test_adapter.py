@@ -4,16 +4,10 @@ import math
 import pytest
 import torch
 
-import conftest
 import kron_kernels as kk
 from kron_kernels.reference.compacter import bottleneck_adapter as ref_adapter
-from utils import (RTOL, assert_low_precision_error, compare_low_precision, compare_with_reference,
-                   outputs_and_grads, rel_err)
-
-needs_triton = pytest.mark.skipif(
-    not (conftest.INTERPRET or conftest.HAS_CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
-)
-TRITON_DEVICE = "cpu" if conftest.INTERPRET else "cuda"
+from utils import (RTOL, TRITON_DEVICES, assert_low_precision_error, compare_low_precision, compare_with_reference,
+                   needs_interpreter, outputs_and_grads, rel_err)
 
 
 def make_inputs(lead, d, k, *, dtype=torch.float64, device="cpu", bias=True, seed=0):
@@ -79,26 +73,26 @@ def test_torch_backend_gradcheck(bias):
 
 
 # ----------------------------------------------------------------------------------------
-# Triton kernels (interpreter on CPU, compiled on CUDA)
+# Triton kernels (interpreter on CPU tensors, compiled on CUDA)
 # ----------------------------------------------------------------------------------------
-@needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")])
 @pytest.mark.parametrize("lead, d, k, bias", SHAPES)
-def test_triton_matches_reference(lead, d, k, bias, dtype):
+def test_triton_matches_reference(lead, d, k, bias, dtype, device):
     fn, ref = adapter_fns(bias)
-    inputs = make_inputs(lead, d, k, dtype=dtype, bias=bias, device=TRITON_DEVICE)
+    inputs = make_inputs(lead, d, k, dtype=dtype, bias=bias, device=device)
     compare_with_reference(on_backend("triton", fn), ref, inputs, RTOL[dtype])
 
 
-@needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 @pytest.mark.parametrize(
     "lead, d, k",
     [pytest.param((37,), 200, 24, id="N37-d200-k24"), pytest.param((7,), 96, 6, id="N7-d96-k6")],
 )
-def test_triton_low_precision(lead, d, k, dtype):
+def test_triton_low_precision(lead, d, k, dtype, device):
     """bf16/fp16 activations with fp32 weights, as in mixed-precision training."""
-    inputs = make_inputs(lead, d, k, dtype=torch.float32, device=TRITON_DEVICE)
+    inputs = make_inputs(lead, d, k, dtype=torch.float32, device=device)
     compare_low_precision(on_backend("triton", kk.bottleneck_adapter), ref_adapter, inputs, dtype)
 
 
@@ -118,16 +112,21 @@ LAYOUTS = {
 }
 
 
+# (implementation, dtype, device): the torch backend in float64 on the CPU; the Triton kernels
+# in fp32 under the interpreter and on CUDA; the dense composition (auto's choice on CUDA) there
 BACKENDS = [
-    pytest.param("torch", torch.float64, id="torch-fp64"),
-    pytest.param("triton", torch.float32, id="triton-fp32", marks=needs_triton),
+    pytest.param("torch", torch.float64, "cpu", id="torch-fp64"),
+    pytest.param("triton", torch.float32, "cpu", id="triton-fp32-interpreter", marks=needs_interpreter),
+    pytest.param("triton", torch.float32, "cuda", id="triton-fp32-cuda", marks=pytest.mark.gpu),
+    pytest.param("dense", torch.float32, "cuda", id="dense-fp32-cuda", marks=pytest.mark.gpu),
 ]
+IMPL_DEVICES = [pytest.param(p.values[0], p.values[2], id=p.id.replace("-fp64", "").replace("-fp32", ""), marks=p.marks)
+                for p in BACKENDS]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("impl, dtype", BACKENDS)
-def test_noncontiguous_h(impl, dtype, layout):
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
+@pytest.mark.parametrize("impl, dtype, device", BACKENDS)
+def test_noncontiguous_h(impl, dtype, device, layout):
     h, *weights = make_inputs((18,), 48, 6, dtype=dtype, device=device)
     make_base, view = LAYOUTS[layout]
     base = make_base(h.detach()).requires_grad_()
@@ -142,10 +141,9 @@ def test_noncontiguous_h(impl, dtype, layout):
     compare_with_reference(fused, ref, [base] + weights, RTOL[dtype])
 
 
-@pytest.mark.parametrize("impl, dtype", BACKENDS)
-def test_stride0_grad_output(impl, dtype):
+@pytest.mark.parametrize("impl, dtype, device", BACKENDS)
+def test_stride0_grad_output(impl, dtype, device):
     """``out.sum().backward()`` hands the backward an expanded (all strides 0) gradient."""
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
     inputs = make_inputs((3, 7), 96, 6, dtype=dtype, device=device)
     with kk.use_backend(impl):
         got = torch.autograd.grad(kk.bottleneck_adapter(*inputs).sum(), inputs)
@@ -154,9 +152,8 @@ def test_stride0_grad_output(impl, dtype):
         assert rel_err(g, w) <= RTOL[dtype], f"grad[{i}]"
 
 
-@pytest.mark.parametrize("impl, dtype", BACKENDS)
-def test_empty_batch(impl, dtype):
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
+@pytest.mark.parametrize("impl, dtype, device", BACKENDS)
+def test_empty_batch(impl, dtype, device):
     inputs = make_inputs((0, 3), 48, 6, dtype=dtype, device=device)
     with kk.use_backend(impl):
         out = kk.bottleneck_adapter(*inputs)
@@ -167,13 +164,13 @@ def test_empty_batch(impl, dtype):
         assert torch.equal(g, torch.zeros_like(g))
 
 
-@needs_triton
-def test_triton_cuda_tiles():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_cuda_tiles(device):
     """CUDA-sized tiles (64-token blocks, 64-wide d chunks) and a persistent grid whose
     programs own several token blocks, through the launchers (the op picks small tiles on CPU)."""
     from kron_kernels.triton import adapter as triton_adapter
 
-    inputs = make_inputs((197,), 96, 24, dtype=torch.float32, device=TRITON_DEVICE)
+    inputs = make_inputs((197,), 96, 24, dtype=torch.float32, device=device)
     h, w_down, b_down, w_up, b_up = (t.detach() for t in inputs)
     tiles = dict(block_n=64, block_d=64)
     out = triton_adapter.bottleneck_adapter_forward(h, w_down, b_down, w_up, b_up, False, **tiles)
@@ -189,27 +186,25 @@ def test_triton_cuda_tiles():
         assert rel_err(g, w) <= RTOL[torch.float32], name
 
 
-@pytest.mark.parametrize("impl", [pytest.param("torch"), pytest.param("triton", marks=needs_triton)])
-def test_frozen_h_or_frozen_weights(impl):
+@pytest.mark.parametrize("impl, dtype, device", BACKENDS)
+def test_frozen_h_or_frozen_weights(impl, dtype, device):
     """h from a frozen backbone (no dh) or frozen weights (no weight gradients): the backward
     computes only what is asked, and that correctly."""
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
-    inputs = make_inputs((37,), 96, 6, dtype=torch.float32, device=device)
+    inputs = make_inputs((37,), 96, 6, dtype=dtype, device=device)
     fused = on_backend(impl, kk.bottleneck_adapter)
     for trainable in ([True, False, False, False, False], [False, True, True, True, True]):
         partly_frozen = [t.detach().requires_grad_(train) for t, train in zip(inputs, trainable)]
-        compare_with_reference(fused, ref_adapter, partly_frozen, RTOL[torch.float32])
+        compare_with_reference(fused, ref_adapter, partly_frozen, RTOL[dtype], ref_dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------
 # autocast: projections at the autocast precision, residual in h's dtype (as the reference)
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", [pytest.param("torch"), pytest.param("triton", marks=needs_triton)])
-def test_autocast(impl):
+@pytest.mark.parametrize("impl, device", IMPL_DEVICES)
+def test_autocast(impl, device):
     """Under bf16 autocast the output and every gradient keep float32 and obey the
     low-precision rule against the float64 reference, with the reference run under the same
     autocast as the naive budget (utils.assert_low_precision_error)."""
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
     # k = 24 (ViT-B's Compacter width), so that even the b_down gradient has a few dozen elements
     inputs = make_inputs((37,), 96, 24, dtype=torch.float32, device=device)
     exact = outputs_and_grads(ref_adapter, [t.double() for t in inputs])
@@ -261,16 +256,15 @@ def test_bad_input(args, error, match):
 # CUDA at ViT-B/L sizes
 # ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "dense"])  # auto takes dense on CUDA (ops/adapter.py _CUDA_AUTO)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize(
     "d, k", [pytest.param(768, 24, id="vitb-d768-k24"), pytest.param(1024, 32, id="vitl-d1024-k32")]
 )
-def test_cuda_vit_sizes(d, k, dtype):
+def test_cuda_vit_sizes(d, k, dtype, impl):
     inputs = make_inputs((64, 197), d, k, dtype=torch.float32, device="cuda")
-    fused = on_backend("auto", kk.bottleneck_adapter)
-    with kk.use_backend("auto"):
-        assert kk.backend.select("bottleneck_adapter", inputs[0].device) == "triton"
+    fused = on_backend(impl, kk.bottleneck_adapter)
     if dtype == torch.float32:
-        compare_with_reference(fused, ref_adapter, inputs, RTOL[torch.float32])
+        compare_with_reference(fused, ref_adapter, inputs, RTOL[torch.float32], ref_dtype=torch.float64)
     else:
         compare_low_precision(fused, ref_adapter, inputs, dtype)

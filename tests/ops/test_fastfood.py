@@ -11,13 +11,11 @@ import scipy.linalg
 import torch
 
 import kron_kernels as kk
-from conftest import HAS_CUDA, INTERPRET
 from kron_kernels import _build, backend
 from kron_kernels.reference.fastfood import fastfood_reference, fwht_butterfly
-from utils import RTOL, assert_rel_close, compare_low_precision, compare_with_reference
+from utils import RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference
 
 ff = importlib.import_module("kron_kernels.ops.fastfood")  # the module (kk.ops.fastfood is the function)
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
 EXTENSION_OK, EXTENSION_REASON = backend.extension_status()
 if EXTENSION_OK and "fastfood" not in backend.extension().kernels():
     EXTENSION_OK, EXTENSION_REASON = False, "the installed kron_kernels._C predates the Fastfood kernels: rebuild it"
@@ -53,9 +51,9 @@ def dense_projection(D, d, seed=SEED, mode="stacked") -> torch.Tensor:
     return torch.cat(blocks)[:D, :d]
 
 
-def rand(*shape, dtype=torch.float64, seed=0):
+def rand(*shape, dtype=torch.float64, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------- generator
@@ -254,31 +252,31 @@ def test_noncontiguous_and_low_precision():
                                   [theta.contiguous().requires_grad_()], dtype)
 
 
-# ------------------------------------------------------------------------ Triton interpreter
-@needs_interpreter
+# ------------------------------------------- Triton (interpreter on CPU tensors, or CUDA)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("D,d,mode", CASES, ids=IDS)
-def test_triton_matches_dense(D, d, mode):
+def test_triton_matches_dense(D, d, mode, device):
     """float32 kernels vs the float64 dense P: sums of Lb <= 256 terms, twice (1e-4, utils.RTOL)."""
-    P = dense_projection(D, d, SEED, mode)
-    theta = rand(d, dtype=torch.float32).requires_grad_()
+    P = dense_projection(D, d, SEED, mode).to(device)
+    theta = rand(d, dtype=torch.float32, device=device).requires_grad_()
     with kk.use_backend("triton"):
         compare_with_reference(lambda t: kk.fastfood(t, D, SEED, mode), lambda t: P @ t, [theta],
                                RTOL[torch.float32], ref_dtype=torch.float64)
 
 
-@needs_interpreter
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("seed", [0, 99, 2**63 + 5])
-def test_triton_generates_the_same_projection(seed):
+def test_triton_generates_the_same_projection(seed, device):
     """The in-kernel generator and the params= path both compute P theta and P^T g for the
     float64 dense P of fastfood_params (column by column: scipy's H, explicit permutation
     matrices), so the kernels generate the documented projection and transpose it exactly
     (any difference in B or Pi, or a row of g dropped, changes the result by O(1/sqrt(D)) or
     more; G differs by float32 rounding only, the kernels' sums of Lb = 128 terms ~1e-6)."""
     D, d = 600, 120  # Lb = 128: four full blocks and a cut one (88 of 128 rows)
-    theta = rand(d, dtype=torch.float32)
-    g = rand(D, dtype=torch.float32, seed=5)
-    params = kk.fastfood_params(D, d, seed)
-    P = dense_projection(D, d, seed)
+    theta = rand(d, dtype=torch.float32, device=device)
+    g = rand(D, dtype=torch.float32, seed=5, device=device)
+    params = tuple(t.to(device) for t in kk.fastfood_params(D, d, seed))
+    P = dense_projection(D, d, seed).to(device)
     want, want_grad = P @ theta.double(), P.t() @ g.double()
     with kk.use_backend("triton"):
         got = kk.fastfood(theta, D, seed)
@@ -293,14 +291,14 @@ def test_triton_generates_the_same_projection(seed):
     assert_rel_close(grad_params, want_grad, 1e-5, "P^T g params= vs dense P^T g")
 
 
-@needs_interpreter
-def test_triton_large_block_falls_back_to_fwht_chain():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_large_block_falls_back_to_fwht_chain(device):
     """padded, Lb = 2^14 > 2^13: the vectorised chain with kk.fwht's (multi-pass) Triton kernels,
     output and P^T g against the float64 papers'-way reference (reference/fastfood.py, itself
     checked against the dense P above) on the same (B, Pi, G)."""
     D, d = 10000, 10
-    params = kk.fastfood_params(D, d, 2, "padded")
-    theta = rand(d, dtype=torch.float32).requires_grad_()
+    params = tuple(t.to(device) for t in kk.fastfood_params(D, d, 2, "padded"))
+    theta = rand(d, dtype=torch.float32, device=device).requires_grad_()
     with kk.use_backend("triton"):
         compare_with_reference(lambda t: kk.fastfood(t, D, 2, "padded"), lambda t: fastfood_reference(t, D, *params),
                                [theta], 1e-5, ref_dtype=torch.float64)
@@ -483,10 +481,17 @@ def test_extension_bad_input(index):
 
 
 # ------------------------------------------------------------------------------------- GPU
+# auto takes the extension's CUDA kernels where it is built: the Triton kernels (Lb <= 2^13; a
+# larger block runs the chain with kk.fwht's Triton transforms) are named explicitly
+GPU_IMPLS = ["auto", "triton"]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("D,d,mode", [(10**6 + 3, 2**13, "stacked"), (86 * 10**5, 1000, "stacked"),
-                                      (300000, 64, "padded")])
-def test_gpu_same_projection_as_cpu(D, d, mode):
+                                      (5000, 1000, "padded"), (300000, 64, "padded")],
+                         ids=["Lb8192-cut", "Lb1024-8400-blocks", "padded-Lb8192", "padded-Lb2^19"])
+def test_gpu_same_projection_as_cpu(D, d, mode, impl):
     theta = rand(d, dtype=torch.float32)
     g = rand(D, dtype=torch.float32, seed=1)
     with kk.use_backend("torch"):
@@ -494,14 +499,16 @@ def test_gpu_same_projection_as_cpu(D, d, mode):
         t = theta.double().requires_grad_()
         (want_grad,) = torch.autograd.grad(kk.fastfood(t, D, 17, mode), t, g.double())
     tc = theta.cuda().requires_grad_()
-    got = kk.fastfood(tc, D, 17, mode)
-    (got_grad,) = torch.autograd.grad(got, tc, g.cuda())
+    with kk.use_backend(impl):
+        got = kk.fastfood(tc, D, 17, mode)
+        (got_grad,) = torch.autograd.grad(got, tc, g.cuda())
     assert_rel_close(got, want, 1e-5, "P theta on CUDA vs CPU")
     assert_rel_close(got_grad, want_grad, 1e-4, "P^T g on CUDA vs CPU (sums over D / Lb blocks)")
 
 
 @pytest.mark.gpu
-def test_gpu_beyond_int32_offsets():
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_beyond_int32_offsets(impl):
     """D > 2^31 (8.6 GB of fp32 output): the last block's rows against the CPU chain of that block
     alone, and P^T g for a g that is zero outside that block against the same block transposed."""
     D, d = 2**31 + 1000, 1024
@@ -510,7 +517,8 @@ def test_gpu_beyond_int32_offsets():
         pytest.skip(f"needs {3 * 4 * D / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB are")
     theta = rand(d, dtype=torch.float32)
     tc = theta.cuda().requires_grad_()
-    out = kk.fastfood(tc, D, 5)
+    with kk.use_backend(impl):
+        out = kk.fastfood(tc, D, 5)
     Lb, nb = ff.fastfood_block_size(D, d)
     j = nb - 1
     p = ff._generate(5, Lb, 1, torch.device("cpu"), first=j)

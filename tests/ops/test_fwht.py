@@ -8,11 +8,8 @@ import scipy.linalg
 import torch
 
 import kron_kernels as kk
-from conftest import HAS_CUDA, INTERPRET
 from kron_kernels import backend
-from utils import RTOL, assert_rel_close, compare_low_precision, compare_with_reference
-
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
+from utils import RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference, needs_interpreter
 EXTENSION_OK, EXTENSION_REASON = backend.extension_status()
 needs_extension = pytest.mark.skipif(
     not EXTENSION_OK, reason=f"the compiled extension is not built here: {EXTENSION_REASON}"
@@ -135,24 +132,24 @@ def test_extension_binding_checks(x, out, error, match):
         backend.extension().fwht_out(x, out, 1.0)
 
 
-# ---------------------------------------------------------------------------- Triton (interpreter)
-@needs_interpreter
+# ---------------------------------------------- Triton (interpreter on CPU tensors, or CUDA)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("log_n", SMALL_LOGS, ids=[f"n{2**k}" for k in SMALL_LOGS])
-def test_triton_interpreter_matches_scipy(log_n):
-    x = rand(5, 2**log_n, dtype=torch.float32).requires_grad_()
+def test_triton_interpreter_matches_scipy(log_n, device):
+    x = rand(5, 2**log_n, dtype=torch.float32, device=device).requires_grad_()
     with kk.use_backend("triton"):
         compare_with_reference(fused, ref, [x], RTOL[torch.float32], ref_dtype=torch.float64)
 
 
-@needs_interpreter
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("log_n, row_log, strided_log", [(5, 2, 2), (7, 3, 2), (6, 6, 2)],
                          ids=["n32-3passes", "n128-4passes", "n64-1pass"])
-def test_triton_multipass_split(log_n, row_log, strided_log, dtype):
+def test_triton_multipass_split(log_n, row_log, strided_log, dtype, device):
     """H_ab = (H_a (x) I)(I (x) H_b): the multi-pass path, forced at interpreter-sized rows."""
     from kron_kernels.triton import fwht as triton_fwht
 
-    x = rand(6, 2**log_n, dtype=dtype)
+    x = rand(6, 2**log_n, dtype=dtype, device=device)
     got = triton_fwht.fwht_forward(x, SCALE, max_row_log=row_log, max_strided_log=strided_log)
     assert got.dtype == dtype
     # bf16: one rounding of the input (exact here: x is already bf16) and one of the output
@@ -161,27 +158,31 @@ def test_triton_multipass_split(log_n, row_log, strided_log, dtype):
 
 
 # ---------------------------------------------------------------------------- every backend
-def _cpu_backends():
-    params = [pytest.param("torch", id="torch")]
-    params.append(pytest.param("cuda", id="extension-cpu", marks=needs_extension))
-    params.append(pytest.param("triton", id="triton-interpreter", marks=needs_interpreter))
-    return params
+# (implementation, device): every backend on the CPU; the Triton kernels and the extension's
+# CUDA kernels on a GPU too (the same small shapes: one row, empty batches, strided views)
+BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("cuda", "cpu", id="extension-cpu", marks=needs_extension),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=needs_interpreter),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", id="extension-cuda", marks=[pytest.mark.gpu, needs_extension]),
+]
 
 
-@pytest.mark.parametrize("impl", _cpu_backends())
+@pytest.mark.parametrize("impl, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("log_n", [4, 9])
-def test_low_precision(impl, dtype, log_n):
+def test_low_precision(impl, device, dtype, log_n):
     """DESIGN.md 6 (utils.compare_low_precision): error vs fp64 <= 2 x that of the dense product
     in the same precision + an atol of a fraction of the unit roundoff, in max-abs, RMS and scale."""
-    x = rand(7, 2**log_n)
+    x = rand(7, 2**log_n, device=device)
     with kk.use_backend(impl):
         compare_low_precision(fused, ref, [x.requires_grad_()], dtype)
 
 
-@pytest.mark.parametrize("impl", _cpu_backends())
-def test_batch_dims_and_noncontiguous(impl):
-    base = rand(2, 3, 64, dtype=torch.float32)
+@pytest.mark.parametrize("impl, device", BACKENDS)
+def test_batch_dims_and_noncontiguous(impl, device):
+    base = rand(2, 3, 64, dtype=torch.float32, device=device)
     cases = {
         "batch dims": base[:, :, :32],  # also a non-contiguous slice
         "transposed": base.transpose(0, 1),
@@ -197,11 +198,11 @@ def test_batch_dims_and_noncontiguous(impl):
                 assert_rel_close(got, ref(x.double()), RTOL[torch.float32], name)
 
 
-@pytest.mark.parametrize("impl", _cpu_backends())
-def test_involution_and_scale(impl):
+@pytest.mark.parametrize("impl, device", BACKENDS)
+def test_involution_and_scale(impl, device):
     """H H = n I: with scale n^-1/2 the transform is its own inverse; scale multiplies."""
     n = 256
-    x = rand(4, n, dtype=torch.float32)
+    x = rand(4, n, dtype=torch.float32, device=device)
     with kk.use_backend(impl):
         assert_rel_close(kk.fwht(kk.fwht(x, n**-0.5), n**-0.5), x, 1e-5, "orthonormal involution")
         assert_rel_close(kk.fwht(x, -2.5), -2.5 * kk.fwht(x), 1e-6, "scale")
@@ -280,9 +281,42 @@ def test_gpu_misaligned_view():
     assert_rel_close(got, ref(x.double().cpu()), _gpu_tol(torch.float16))
 
 
-@pytest.mark.gpu
-def test_gpu_auto_prefers_extension():
-    if not EXTENSION_OK:
-        pytest.skip(EXTENSION_REASON)
-    assert backend.select("fwht", torch.device("cuda"), cuda_ops=frozenset({"cuda", "cpu"})) == "cuda"
-    assert HAS_CUDA
+class _Selected(Exception):
+    """Raised by the spy once the op has chosen its implementation (nothing runs after it)."""
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["extension-built", "no-extension"])
+def test_auto_on_cuda_selection(monkeypatch, extension):
+    """What ``kk.fwht`` itself selects for a CUDA tensor under auto, on the CPU: a fake CUDA tensor
+    (FakeTensorMode, no GPU) reaches the op, a spy on ``backend.select`` records the choice and
+    stops the call. With the extension built (CUDA kernels for fwht): Triton for 2-byte rows of
+    2^10 .. 2^13 (ops/fwht.py's measured choice table), the extension for every other 16-bit or
+    fp32 row; float64 (which neither CUDA kernel takes) the torch path. Without it: Triton, and
+    torch for float64."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fwht_ops = importlib.import_module("kron_kernels.ops.fwht")  # kron_kernels.ops.fwht is the function
+    monkeypatch.setattr(backend, "extension_status", lambda: (extension, "" if extension else "not built (test)"))
+    monkeypatch.setattr(fwht_ops, "_extension_devices",
+                        lambda fp64: frozenset({"cpu"}) if fp64 else frozenset({"cuda", "cpu"}))
+    real = backend.select
+
+    def spy(*args, **kwargs):
+        raise _Selected(real(*args, **kwargs))
+
+    monkeypatch.setattr(backend, "select", spy)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for log_n in (0, 9, 10, 13, 14, 15):
+            with FakeTensorMode():
+                x = torch.empty(4, 2**log_n, dtype=dtype, device="cuda")
+            with pytest.raises(_Selected) as chosen:
+                kk.fwht(x, SCALE)
+            if dtype == torch.float64:
+                want = "torch"
+            elif not extension or (dtype != torch.float32 and 10 <= log_n <= 13):
+                want = "triton"
+            else:
+                want = "cuda"
+            assert chosen.value.args[0] == want, (dtype, log_n)

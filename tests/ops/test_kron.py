@@ -4,11 +4,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kron_kernels as kk
-from conftest import INTERPRET
 from kron_kernels.reference import kadaptation as ref
-from utils import RTOL, assert_rel_close, compare_low_precision, compare_with_reference, outputs_and_grads
-
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
+from utils import (RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference,
+                   needs_interpreter, outputs_and_grads, to_device)
 
 # (m, a_out, a_in, p, q, r, leading token shape): odd sizes, r = 1, N = 1, MR > 32 (rank chunks)
 SHAPES = [
@@ -140,43 +138,43 @@ def test_never_materialises_delta(op):
     assert mode.largest < d2 // 8, f"an op produced {mode.largest} elements (d_out*d_in = {d2})"
 
 
-# ------------------------------------------------------------------- Triton (interpreter)
-@needs_interpreter
+# ------------------------------------------- Triton (interpreter on CPU tensors, or CUDA)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kron_linear_triton_fp32(shape):
-    x, W, b, A, U, V = make_inputs(shape, dtype=torch.float32)
+def test_kron_linear_triton_fp32(shape, device):
+    inputs = to_device(make_inputs(shape, dtype=torch.float32), device)
     with kk.use_backend("triton"):
-        compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float32], torch.float64)
+        compare_with_reference(fused_linear, ref_linear, inputs, RTOL[torch.float32], torch.float64)
 
 
-@needs_interpreter
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kron_matmul_triton_fp32(shape):
-    x, _, _, A, U, V = make_inputs(shape, dtype=torch.float32)
+def test_kron_matmul_triton_fp32(shape, device):
+    x, _, _, A, U, V = to_device(make_inputs(shape, dtype=torch.float32), device)
     with kk.use_backend("triton"):
         compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float32], torch.float64)
 
 
-@needs_interpreter
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kron_delta_triton_fp32(shape):
-    _, _, _, A, U, V = make_inputs(shape, dtype=torch.float32)
+def test_kron_delta_triton_fp32(shape, device):
+    _, _, _, A, U, V = to_device(make_inputs(shape, dtype=torch.float32), device)
     with kk.use_backend("triton"):
         compare_with_reference(fused_delta, ref_delta, [A, U, V], RTOL[torch.float32], torch.float64)
 
 
-@needs_interpreter
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5]])
-def test_kron_linear_triton_low_precision(shape, dtype):
-    x, W, b, A, U, V = make_inputs(shape, dtype=torch.float32)
+def test_kron_linear_triton_low_precision(shape, dtype, device):
+    x, W, b, A, U, V = to_device(make_inputs(shape, dtype=torch.float32), device)
     with kk.use_backend("triton"):
         compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], dtype, activations=(0, 1, 2))
         compare_low_precision(fused_matmul, ref_matmul, [x, A, U, V], dtype)
 
 
-@needs_interpreter
-def test_kron_linear_triton_small_shared_memory_config(monkeypatch):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kron_linear_triton_small_shared_memory_config(monkeypatch, device):
     """Devices with < 96 KB of shared memory per block (T4) run the forward at BLOCK_N = 8."""
     from kron_kernels.triton import GPUProperties, simulate_gpu
     from kron_kernels.triton import kron as triton_kron
@@ -186,17 +184,18 @@ def test_kron_linear_triton_small_shared_memory_config(monkeypatch):
     with simulate_gpu(GPUProperties("H100", (9, 0), 132, 227 * 1024)):
         assert triton_kron._fwd_block_n(torch.device("cuda", 0)) == 16
     monkeypatch.setattr(triton_kron, "_fwd_block_n", lambda device: 8)
-    x, W, b, A, U, V = make_inputs(SHAPES[4].values[0], dtype=torch.float32)  # N = 37: a tail at BLOCK_N = 8
+    # N = 37: a tail at BLOCK_N = 8
+    inputs = to_device(make_inputs(SHAPES[4].values[0], dtype=torch.float32), device)
     with kk.use_backend("triton"):
-        compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float32], torch.float64)
+        compare_with_reference(fused_linear, ref_linear, inputs, RTOL[torch.float32], torch.float64)
 
 
-@needs_interpreter
-def test_triton_non_contiguous_x():
-    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=torch.float32)
-    wide = torch.randn(9, 3 * x.shape[-1])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_non_contiguous_x(device):
+    x, W, b, A, U, V = to_device(make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=torch.float32), device)
+    wide = torch.randn(9, 3 * x.shape[-1], device=device)
     x_strided = wide[:, ::3].requires_grad_()  # column stride 3
-    x_transposed = torch.randn(x.shape[-1], 9).t().requires_grad_()  # row stride 1
+    x_transposed = torch.randn(x.shape[-1], 9, device=device).t().requires_grad_()  # row stride 1
     for xn in (x_strided, x_transposed):
         assert not xn.is_contiguous()
         with kk.use_backend("triton"):
@@ -217,8 +216,8 @@ def dense_kron_linear(x, W, b, A, U, V, scale=SCALE):
     return torch.nn.functional.linear(x, W + scale * delta.to(W.dtype), b)
 
 
-@needs_interpreter
-def test_triton_and_torch_backends_bf16_with_batch_dims():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_and_torch_backends_bf16_with_batch_dims(device):
     """bf16 x/W/b with batch dims (2, 3) and fp32 factors on both backends. They are not
     bitwise equal (the Triton path rounds the increment plus bias to bf16 before the frozen
     GEMM adds onto it, and the interpreter's fp32->bf16 cast truncates), so each is held to
@@ -228,7 +227,7 @@ def test_triton_and_torch_backends_bf16_with_batch_dims():
       bounded by 1e-5 times the magnitude ``|x| @ (|W| + |delta|).T + |b|``;
     * both backends, output and gradients, obey the low-precision rule
       (utils.compare_low_precision: at most twice the naive bf16 reference's error)."""
-    inputs = make_inputs((3, 5, 4, 6, 7, 2, (2, 3)), dtype=torch.float32)
+    inputs = to_device(make_inputs((3, 5, 4, 6, 7, 2, (2, 3)), dtype=torch.float32), device)
     xb, Wb, bb = (t.detach().to(torch.bfloat16) for t in inputs[:3])
     A, U, V = (t.detach() for t in inputs[3:])
     exact = dense_kron_linear(*(t.double() for t in (xb, Wb, bb, A, U, V)))
@@ -277,28 +276,33 @@ def test_kron_linear_slices_torch_float64():
         compare_with_reference(fused_slices, ref_slices, [x, W, b, *q, *v], RTOL[torch.float64])
 
 
-@needs_interpreter
-def test_kron_linear_slices_triton_fp32():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kron_linear_slices_triton_fp32(device):
     x, W, b, q, v = make_slice_inputs(torch.float32)
+    inputs = to_device([x, W, b, *q, *v], device)
     with kk.use_backend("triton"):
-        compare_with_reference(fused_slices, ref_slices, [x, W, b, *q, *v], RTOL[torch.float32], torch.float64)
+        compare_with_reference(fused_slices, ref_slices, inputs, RTOL[torch.float32], torch.float64)
 
 
-@needs_interpreter
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_kron_linear_slices_triton_low_precision(dtype):
+def test_kron_linear_slices_triton_low_precision(dtype, device):
     x, W, b, q, v = make_slice_inputs(torch.float32)
+    inputs = to_device([x, W, b, *q, *v], device)
     with kk.use_backend("triton"):
-        compare_low_precision(fused_slices, ref_slices, [x, W, b, *q, *v], dtype, activations=(0, 1, 2))
+        compare_low_precision(fused_slices, ref_slices, inputs, dtype, activations=(0, 1, 2))
 
 
-@pytest.mark.parametrize("impl, dtype", [pytest.param("torch", torch.float64, id="torch-fp64"),
-                                         pytest.param("triton", torch.float32, id="triton-fp32",
-                                                      marks=needs_interpreter)])
-def test_kron_linear_slices_matches_kron_linear_on_full_rows(impl, dtype):
+@pytest.mark.parametrize("impl, dtype, device", [
+    pytest.param("torch", torch.float64, "cpu", id="torch-fp64"),
+    pytest.param("triton", torch.float32, "cpu", id="triton-fp32-interpreter", marks=needs_interpreter),
+    pytest.param("triton", torch.float32, "cuda", id="triton-fp32-cuda", marks=pytest.mark.gpu),
+    pytest.param("dense", torch.float32, "cuda", id="dense-fp32-cuda", marks=pytest.mark.gpu),
+])
+def test_kron_linear_slices_matches_kron_linear_on_full_rows(impl, dtype, device):
     """One target covering every row: kron_linear_slices computes what kron_linear does, and
     both (output and every gradient) match the dense torch.kron formula in float64."""
-    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=dtype, weight_grad=True)
+    x, W, b, A, U, V = to_device(make_inputs((3, 5, 4, 6, 7, 2, (9,)), dtype=dtype, weight_grad=True), device)
     with kk.use_backend(impl):
         full = kk.kron_linear(x, W, b, A, U, V, SCALE)
         sliced = kk.kron_linear_slices(x, W, b, [(0, A, U, V)], SCALE)
@@ -375,9 +379,9 @@ def test_bad_inputs(call, exc, match):
         call()
 
 
-@needs_interpreter
-def test_triton_refuses_float64_clearly():
-    x, W, b, A, U, V = make_inputs((3, 5, 4, 6, 7, 2, (9,)))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_refuses_float64_clearly(device):
+    x, W, b, A, U, V = to_device(make_inputs((3, 5, 4, 6, 7, 2, (9,))), device)
     with kk.use_backend("triton"), pytest.raises(kk.BackendUnavailableError, match="float64"):
         kk.kron_matmul(x, A, U, V)
 
@@ -391,22 +395,75 @@ GPU_SHAPES = [
 ]
 
 
+# auto takes the dense composition on CUDA (ops/kron.py ``_CUDA_AUTO``), so the implementations
+# are named: the structured Triton kernels and the dense (cuBLAS-first) composition
+GPU_IMPLS = ["triton", "dense"]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_fp32(shape):
-    x, W, b, A, U, V = (t.detach().cuda().requires_grad_(t.requires_grad) for t in make_inputs(shape, torch.float32))
-    # fp32 activations use IEEE dots: error ~ sqrt(d) * 2^-24 relative, well under 1e-4
-    compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float32], torch.float64)
-    compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float32], torch.float64)
-    compare_with_reference(fused_delta, ref_delta, [A, U, V], RTOL[torch.float32], torch.float64)
+def test_gpu_fp32(shape, impl):
+    x, W, b, A, U, V = to_device(make_inputs(shape, torch.float32), "cuda")
+    # fp32 activations use IEEE dots: error ~ sqrt(d) * 2^-24 relative, well under 1e-4 (a TF32
+    # dot, 2^-11 per product, would not be)
+    with kk.use_backend(impl):
+        compare_with_reference(fused_linear, ref_linear, [x, W, b, A, U, V], RTOL[torch.float32], torch.float64)
+        compare_with_reference(fused_matmul, ref_matmul, [x, A, U, V], RTOL[torch.float32], torch.float64)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_bf16(shape):
-    x, W, b, A, U, V = (t.detach().cuda().requires_grad_(t.requires_grad) for t in make_inputs(shape, torch.float32))
-    compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], torch.bfloat16, activations=(0, 1, 2))
-    compare_low_precision(fused_matmul, ref_matmul, [x, A, U, V], torch.bfloat16)
+def test_gpu_kron_delta_fp32(shape):
+    """kron_delta has no dense composition: Triton (auto's choice on CUDA) and explicitly."""
+    _, _, _, A, U, V = to_device(make_inputs(shape, torch.float32), "cuda")
+    for impl in ("auto", "triton"):
+        with kk.use_backend(impl):
+            compare_with_reference(fused_delta, ref_delta, [A, U, V], RTOL[torch.float32], torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_bf16(shape, impl):
+    x, W, b, A, U, V = to_device(make_inputs(shape, torch.float32), "cuda")
+    with kk.use_backend(impl):
+        compare_low_precision(fused_linear, ref_linear, [x, W, b, A, U, V], torch.bfloat16, activations=(0, 1, 2))
+        compare_low_precision(fused_matmul, ref_matmul, [x, A, U, V], torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_beyond_int32_offsets():
+    """x with more than 2^31 elements (2.8M ViT-B tokens in bf16, 4.3 GB): the kernels' token
+    offsets must be int64. The Triton kernels' output and dx on the last 512 tokens, and the
+    factor gradients of a cotangent that is zero on every other token (so only those tokens
+    contribute), against the float64 reference on those tokens alone. 2^-6 (relative to the
+    largest element) covers two bf16 roundings of out and dx (the kron term's buffer, then the
+    frozen GEMM's output) and TF32 products; an int32 offset gives garbage or a fault."""
+    m, a, p, r, tail = 32, 32, 24, 1, 512
+    d = a * p
+    n = 2**31 // d + 4096
+    free, _ = torch.cuda.mem_get_info()
+    if free < 5 * n * d * 2:
+        pytest.skip(f"needs {5 * n * d * 2 / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB are")
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0))
+    x.requires_grad_()
+    _, W, b, A, U, V = to_device(make_inputs((m, a, a, p, p, r, (1,)), dtype=torch.float32), "cuda")
+    W, b = W.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)
+    g_tail = torch.randn(tail, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(torch.bfloat16)
+    with kk.use_backend("triton"):
+        y = kk.kron_linear(x, W, b, A, U, V, SCALE)
+    dy = torch.zeros_like(y)
+    dy[-tail:] = g_tail.cuda()
+    gx, gA, gU, gV = torch.autograd.grad(y, (x, A, U, V), dy)
+    del dy
+    leaves = [x.detach()[-tail:].double()] + [t.detach().double() for t in (A, U, V)]
+    leaves = [t.requires_grad_() for t in leaves]
+    want = ref.kron_linear(leaves[0], W.double(), b.double(), *leaves[1:], SCALE)
+    want_grads = torch.autograd.grad(want, leaves, g_tail.double().cuda())
+    assert_rel_close(y[-tail:], want, 2**-6, "out (last tokens)")
+    for name, got, w in zip(("dx (last tokens)", "dA", "dU", "dV"), (gx[-tail:], gA, gU, gV), want_grads):
+        assert_rel_close(got, w, 2**-6, name)
 
 
 # ---------------------------------------------------------------------------- torch.compile
@@ -421,8 +478,17 @@ def test_torch_compile_fullgraph_torch_backend():
     def exact(x, Aq, Uq, Vq, Av, Uv, Vv):
         return ref_slices(x, W.double(), b.double(), Aq, Uq, Vq, Av, Uv, Vv)
 
-    with kk.use_backend("torch"):
-        got = outputs_and_grads(torch.compile(fn, fullgraph=True), [x, *q, *v])
+    # Dynamo caches which callables are torch functions by id on first use: if an earlier test
+    # made it build that map while its own NaN-poisoning torch.empty_like was in place (conftest),
+    # this test's empty_like would be a graph break. Rebuilt here, and again after.
+    from torch._dynamo import trace_rules
+
+    trace_rules.clear_lru_cache()
+    try:
+        with kk.use_backend("torch"):
+            got = outputs_and_grads(torch.compile(fn, fullgraph=True), [x, *q, *v])
+    finally:
+        trace_rules.clear_lru_cache()
     want = outputs_and_grads(exact, [t.double() for t in (x, *q, *v)])  # the float64 reference
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
