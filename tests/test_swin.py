@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kron_kernels as kk
+from test_adapt import perturb, trainable
 from test_bad_input import assert_unchanged, snapshot
 from utils import RTOL, assert_rel_close
 
@@ -41,17 +42,6 @@ def adapted(method, impl="fused", seed=0, dtype=torch.float32, adapt_seed=1, **c
 
 def images(dtype=torch.float32, seed=0, batch=2):
     return torch.randn(batch, 3, 56, 56, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-
-
-def perturb(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, t in kk.adapter_state_dict(model).items():
-            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.2)
-
-
-def trainable(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def adapter_count(model):
