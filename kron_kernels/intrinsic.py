@@ -19,7 +19,8 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .nn.fastfood import FastfoodSubspace, Include, select_parameters
+from .nn.fastfood import FastfoodSubspace, Include, check_subspace_options, select_parameters
+from .ops._common import check_bool, check_float, check_int
 
 __all__ = ["intrinsic_dimension", "IntrinsicDimensionResult"]
 
@@ -50,7 +51,9 @@ def _train(model: nn.Module, params, data: Iterable, loss_fn: Callable, steps: i
     optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
     loss = torch.tensor(float("nan"))
+    done = 0
     for _, (x, y) in zip(range(steps), itertools.cycle(data)):
+        done += 1
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -58,7 +61,31 @@ def _train(model: nn.Module, params, data: Iterable, loss_fn: Callable, steps: i
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    if done == 0:  # a one-shot iterator that an earlier run used up
+        raise ValueError("data yielded no batches (an iterator that was already exhausted? "
+                         "intrinsic_dimension needs a re-iterable such as a list or a DataLoader)")
     return float(loss.detach())
+
+
+_NO_BATCH = object()
+
+
+def _check_data(data):
+    """``data`` itself if it yields at least one batch; a one-shot iterator is returned with
+    its first batch put back in front. Refuses data that yields nothing, by name."""
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}") from None
+    first = next(it, _NO_BATCH)
+    one_shot = it is data
+    if first is _NO_BATCH:
+        if one_shot:
+            raise ValueError("data yielded no batches (an iterator that was already exhausted?)")
+        raise ValueError("data yielded no batches (an empty dataset or DataLoader?)")
+    if one_shot:
+        return itertools.chain([first], it)
+    return data
 
 
 def intrinsic_dimension(
@@ -85,7 +112,9 @@ def intrinsic_dimension(
 
     Args:
         model: left untouched; every run trains a deep copy.
-        data: a re-iterable of ``(inputs, targets)`` batches (e.g. a DataLoader), cycled.
+        data: a re-iterable of ``(inputs, targets)`` batches (e.g. a DataLoader), cycled; a
+            one-shot iterator works only if it never runs dry (e.g. an endless generator).
+            Data that yields no batch is refused before any training (ValueError).
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar to minimise.
         eval_fn: ``eval_fn(trained_model)`` -> metric, higher is better (e.g. accuracy);
             called with the subspace-wrapped model for each d.
@@ -100,15 +129,44 @@ def intrinsic_dimension(
         stop_early: stop at the first d that reaches the threshold.
         progress: show a tqdm progress bar (if tqdm is installed).
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    dims = sorted(dims)
-    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+    # every argument is checked before any training (the model itself is never changed)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("eval_fn", eval_fn)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if any(isinstance(m, FastfoodSubspace) for m in model.modules()):
+        raise ValueError("model is or contains a FastfoodSubspace: pass the unwrapped model")
+    threshold = check_float("threshold", threshold, min=0.0, max=1.0, min_open=True)
+    if isinstance(dims, (str, bytes, torch.Tensor)) or not isinstance(dims, Iterable):
+        raise TypeError(f"dims must be a non-empty list of positive ints, got {type(dims).__name__} {dims!r}")
+    dims = list(dims)
+    for d in dims:
+        try:
+            check_int("dims", d, min=1)
+        except TypeError:
+            raise TypeError(f"dims must be a non-empty list of positive ints, got {dims!r}") from None
+        except ValueError:
+            raise ValueError(f"dims must be a non-empty list of positive ints, got {dims!r}") from None
+    if not dims:
         raise ValueError(f"dims must be a non-empty list of positive ints, got {dims!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    dims = sorted(dims)
+    steps = check_int("steps", steps, min=1)
+    lr = check_float("lr", lr, min=0.0, min_open=True)
+    full_lr = check_float("full_lr", full_lr, min=0.0, min_open=True)
+    if full_metric is not None:
+        full_metric = check_float("full_metric", full_metric)
+    for name, flag in (("stop_early", stop_early), ("progress", progress)):
+        check_bool(name, flag)
     names = select_parameters(model, include)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+    params = dict(model.named_parameters())
+    if any(not params[n].is_floating_point() for n in names):
+        raise TypeError("the chosen parameters must be floating point")
+    n_params = sum(params[n].numel() for n in names)
+    sizes = [params[n].numel() for n in names]
+    for d in dims:  # seed, mode, per_tensor, said and every d against the chosen tensors' sizes
+        check_subspace_options(d, seed, mode, per_tensor, said, sizes)
+    data = _check_data(data)
     bar = None
     if progress:
         try:

@@ -503,3 +503,234 @@ def test_load_into_merged_model_is_refused_unchanged():
     state = {k: v.clone() for k, v in kk.adapter_state_dict(_perturbed("kadaptation")).items()}
     kk.merge(model)
     _refused(model, lambda m: kk.load_adapter_state_dict(m, state), ValueError, "unmerge")
+
+
+# ----------------------------------------------------------------------------------------
+# 4. FastfoodSubspace checks everything before it reparameterises the module
+# ----------------------------------------------------------------------------------------
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _int_net():
+    net = _small_net()
+    net.register_parameter("steps", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
+    return net
+
+
+def _hooked_net():
+    net = _small_net()
+    net[0].register_forward_hook(lambda m, i, o: None)
+    nn.utils.parametrize.register_parametrization(net[2], "weight", nn.Identity())
+    return net
+
+
+def _wrapped_net():
+    net = _small_net()
+    kk.nn.FastfoodSubspace(net, 4, include="0")  # wraps the first layer; net[2] stays a parameter
+    return net
+
+
+_BIG_D = 1 << 40  # a projection beyond kk.fastfood's 32-bit counters
+
+FASTFOOD_REFUSALS = {
+    # id: (make module, call, error, match)
+    "d0": (_small_net, dict(d=0), ValueError, "d must be a positive int"),
+    "d-neg": (_small_net, dict(d=-1), ValueError, "d must be a positive int"),
+    "d-float": (_small_net, dict(d=1.5), TypeError, "d must be a positive int"),
+    "d-integral-float": (_small_net, dict(d=8.0), TypeError, "d must be a positive int"),
+    "d-bool": (_small_net, dict(d=True), TypeError, "d must be a positive int"),
+    "d-str": (_small_net, dict(d="8"), TypeError, "d must be a positive int"),
+    "d-tensor": (_small_net, dict(d=torch.tensor(8)), TypeError, "d must be a positive int"),
+    "d-too-big": (_small_net, dict(d=_BIG_D), ValueError, "block size Lb"),
+    "mode": (_small_net, dict(d=4, mode="blocks"), ValueError, "mode must be one of"),
+    "mode-type": (_small_net, dict(d=4, mode=["stacked"]), ValueError, "mode must be one of"),
+    "seed-neg": (_small_net, dict(d=4, seed=-3), ValueError, "seed must be an int in"),
+    "seed-2^64": (_small_net, dict(d=4, seed=1 << 64), ValueError, "seed must be an int in"),
+    "seed-float": (_small_net, dict(d=4, seed=0.5), TypeError, "seed must be an int in"),
+    "seed-bool": (_small_net, dict(d=4, seed=False), TypeError, "seed must be an int in"),
+    "per-tensor-str": (_small_net, dict(d=4, per_tensor="yes"), TypeError, "per_tensor must be a bool"),
+    "per-tensor-int": (_small_net, dict(d=4, per_tensor=1), TypeError, "per_tensor must be a bool"),
+    "said-none": (_small_net, dict(d=4, said=None), TypeError, "said must be a bool"),
+    "include-unknown": (_small_net, dict(d=4, include="5"), ValueError, "include: no parameter"),
+    "include-empty": (_small_net, dict(d=4, include=lambda n: False), ValueError, "include chose no parameter"),
+    "include-type": (_small_net, dict(d=4, include=[3]), TypeError, "include must be None, a name"),
+    "no-parameters": (lambda: nn.Sequential(nn.ReLU(), nn.Flatten()), dict(d=4), ValueError,
+                      "no parameters to reparameterise"),
+    "not-floating": (_int_net, dict(d=4), TypeError, "must be floating point"),
+    "wrapped": (_wrapped_net, dict(d=4), ValueError, "already wrapped by FastfoodSubspace"),
+    "wrapped-part": (lambda: _wrapped_net()[2], dict(d=4), ValueError, "already wrapped by FastfoodSubspace"),
+    "wrapper": (lambda: kk.nn.FastfoodSubspace(_small_net(), 4), dict(d=4), ValueError,
+                "contains a FastfoodSubspace"),
+    "contains-wrapper": (lambda: nn.Sequential(kk.nn.FastfoodSubspace(_small_net(), 4)), dict(d=4), ValueError,
+                         "contains a FastfoodSubspace"),
+    "hooked-bad-seed": (_hooked_net, dict(d=4, seed=-1), ValueError, "seed must be an int in"),
+}
+
+
+def _parametrizations(module: nn.Module):
+    return [(name, list(m.parametrizations.keys())) for name, m in module.named_modules()
+            if nn.utils.parametrize.is_parametrized(m)]
+
+
+@pytest.mark.parametrize("case", list(FASTFOOD_REFUSALS), ids=list(FASTFOOD_REFUSALS))
+def test_fastfood_subspace_refusal_leaves_module_unchanged(case):
+    make, kwargs, error, match = FASTFOOD_REFUSALS[case]
+    module = make()
+    before, params = snapshot(module), _parametrizations(module)
+    buffers = sorted(name for name, _ in module.named_buffers())
+    with pytest.raises(error, match=match):
+        kk.nn.FastfoodSubspace(module, **kwargs)
+    assert_unchanged(module, before)
+    assert _parametrizations(module) == params, "parametrizations changed"
+    assert sorted(name for name, _ in module.named_buffers()) == buffers, "parameters were turned into buffers"
+
+
+def test_fastfood_subspace_wraps_after_a_refusal():
+    """A refused call leaves the module wrappable: the next, valid call succeeds and is exact."""
+    module = _small_net()
+    x = torch.randn(5, 4)
+    want = module(x)
+    with pytest.raises(TypeError):
+        kk.nn.FastfoodSubspace(module, 4, said="no")
+    sub = kk.nn.FastfoodSubspace(module, 4, said=True, per_tensor=True)
+    assert torch.equal(sub(x), want)
+    assert [n for n, p in sub.named_parameters() if p.requires_grad] == ["theta", "lambdas"]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. intrinsic_dimension checks its arguments and its data before any training
+# ----------------------------------------------------------------------------------------
+def _batches():
+    return [(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))]
+
+
+def _exhausted():
+    it = iter(_batches())
+    list(it)
+    return it
+
+
+def _empty_generator():
+    return (b for b in [])
+
+
+INTRINSIC_REFUSALS = {
+    "data-empty-list": (dict(data=[]), ValueError, r"data yielded no batches \(an empty"),
+    "data-exhausted-iterator": (dict(data=_exhausted), ValueError,
+                                r"data yielded no batches \(an iterator that was already exhausted\?\)"),
+    "data-exhausted-generator": (dict(data=_empty_generator), ValueError,
+                                 r"data yielded no batches \(an iterator that was already exhausted\?\)"),
+    "data-not-iterable": (dict(data=3), TypeError, "data must be an iterable"),
+    "dims-empty": (dict(dims=[]), ValueError, "dims must be a non-empty list of positive ints"),
+    "dims-zero": (dict(dims=[0, 4]), ValueError, "dims must be a non-empty list of positive ints"),
+    "dims-bool": (dict(dims=[True, 4]), TypeError, "dims must be a non-empty list of positive ints"),
+    "dims-float": (dict(dims=[1.5]), TypeError, "dims must be a non-empty list of positive ints"),
+    "dims-str": (dict(dims="8"), TypeError, "dims must be a non-empty list of positive ints"),
+    "dims-int": (dict(dims=8), TypeError, "dims must be a non-empty list of positive ints"),
+    "dims-too-big": (dict(dims=[4, _BIG_D]), ValueError, "block size Lb"),
+    "threshold-high": (dict(threshold=1.5), ValueError, "threshold must be in"),
+    "threshold-zero": (dict(threshold=0), ValueError, "threshold must be in"),
+    "threshold-nan": (dict(threshold=float("nan")), ValueError, "threshold must be in"),
+    "threshold-str": (dict(threshold="0.9"), TypeError, "threshold must be in"),
+    "steps-zero": (dict(steps=0), ValueError, "steps must be a positive int"),
+    "steps-float": (dict(steps=2.5), TypeError, "steps must be a positive int"),
+    "steps-bool": (dict(steps=True), TypeError, "steps must be a positive int"),
+    "lr-zero": (dict(lr=0.0), ValueError, "lr must be a finite number > 0"),
+    "lr-inf": (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
+    "lr-tensor": (dict(lr=torch.tensor(0.1)), TypeError, "lr must be a finite number"),
+    "full-lr-neg": (dict(full_lr=-1e-3), ValueError, "full_lr must be a finite number > 0"),
+    "full-metric-nan": (dict(full_metric=float("nan")), ValueError, "full_metric must be a finite number"),
+    "full-metric-str": (dict(full_metric="1"), TypeError, "full_metric must be a finite number"),
+    "seed": (dict(seed=-1), ValueError, "seed must be an int in"),
+    "mode": (dict(mode="blocks"), ValueError, "mode must be one of"),
+    "per-tensor": (dict(per_tensor="yes"), TypeError, "per_tensor must be a bool"),
+    "said": (dict(said=1), TypeError, "said must be a bool"),
+    "stop-early": (dict(stop_early=None), TypeError, "stop_early must be a bool"),
+    "include": (dict(include="nope"), ValueError, "include: no parameter"),
+    "loss-fn": (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
+    "eval-fn": (dict(eval_fn=0.5), TypeError, "eval_fn must be callable"),
+}
+
+
+@pytest.mark.parametrize("case", list(INTRINSIC_REFUSALS), ids=list(INTRINSIC_REFUSALS))
+def test_intrinsic_dimension_refusal_before_training(case):
+    overrides, error, match = INTRINSIC_REFUSALS[case]
+    model = _small_net()
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append("loss")
+        return F.cross_entropy(out, y)
+
+    def eval_fn(m):
+        calls.append("eval")
+        return 1.0
+
+    kwargs = dict(data=_batches(), loss_fn=loss_fn, eval_fn=eval_fn, dims=[4], steps=2, progress=False)
+    kwargs.update(overrides)
+    if callable(kwargs["data"]) and not isinstance(kwargs["data"], list):
+        kwargs["data"] = kwargs["data"]()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        kk.intrinsic_dimension(model, **kwargs)
+    assert calls == [], "training or evaluation ran before the refusal"
+    assert_unchanged(model, before)
+
+
+def test_intrinsic_dimension_refuses_a_wrapped_model():
+    sub = kk.nn.FastfoodSubspace(_small_net(), 4)
+    before = snapshot(sub)
+    with pytest.raises(ValueError, match="contains a FastfoodSubspace"):
+        kk.intrinsic_dimension(sub, _batches(), F.cross_entropy, lambda m: 1.0, [4], steps=1, progress=False)
+    assert_unchanged(sub, before)
+
+
+def test_intrinsic_dimension_one_shot_iterators():
+    """A generator is peeked, not lost: an endless one serves every run; one that runs dry
+    after the baseline is refused by name (and the caller's model is untouched)."""
+    model = _small_net()
+    before = snapshot(model)
+
+    def endless():
+        while True:
+            yield torch.randn(2, 4), torch.zeros(2, dtype=torch.long)
+
+    result = kk.intrinsic_dimension(model, endless(), F.cross_entropy, lambda m: 1.0, [2, 4], steps=2,
+                                    progress=False)
+    assert list(result.metrics) == [2, 4] and all(v == v for v in result.losses.values())
+    with pytest.raises(ValueError, match="an iterator that was already exhausted"):
+        kk.intrinsic_dimension(model, iter(_batches() * 2), F.cross_entropy, lambda m: 1.0, [4], steps=2,
+                               progress=False)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. the shared numeric validators
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value,error", [
+    (True, TypeError), ("3", TypeError), (3.0, TypeError), (torch.tensor(3), TypeError), (None, TypeError),
+    (0, ValueError), (-2, ValueError), (8, ValueError),
+])
+def test_check_int_refuses_by_name(value, error):
+    from kron_kernels.ops._common import check_int
+
+    with pytest.raises(error, match="rank must be an int in"):
+        check_int("rank", value, min=1, max=7)
+    assert check_int("rank", 7, min=1, max=7) == 7
+
+
+@pytest.mark.parametrize("value,error", [
+    (False, TypeError), ("0.1", TypeError), (torch.tensor(0.1), TypeError), (None, TypeError), (1j, TypeError),
+    (float("nan"), ValueError), (float("inf"), ValueError), (-0.1, ValueError), (1.0, ValueError),
+])
+def test_check_probability_refuses_by_name(value, error):
+    from kron_kernels.ops._common import check_float, check_probability
+
+    with pytest.raises(error, match=r"dropout must be in \[0, 1\)"):
+        check_probability("dropout", value, max_open=True)
+    assert check_probability("p", 1) == 1.0 and check_probability("dropout", 0, max_open=True) == 0.0
+    assert check_float("alpha", float("inf"), finite=False) == float("inf")
+    with pytest.raises(ValueError, match="alpha must be a number"):
+        check_float("alpha", float("nan"), finite=False)

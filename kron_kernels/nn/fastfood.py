@@ -23,18 +23,38 @@ at theta = 0 it returns exactly the module's output (``P 0 = 0`` exactly, and
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Union
+import weakref
+from typing import Callable, Dict, Iterable, List, Sequence, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..ops.fastfood import MODES, fastfood
+from ..ops._common import check_bool, check_int
+from ..ops.fastfood import MODES, fastfood, fastfood_block_size
 
-__all__ = ["FastfoodSubspace", "select_parameters"]
+__all__ = ["FastfoodSubspace", "select_parameters", "check_subspace_options"]
 
 Include = Union[None, str, Iterable[str], Callable[[str], bool]]
 _SEED_STEP = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: per-tensor seeds far apart
+# every module of a tree already wrapped by a FastfoodSubspace (weakly: no leak)
+_WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def check_subspace_options(d, seed, mode, per_tensor, said, sizes: Sequence[int]) -> None:
+    """Validate a subspace's options against the chosen tensors' ``sizes`` (TypeError /
+    ValueError naming the argument): ``d`` a positive int, ``seed`` an int in [0, 2^64),
+    ``mode`` one of MODES, ``per_tensor``/``said`` bools, and every projection that the
+    forward will compute (``R^d -> R^D``, or ``R^d -> R^{D_i}`` per tensor) within
+    ``kk.fastfood``'s limits."""
+    check_int("d", d, min=1)
+    check_int("seed", seed, min=0, max=(1 << 64) - 1, desc="an int in [0, 2^64)")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_bool("per_tensor", per_tensor)
+    check_bool("said", said)
+    for D in (sizes if per_tensor else [sum(sizes)]):
+        fastfood_block_size(D, d, mode)
 
 
 def select_parameters(module: nn.Module, include: Include = None) -> List[str]:
@@ -70,49 +90,78 @@ class FastfoodSubspace(nn.Module):
         per_tensor: one projection per tensor instead of one global projection.
         said: per-tensor scales ``lambda_i`` (SAID).
         include: which parameters (see :func:`select_parameters`); default all.
+
+    Everything is validated before ``module`` is touched (``d``, ``seed``, ``mode``, the bool
+    flags ``per_tensor``/``said``, ``include``, floating-point parameters on one device, and
+    every projection against ``kk.fastfood``'s limits): a refusal (TypeError/ValueError naming
+    the argument) leaves the module exactly as it was. A module that is, contains, or is part
+    of a module already wrapped by a ``FastfoodSubspace`` is refused (its parameters are
+    already reparameterised); wrap once, choosing every tensor with ``include``.
     """
 
     def __init__(self, module: nn.Module, d: int, seed: int = 0, mode: str = "stacked",
                  per_tensor: bool = False, said: bool = False, include: Include = None):
         super().__init__()
+        # everything is checked before the module is touched: a refusal leaves it as it was
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"d must be a positive int, got {d!r}")
-        if mode not in MODES:
+        if any(isinstance(m, FastfoodSubspace) for m in module.modules()):
+            raise ValueError("module is or contains a FastfoodSubspace: wrapping it again is not supported")
+        if any(m in _WRAPPED for m in module.modules()):
+            raise ValueError("module is (part of) a module already wrapped by FastfoodSubspace: "
+                             "its parameters are already reparameterised")
+        check_int("d", d, min=1)
+        check_int("seed", seed, min=0, max=(1 << 64) - 1, desc="an int in [0, 2^64)")
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-            raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
+        check_bool("per_tensor", per_tensor)
+        check_bool("said", said)
+        if next(module.parameters(), None) is None:
+            raise ValueError("module has no parameters to reparameterise")
         names = select_parameters(module, include)
         params = dict(module.named_parameters())
         if any(not params[n].is_floating_point() for n in names):
-            raise TypeError("the chosen parameters must be floating point")
+            bad = [n for n in names if not params[n].is_floating_point()]
+            raise TypeError(f"the chosen parameters must be floating point: {bad}")
         device = {params[n].device for n in names}
         if len(device) > 1:
             raise ValueError(f"the chosen parameters live on several devices: {device}")
-        self.module = module
-        self.names = names
-        self.shapes = [params[n].shape for n in names]
-        self.sizes = [params[n].numel() for n in names]
-        self.d, self.seed, self.mode = d, seed, mode
-        self.per_tensor, self.said = bool(per_tensor), bool(said)
+        sizes = [params[n].numel() for n in names]
+        check_subspace_options(d, seed, mode, per_tensor, said, sizes)
         # the aliases of a tied parameter (e.g. shared embeddings) all get the one new tensor
-        self._aliases: Dict[str, List[str]] = {n: [] for n in names}
+        aliases: Dict[str, List[str]] = {n: [] for n in names}
         ids = {id(params[n]): n for n in names}
         for alias, p in module.named_parameters(remove_duplicate=False):
             if id(p) in ids and alias != ids[id(p)]:
-                self._aliases[ids[id(p)]].append(alias)
-        for p in module.parameters():
-            p.requires_grad_(False)
+                aliases[ids[id(p)]].append(alias)
+        owners = []
         for n in names:
-            for name in [n] + self._aliases[n]:
+            for name in [n] + aliases[n]:
                 owner_name, _, leaf = name.rpartition(".")
                 owner = module.get_submodule(owner_name)
-                tensor = owner._parameters.pop(leaf)
-                owner.register_buffer(leaf, tensor.detach())
+                if leaf not in owner._parameters:
+                    raise ValueError(f"cannot reparameterise {name!r}: it is not a plain parameter of its module")
+                owners.append((owner, leaf))
         first = params[names[0]]
-        self.theta = nn.Parameter(torch.zeros(d, device=first.device, dtype=torch.float32))
-        self.lambdas = nn.Parameter(torch.ones(len(names), device=first.device)) if said else None
+        theta = nn.Parameter(torch.zeros(d, device=first.device, dtype=torch.float32))
+        lambdas = nn.Parameter(torch.ones(len(names), device=first.device)) if said else None
+        # ---- nothing below raises on valid input: from here on the module is changed
+        self.module = module
+        self.names = names
+        self.shapes = [params[n].shape for n in names]
+        self.sizes = sizes
+        self.d, self.seed, self.mode = d, seed, mode
+        self.per_tensor, self.said = per_tensor, said
+        self._aliases = aliases
+        for p in module.parameters():
+            p.requires_grad_(False)
+        for owner, leaf in owners:
+            tensor = owner._parameters.pop(leaf)
+            owner.register_buffer(leaf, tensor.detach())
+        self.theta = theta
+        self.lambdas = lambdas
+        for m in module.modules():
+            _WRAPPED.add(m)
 
     @property
     def D(self) -> int:

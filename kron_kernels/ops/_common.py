@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -47,6 +48,84 @@ def check_scale(scale, name: str = "scale") -> float:
         raise TypeError(f"{name} must be a real number, got {type(scale).__name__}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------
+# numeric hyperparameters: one shared set of validators (TypeError for a value that is not
+# a number of the right kind -- a bool, a string, a tensor, None, 0.5 as a count --,
+# ValueError for one out of range or not finite; both name the argument)
+# ----------------------------------------------------------------------------------------
+def _not_a_number(value) -> bool:
+    return isinstance(value, (bool, str, bytes, torch.Tensor)) or not isinstance(value, numbers.Real)
+
+
+def check_int(name: str, value, *, min: Optional[int] = None, max: Optional[int] = None,
+              desc: Optional[str] = None) -> int:
+    """``value`` as a Python int in ``[min, max]`` (either bound optional), or a TypeError
+    (not an integer: a bool, a float such as ``1.5`` or ``2.0``, a string, a tensor) /
+    ValueError (out of range) naming ``name``. ``desc`` replaces the default wording of
+    what is expected ("a positive int", "an int in [0, 7]", ...)."""
+    if desc is None:
+        if min == 1 and max is None:
+            desc = "a positive int"
+        elif min == 0 and max is None:
+            desc = "a non-negative int"
+        elif min is not None and max is not None:
+            desc = f"an int in [{min}, {max}]"
+        elif min is not None:
+            desc = f"an int >= {min}"
+        elif max is not None:
+            desc = f"an int <= {max}"
+        else:
+            desc = "an int"
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {desc}, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (min is not None and value < min) or (max is not None and value > max):
+        raise ValueError(f"{name} must be {desc}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value, *, min: Optional[float] = None, max: Optional[float] = None,
+                min_open: bool = False, max_open: bool = False, finite: bool = True) -> float:
+    """``value`` (an int or a float, not a bool/str/tensor) as a Python float, finite unless
+    ``finite=False`` (NaN is always refused), within ``min``/``max`` (open bounds with
+    ``min_open``/``max_open``); else a TypeError/ValueError naming ``name``."""
+    fin = "finite " if finite else ""
+    if min is not None and max is not None:
+        desc = f"a {fin}number in {'(' if min_open else '['}{min:g}, {max:g}{')' if max_open else ']'}"
+    elif min is not None:
+        desc = f"a {fin}number {'>' if min_open else '>='} {min:g}"
+    elif max is not None:
+        desc = f"a {fin}number {'<' if max_open else '<='} {max:g}"
+    else:
+        desc = f"a {fin}number"
+    if min is not None and max is not None:  # a bounded range is finite: "must be in [0, 1)"
+        desc = desc.split(" number ", 1)[1]
+    if _not_a_number(value):
+        raise TypeError(f"{name} must be {desc}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v) or (finite and not math.isfinite(v)):
+        raise ValueError(f"{name} must be {desc}, got {v}")
+    if min is not None and (v < min or (min_open and v == min)):
+        raise ValueError(f"{name} must be {desc}, got {v}")
+    if max is not None and (v > max or (max_open and v == max)):
+        raise ValueError(f"{name} must be {desc}, got {v}")
+    return v
+
+
+def check_probability(name: str, value, *, max_open: bool = False) -> float:
+    """``value`` as a float in ``[0, 1]`` (``[0, 1)`` with ``max_open``, e.g. a dropout
+    probability), or a TypeError/ValueError naming ``name``."""
+    return check_float(name, value, min=0.0, max=1.0, max_open=max_open)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool (a flag), else a TypeError naming ``name``: ``"no"``, ``0``
+    or ``None`` are not flags."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._common import (
-    FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_scale, check_tensor, compute_dtype, grad_like,
+    FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_int, check_probability, check_scale, check_tensor,
+    compute_dtype, grad_like,
 )
 
 __all__ = [
@@ -645,15 +646,9 @@ def fact_linear(
 # public functional API
 # ----------------------------------------------------------------------------------------
 def _check_dropout(dropout) -> float:
-    if isinstance(dropout, torch.Tensor) or isinstance(dropout, bool):
-        raise TypeError(f"dropout must be a Python float in [0, 1), got {type(dropout).__name__}")
-    try:
-        p = float(dropout)
-    except (TypeError, ValueError):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__}") from None
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
-    return p
+    """A dropout probability in [0, 1) (shared validator: TypeError for a bool, a string or
+    a tensor, ValueError out of range or NaN)."""
+    return check_probability("dropout", dropout, max_open=True)
 
 
 def _resolve_seed(seed, p_drop: float, n_elements: int) -> int:
@@ -665,11 +660,7 @@ def _resolve_seed(seed, p_drop: float, n_elements: int) -> int:
     if seed is None:
         # from torch's global CPU generator: torch.manual_seed makes the masks reproducible
         return int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
-    return seed
+    return check_int("seed", seed, min=0, max=2**31 - 1, desc="an int or None, in [0, 2**31)")
 
 
 def _activation_backend(op: str, x: torch.Tensor) -> str:
