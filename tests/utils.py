@@ -29,6 +29,24 @@ TRITON_DEVICES = [
     pytest.param("cpu", marks=needs_interpreter, id="interpreter"),
     pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
 ]
+# (implementation, device) of an adapted model's fused layers: the torch backend and the Triton
+# kernels on the CPU (the interpreter, tiny shapes), the Triton kernels and the dense
+# composition (auto's choice on CUDA for ARC and the LoSA mixer) on a GPU
+MODEL_BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=needs_interpreter),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("dense", "cuda", id="dense-cuda", marks=pytest.mark.gpu),
+]
+
+
+def model_outputs_and_grads(model, x, cotangent):
+    """``{"out", <trainable parameter names>}`` of ``model(x)`` for the cotangent (moved to the
+    output's device and dtype)."""
+    out = model(x)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(out, list(params.values()), cotangent.to(device=out.device, dtype=out.dtype))
+    return {"out": out, **dict(zip(params, grads))}
 
 
 def to_device(tensors, device):

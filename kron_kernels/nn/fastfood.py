@@ -110,12 +110,6 @@ class FastfoodSubspace(nn.Module):
         if any(m in _WRAPPED for m in module.modules()):
             raise ValueError("module is (part of) a module already wrapped by FastfoodSubspace: "
                              "its parameters are already reparameterised")
-        check_int("d", d, min=1)
-        check_int("seed", seed, min=0, max=(1 << 64) - 1, desc="an int in [0, 2^64)")
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        check_bool("per_tensor", per_tensor)
-        check_bool("said", said)
         if next(module.parameters(), None) is None:
             raise ValueError("module has no parameters to reparameterise")
         names = select_parameters(module, include)

@@ -8,7 +8,7 @@ from torch import nn
 import kron_kernels as kk
 from kron_kernels.nn import AdapterWrapper, ARCAdapter
 from kron_kernels.reference import arc as ref
-from utils import RTOL, assert_rel_close, needs_interpreter
+from utils import MODEL_BACKENDS, RTOL, assert_rel_close, model_outputs_and_grads
 
 D, R = 24, 5
 
@@ -130,25 +130,6 @@ def test_bad_config(config, match):
     assert repr(model) == before
 
 
-# (implementation, device) of the fused modules: the torch backend and the Triton kernels on the
-# CPU (the interpreter, tiny shapes), the Triton kernels and the dense composition (auto's choice
-# for ARC on CUDA) on a GPU
-MODEL_BACKENDS = [
-    pytest.param("torch", "cpu", id="torch"),
-    pytest.param("triton", "cpu", id="triton-interpreter", marks=needs_interpreter),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
-    pytest.param("dense", "cuda", id="dense-cuda", marks=pytest.mark.gpu),
-]
-
-
-def outputs_and_grads(model, x, cotangent):
-    """``{"out", <trainable parameter names>}`` for the cotangent (moved to the output)."""
-    out = model(x)
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    grads = torch.autograd.grad(out, list(params.values()), cotangent.to(device=out.device, dtype=out.dtype))
-    return {"out": out, **dict(zip(params, grads))}
-
-
 @pytest.mark.parametrize("impl, device", MODEL_BACKENDS)
 def test_model_matches_reference_modules(impl, device):
     """The whole adapted model with the fused ARC adapters in fp32 (on backend ``impl``) against
@@ -159,9 +140,9 @@ def test_model_matches_reference_modules(impl, device):
     kk.load_adapter_state_dict(reference, kk.adapter_state_dict(model))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     cotangent = torch.cos(reference(x.double()).detach())
-    want = outputs_and_grads(reference, x.double(), cotangent)
+    want = model_outputs_and_grads(reference, x.double(), cotangent)
     with kk.use_backend(impl):
-        got = outputs_and_grads(model, x.to(device), cotangent)
+        got = model_outputs_and_grads(model, x.to(device), cotangent)
     assert got.keys() == want.keys() and len(want) > 2
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float32], name)

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 import kron_kernels as kk
 from kron_kernels.nn import LoSAMixer, LoSAModel
 from kron_kernels.reference import losa as ref
-from utils import RTOL, assert_rel_close, needs_interpreter
+from utils import MODEL_BACKENDS, RTOL, assert_rel_close, model_outputs_and_grads
 
 D, R = 32, 6
 
@@ -212,25 +212,6 @@ def test_deepcopy_rebinds_the_hooks():
     perturb(clone)
     assert not torch.allclose(clone(x), model(x))
     assert torch.equal(model(x), tiny_vit()(x))
-
-
-# (implementation, device) of the fused mixers: the torch backend and the Triton kernels on the
-# CPU (the interpreter, tiny shapes), the Triton kernels and the dense composition (auto's choice
-# for the LoSA mixer on CUDA) on a GPU
-MODEL_BACKENDS = [
-    pytest.param("torch", "cpu", id="torch"),
-    pytest.param("triton", "cpu", id="triton-interpreter", marks=needs_interpreter),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
-    pytest.param("dense", "cuda", id="dense-cuda", marks=pytest.mark.gpu),
-]
-
-
-def model_outputs_and_grads(model, x, cotangent):
-    """``{"out", <trainable parameter names>}`` for the cotangent (moved to the output)."""
-    out = model(x)
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    grads = torch.autograd.grad(out, list(params.values()), cotangent.to(device=out.device, dtype=out.dtype))
-    return {"out": out, **dict(zip(params, grads))}
 
 
 @pytest.mark.parametrize("impl, device", MODEL_BACKENDS)
