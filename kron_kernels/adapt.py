@@ -16,7 +16,11 @@ kadaptation, compacter, fact_tt, fact_tk (FacT's global ``U``, ``V`` and cores o
 (:class:`~kron_kernels.nn.ARCAdapter` on norm1/norm2 outputs, ``U_attn``/``U_mlp`` shared) and
 losa (``adapt`` returns a :class:`~kron_kernels.nn.LoSAModel` wrapper; ``kk_shared`` is on it).
 
-Backbones: timm ``VisionTransformer`` (every method) and timm ``SwinTransformer`` (kadaptation,
+Backbones: timm ``VisionTransformer`` (every method), whatever its prefix tokens -- a class
+token or none (``class_token=False, global_pool="avg"``), register tokens (``reg_tokens=``), and
+DeiT's ``VisionTransformerDistilled`` (class + distillation token; both heads stay trainable and
+are saved with the adapter): the methods act per token or, LoSA's token mixers, over all
+``num_patches + num_prefix_tokens`` tokens of the grid -- and timm ``SwinTransformer`` (kadaptation,
 compacter, fact_tt, fact_tk, arc; blocks ``layers.<i>.blocks.<j>``, width ``d_i`` per stage).
 Factors whose shape depends on the width are kept per stage on Swin, as ``kk_shared.stage<i>``
 (FacT's U, V and cores: the paper's partitioned tensorization; ARC's U per position and stage);
@@ -25,7 +29,6 @@ lists the backbones it serves and, for the others, why not (LoSA refuses Swin wi
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
@@ -38,6 +41,7 @@ from .nn import compacter as nn_compacter
 from .nn import fact as nn_fact
 from .nn import kadaptation as nn_kadaptation
 from .nn import losa as nn_losa
+from .ops._common import check_bool, check_float, check_int, check_probability
 from .reference import arc as ref_arc
 from .reference import compacter as ref_compacter
 from .reference import fact as ref_fact
@@ -74,11 +78,79 @@ class _Method:
 _REGISTRY: Dict[str, _Method] = {}
 
 
+# ----------------------------------------------------------------------------------------
+# hyperparameters: one check per name, the same for every method that takes it (the shared
+# validators of ops._common: a TypeError for a value of the wrong kind -- a bool, a string,
+# 1.5 or 2.0 as a count --, a ValueError for one out of range or not finite; both name it)
+# ----------------------------------------------------------------------------------------
+_KADAPTATION_TARGETS = ("q", "k", "v", "proj")
+
+
+def _positive_int(name: str, value) -> int:
+    return check_int(name, value, min=1)
+
+
+def _optional_positive_int(default: str):
+    def check(name: str, value) -> Optional[int]:
+        if value is None:
+            return None
+        return check_int(name, value, min=1, desc=f"a positive int or None (None: {default})")
+
+    return check
+
+
+def _scale(name: str, value) -> float:
+    return check_float(name, value)  # any finite number: FacT sweeps s over {0.01 .. 100}
+
+
+def _dropout(name: str, value) -> float:
+    return check_probability(name, value, max_open=True)
+
+
+def _kadaptation_targets(name: str, value) -> Tuple[str, ...]:
+    """A name or a sequence of distinct names among :data:`_KADAPTATION_TARGETS`, as a tuple."""
+    expected = f"{name} must be distinct names among {_KADAPTATION_TARGETS} (one name, or a tuple or list)"
+    targets = (value,) if isinstance(value, str) else value
+    if not isinstance(targets, (tuple, list)) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"{expected}, got {type(value).__name__} {value!r}")
+    targets = tuple(targets)
+    if not targets or len(set(targets)) != len(targets) or any(t not in _KADAPTATION_TARGETS for t in targets):
+        raise ValueError(f"{expected}, got {value!r}")
+    return targets
+
+
+_HYPERPARAMETERS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
+    "n": _positive_int,  # KAdaptation's / Compacter's number of Kronecker products
+    "r": _positive_int,  # rank
+    "k": _optional_positive_int("d // 32"),  # Compacter's bottleneck size
+    "frames": _optional_positive_int("an image"),  # LoSA's video frames
+    "scale": _scale,
+    "dropout": _dropout,
+    "bias": check_bool,
+    "targets": _kadaptation_targets,
+})
+
+
+def _checked_config(method: str, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every value of ``config`` through its check in :data:`_HYPERPARAMETERS` (converted: an
+    int scale becomes a float, a numpy int an int); the error names the method and the argument."""
+    checked = {}
+    for name, value in config.items():
+        try:
+            checked[name] = _HYPERPARAMETERS[name](name, value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{method}: {exc}") from None
+    return checked
+
+
 def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str] = None, wrap=None,
               backbones: Optional[Mapping[str, Optional[str]]] = None):
     """Register ``build(model, impl, config, shared) -> [(parent, attribute, new_module), ...]``.
 
-    ``build`` validates everything and creates the new modules and the shared parameters
+    ``defaults`` names every hyperparameter the method takes; each is checked by its entry in
+    :data:`_HYPERPARAMETERS` before ``build`` runs, so ``build`` gets valid values of the right
+    type (and checks only what depends on the model: divisibility by d, the token count).
+    ``build`` validates the rest and creates the new modules and the shared parameters
     (on ``shared``) but changes nothing on ``model``: ``adapt`` applies the returned
     replacements only once every block has been built, so a bad config leaves the model as it was.
     ``wrap(model, replacements)``, when given, returns the module ``adapt`` returns instead of
@@ -88,6 +160,9 @@ def _register(name: str, defaults: Mapping[str, Any], merge_error: Optional[str]
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
+        unchecked = sorted(set(defaults) - set(_HYPERPARAMETERS))
+        if unchecked:
+            raise ValueError(f"method {name!r}: no check in _HYPERPARAMETERS for {unchecked}")
         served = MappingProxyType(dict(backbones if backbones is not None else {"vit": None}))
         _REGISTRY[name] = _Method(name, MappingProxyType(dict(defaults)), build, merge_error, wrap, served)
         return build
@@ -131,24 +206,24 @@ def _backbone(model) -> str:
     raise TypeError(f"kk.adapt supports {supported} models, got {type(model).__module__}.{type(model).__name__}")
 
 
-def _check_vit(model) -> nn.Module:
-    """Refuse what adapt cannot serve; returns the model's (single) classifier head.
+def _heads(model) -> Tuple[nn.Module, ...]:
+    """The model's classifier head(s), which ``adapt`` leaves trainable and the adapter state
+    dicts carry: ``get_classifier()``'s module, or each module of the tuple it returns -- DeiT's
+    ``VisionTransformerDistilled`` gives ``(head, head_dist)``, the class and the distillation
+    token's heads. A TypeError naming the model for anything else.
 
     Everything adapt needs from the model is asked here or in the method's ``build``, before
     anything is changed: a refusal must leave the caller's model as it was."""
-    backbone = _backbone(model)
-    supported = BACKBONES[backbone]
-    name = f"{type(model).__module__}.{type(model).__name__}"
-    head = model.get_classifier()
-    if not isinstance(head, nn.Module):
-        # DeiT's VisionTransformerDistilled returns (head, head_dist) and reads a distillation
-        # token: the head handling (trainable head, adapter state dicts) serves one head only
+    _backbone(model)
+    heads = model.get_classifier()
+    heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+    if not heads or not all(isinstance(head, nn.Module) for head in heads):
+        name = f"{type(model).__module__}.{type(model).__name__}"
         raise TypeError(
-            f"model: kk.adapt supports {supported} models with one classifier head; {name}.get_classifier() "
-            f"returned a {type(head).__name__} (a distillation head beside the class head, as DeiT's "
-            f"VisionTransformerDistilled), which is not supported"
+            f"model: kk.adapt needs {name}.get_classifier() to return the classifier module (or a tuple "
+            f"of them, as DeiT's (head, head_dist)), got {[type(h).__name__ for h in heads]}"
         )
-    return head
+    return heads
 
 
 def _check_method_backbone(model, spec: "_Method") -> None:
@@ -277,8 +352,6 @@ def _adapter_layers(model: nn.Module) -> List[nn.Module]:
 # ----------------------------------------------------------------------------------------
 # methods
 # ----------------------------------------------------------------------------------------
-_KADAPTATION_TARGETS = ("q", "k", "v", "proj")
-
 
 _VIT_SWIN = {"vit": None, "swin": None}
 
@@ -296,25 +369,7 @@ def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedF
     per-width ``A`` would be a choice the paper does not make, and would cost ``n^3`` per stage
     and target (4 x 65,536 more on Swin-B at n=32). n must divide every stage's width.
     """
-    targets = config["targets"]
-    if isinstance(targets, str):
-        targets = (targets,)
-    if not isinstance(targets, (tuple, list)):
-        raise ValueError(
-            f"kadaptation targets must be distinct names among {_KADAPTATION_TARGETS}, got {config['targets']!r}"
-        )
-    targets = tuple(targets)
-    unknown = [t for t in targets if t not in _KADAPTATION_TARGETS]
-    if unknown or not targets or len(set(targets)) != len(targets):
-        raise ValueError(
-            f"kadaptation targets must be distinct names among {_KADAPTATION_TARGETS}, got {config['targets']!r}"
-        )
-    config["targets"] = targets
-    n = _positive_int("n", config["n"])
-    _positive_int("r", config["r"])
-    if not isinstance(config["bias"], bool):
-        raise TypeError(f"bias must be a bool, got {config['bias']!r}")
-    config["scale"] = _finite_float("scale", config["scale"])
+    targets, n = config["targets"], config["n"]  # checked by adapt (_HYPERPARAMETERS)
     factory = _factory(model)
     for kind in targets:
         shared.register_parameter(f"A_{kind}", nn.Parameter(torch.empty(n, n, n, **factory)))
@@ -367,8 +422,6 @@ def _build_compacter(model, impl: str, config: Dict[str, Any], shared: SharedFac
     stage. The recorded config keeps ``k=None`` on Swin. n must divide every d_i and k_i.
     """
     n = config["n"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
     stages = _stages(model)
     swin = _backbone(model) == "swin"
     if config["k"] is None:
@@ -381,10 +434,8 @@ def _build_compacter(model, impl: str, config: Dict[str, Any], shared: SharedFac
         ks = [config["k"]] * len(stages)
     for stage, k in zip(stages, ks):
         d = stage.d
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(
-                f"the bottleneck size k must be a positive int, got {k!r} (default d // 32 = {d // 32})"
-            )
+        if k < 1:  # only the default can be: a given k is checked by adapt
+            raise ValueError(f"the bottleneck size k must be a positive int, got {k!r} (default d // 32 = {d // 32})")
         if d % n or k % n:
             where = f" (stage layers.{stage.index})" if swin else ""
             raise ValueError(f"n={n} must divide the hidden size d={d} and the bottleneck size k={k}{where}")
@@ -400,24 +451,6 @@ def _build_compacter(model, impl: str, config: Dict[str, Any], shared: SharedFac
                 adapter = _built(name, lambda: adapter_cls(stage.d, k, n, A=shared, **factory))
                 replacements.append((blk, attr, nn_compacter.AdapterWrapper(module, adapter)))
     return replacements
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _finite_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return float(value)
-
-
-def _dropout(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _linear(parent: nn.Module, name: str, attr: str, method: str, shape) -> nn.Linear:
@@ -455,9 +488,7 @@ def _build_fact(fmt: str):
         ``kk_shared.stage<i>``; slot indices count from 0 within the stage. On Swin-B, FacT-TT
         at r=16 gives the paper's 0.135M (Table 2).
         """
-        r = _positive_int("r", config["r"])
-        config["scale"] = _finite_float("scale", config["scale"])
-        config["dropout"] = _dropout(config["dropout"])
+        r = config["r"]
         factory = _factory(model)
         layer_cls = nn_fact.FacTLinear if impl == "fused" else ref_fact.FacTLinear
         replacements = []
@@ -503,8 +534,7 @@ def _build_arc(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
     window size, as in timm's 224-pixel Swin configs): padded positions are zeros after the
     adapter, and a merged ARC bias would add ``W b`` there.
     """
-    r = _positive_int("r", config["r"])
-    config["dropout"] = _dropout(config["dropout"])
+    r = config["r"]
     factory = _factory(model)
     adapter_cls = nn_arc.ARCAdapter if impl == "fused" else ref_arc.ARCAdapter
     replacements = []
@@ -544,13 +574,30 @@ def _build_arc(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
     },
 )
 def _build_losa(model, impl: str, config: Dict[str, Any], shared: SharedFactors):
-    """The LoSA side network (one mixer per block); adapt returns the LoSAModel wrapper."""
-    r = _positive_int("r", config["r"])
-    frames = config["frames"]
+    """The LoSA side network (one mixer per block); adapt returns the LoSAModel wrapper.
+
+    A token mixer is a ``T x r`` / ``r x T`` pair over the whole token axis, ``T = num_patches +
+    num_prefix_tokens``: every prefix layout timm's ViT has (class token or none, register
+    tokens, DeiT's class + distillation tokens) is a fixed T and is served -- the prefix tokens
+    are mixed with the patches as the paper's side network mixes its class token, and the
+    backbone's own ``forward_head`` then reads them (or pools the patches) as it always does.
+    A model whose token count varies (``dynamic_img_size``, patch dropout) is refused.
+    """
+    r, frames = config["r"], config["frames"]
     d = model.embed_dim
     patches, prefix = model.patch_embed.num_patches, model.num_prefix_tokens
+    varying = []
+    if getattr(model, "dynamic_img_size", False):
+        varying.append("dynamic_img_size=True (the token count follows the input's size)")
+    if not isinstance(getattr(model, "patch_drop", None), (nn.Identity, type(None))):
+        varying.append(f"patch dropout ({type(model.patch_drop).__name__}: training drops tokens)")
+    if varying:
+        raise ValueError(
+            f"losa needs a fixed token count T = {patches} patches + {prefix} prefix tokens (its token "
+            f"mixers are T x r matrices); this {type(model).__module__}.{type(model).__name__} has "
+            + " and ".join(varying)
+        )
     if frames is not None:
-        frames = _positive_int("frames", frames)
         if patches % frames:
             raise ValueError(
                 f"frames={frames} must divide the model's {patches} patch tokens (frames x patches layout)"
@@ -585,7 +632,8 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     shared per stage); a method that does not serve Swin (LoSA) raises a TypeError saying why.
 
     Freezes every backbone parameter, inserts the method's trainable modules, leaves the
-    classifier head trainable and returns ``model``. At init the adapted model computes
+    classifier head (each of ``get_classifier()``'s heads: DeiT's distilled ViT has two)
+    trainable and returns ``model``. At init the adapted model computes
     what the original computes. ``impl="reference"`` builds the naive modules of
     :mod:`kron_kernels.reference` with the same parameter names, for comparisons.
 
@@ -603,13 +651,15 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     height -- and each token-mixing layer sums a spatial and a temporal mixer
     (:mod:`kron_kernels.nn.losa`).
 
-    Every check (the model, the method, impl and config, every block's layers) runs before
+    Every hyperparameter is checked by name (:data:`_HYPERPARAMETERS`): a TypeError for a value of
+    the wrong kind (a bool, a string, ``1.5`` as a rank), a ValueError for one out of range or
+    not finite. Every check (the model, the method, impl and config, every block's layers) runs before
     the model is touched: when adapt raises, the model is exactly as it was. An adapted model
     is refused (methods do not stack).
     """
     if isinstance(model, nn.Module):
         _check_fresh(model)
-    head = _check_vit(model)
+    heads = _heads(model)
     if not isinstance(method, str) or method not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; kk.METHODS = {METHODS}")
     if not isinstance(impl, str) or impl not in IMPLS:
@@ -619,7 +669,7 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
     unknown = sorted(set(config) - set(spec.defaults))
     if unknown:
         raise TypeError(f"{method} got unknown config {unknown}; it accepts {sorted(spec.defaults)}")
-    config = {**spec.defaults, **config}
+    config = _checked_config(method, {**spec.defaults, **config})
     shared = SharedFactors(method, impl, {})
     replacements = spec.build(model, impl, config, shared)
     shared.config = config  # as resolved by build (defaults filled in)
@@ -636,8 +686,8 @@ def adapt(model: nn.Module, method: str, impl: str = "fused", **config) -> nn.Mo
         result.train(model.training)
     shared.train(model.training)
     setattr(result, SHARED_ATTR, shared)
-    for p in head.parameters():
-        p.requires_grad_(True)
+    for head in heads:
+        head.requires_grad_(True)
     return result
 
 
@@ -686,14 +736,15 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _adapter_keys(model: nn.Module) -> List[str]:
     _find_shared(model)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
     keys = []
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, SharedFactors):
             # recurse: a Swin model's per-stage factors live on kk_shared.stage<i>
             keys += [dot + name for name, _ in module.named_parameters()]
-        elif module is head:
+        elif any(module is head for head in heads):
             keys += [dot + name for name in module.state_dict()]
         else:
             keys += [dot + name for name in getattr(module, "kk_adapter_params", ())]

@@ -93,13 +93,31 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def process_constant(fn):
+    """Mark ``fn`` (a probe whose result is constant for the life of the process: an import, the
+    extension, a device property) so that torch.compile calls it while tracing and takes its
+    result as a constant, instead of tracing into it (an import is a graph break) -- backend
+    selection stays outside the captured graph. This is what ``torch.compiler.
+    assume_constant_result`` does, without its import of ``torch._dynamo``, which imports
+    Triton: importing this package must not (``tests/test_import.py``). ``tests/test_compile.py``
+    checks that the marker is still the one torch's decorator sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# The probes below are constant for the life of the process (cached): see process_constant.
 @functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
+def _import_triton() -> Optional[str]:
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising something else
         return f"triton is not importable ({type(exc).__name__}: {exc})"
     return None
+
+
+@process_constant
+def _triton_import_error() -> Optional[str]:
+    return _import_triton()
 
 
 def triton_status(device: torch.device) -> Tuple[bool, str]:
@@ -137,6 +155,7 @@ def _load_extension():
     )
 
 
+@process_constant
 def extension_status() -> Tuple[bool, str]:
     """Whether the compiled extension is importable, and if not, why."""
     module, reason = _load_extension()

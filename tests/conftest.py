@@ -55,3 +55,18 @@ def fresh_backend():
     backend._state.__dict__.pop("name", None)
     yield
     backend._state.__dict__.pop("name", None)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo for a torch.compile test. Dynamo caches which callables are torch
+    functions by id on first use: built while ``nan_poison_empty``'s wrapper of
+    ``torch.empty_like`` is in place, the map would make that wrapper a graph break; it is
+    rebuilt here, and again after."""
+    from torch._dynamo import trace_rules
+
+    torch._dynamo.reset()
+    trace_rules.clear_lru_cache()
+    yield
+    torch._dynamo.reset()
+    trace_rules.clear_lru_cache()

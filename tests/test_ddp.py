@@ -1,8 +1,9 @@
 """Training under DistributedDataParallel, and gradients that come back in their parameter's layout.
 
-* Every method of ``kk.METHODS`` trains under ``torch.nn.parallel.DistributedDataParallel``
-  (no ``find_unused_parameters``): two processes on the gloo backend on CPU (NCCL on a machine
-  with two GPUs, ``-m gpu``), each running forward+backward on its half of a fixed batch. The
+* Every method of ``kk.METHODS`` on a tiny ViT, and every Swin method on a tiny Swin, trains
+  under ``torch.nn.parallel.DistributedDataParallel`` (no ``find_unused_parameters``): two
+  processes on the gloo backend on CPU (NCCL on a machine with two GPUs, ``-m gpu``), each
+  running forward+backward on its half of a fixed batch. The
   gradients after DDP's all-reduce equal a single-process step on the whole batch, every
   trainable tensor -- the shared factors (KAdaptation's ``A_q``/``A_v``, Compacter's ``A``,
   FacT's ``U``/``V``/cores, ARC's ``U_attn``/``U_mlp``) included -- is all-reduced exactly once
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 
 import kron_kernels as kk
 from kron_kernels.ops._common import grad_like
-from test_adapt import TINY_CONFIG, adapted, images, perturb, trainable
+from test_adapt import adapted, images, perturb, trainable
+from test_swin import SWIN_METHODS, adapted as swin_adapted, images as swin_images
 from utils import RTOL, assert_rel_close
 
 HAS_CUDA = torch.cuda.is_available()
@@ -51,6 +53,9 @@ JOIN_TIMEOUT_S = 180  # both ranks, spawn and imports included (~10-20 s on 2 bu
 COLLECTIVE_TIMEOUT_S = 60  # a rank waiting in a collective for a dead peer errors out instead of hanging
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
 DROPOUT_METHODS = ("fact_tt", "fact_tk", "arc")
+# (backbone, method): every method on the tiny ViT, the Swin methods on the tiny Swin (Swin keeps
+# width-dependent factors per stage, shared by that stage's blocks: more shared tensors to reduce)
+DDP_CASES = [("vit", method) for method in kk.METHODS] + [("swin", method) for method in SWIN_METHODS]
 
 
 # ---------------------------------------------------------------------------- the layout contract
@@ -110,26 +115,29 @@ def test_grads_have_their_parameters_strides(method, backend):
 
 
 # ---------------------------------------------------------------------------- DistributedDataParallel
-def _model(method, device="cpu"):
-    """The same float64 adapted tiny ViT in every process (fixed seeds), adapters perturbed from
-    their zero-increment init so that every trainable tensor gets a nonzero gradient at step 1."""
+def _model(case, device="cpu"):
+    """The same float64 adapted tiny ViT or Swin in every process (fixed seeds), adapters
+    perturbed from their zero-increment init so that every trainable tensor gets a nonzero
+    gradient at step 1."""
+    backbone, method = case
     config = {"dropout": 0.0} if method in DROPOUT_METHODS else {}
-    model = adapted(method, dtype=torch.float64, **config)
+    model = (adapted if backbone == "vit" else swin_adapted)(method, dtype=torch.float64, **config)
     perturb(model, seed=5)
     return model.to(device).train()
 
 
-def _batch(device="cpu"):
+def _batch(case, device="cpu"):
     n = WORLD_SIZE * PER_RANK
-    return images(torch.float64, seed=11, batch=n).to(device), (torch.arange(n) % 5).to(device)
+    x = (images if case[0] == "vit" else swin_images)(torch.float64, seed=11, batch=n)
+    return x.to(device), (torch.arange(n) % 5).to(device)
 
 
-def _train(model, forward, shard, device):
-    """STEPS SGD steps of the mean cross-entropy on ``_batch()[shard]``; returns the step-1
+def _train(case, model, forward, shard, device):
+    """STEPS SGD steps of the mean cross-entropy on ``_batch(case)[shard]``; returns the step-1
     gradients, the parameters after the last step and the step-1 ``.grad`` layout mismatches."""
     params = trainable(model)
     optimizer = torch.optim.SGD(params.values(), lr=LR)
-    x, labels = _batch(device)
+    x, labels = _batch(case, device)
     record = {}
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
@@ -142,11 +150,11 @@ def _train(model, forward, shard, device):
     return record
 
 
-def _ddp_method(method, rank, device):
+def _ddp_case(case, rank, device):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    model = _model(method, device)
+    model = _model(case, device)
     names = {id(p): name for name, p in trainable(model).items()}
     ddp = DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
     reduced = []  # the parameter names in each bucket, in the order DDP all-reduces them
@@ -159,14 +167,14 @@ def _ddp_method(method, rank, device):
     shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = _train(model, ddp, shard, device)
+        record = _train(case, model, ddp, shard, device)
     record["reduced"] = reduced
     record["warnings"] = [str(w.message) for w in caught]
     return record
 
 
 def _ddp_worker(rank, init_method, device_type, out_dir):
-    """One rank: every method in turn; the results (or the traceback) go to ``out_dir``."""
+    """One rank: every case in turn; the results (or the traceback) go to ``out_dir``."""
     import torch.distributed as dist
 
     try:
@@ -180,7 +188,7 @@ def _ddp_worker(rank, init_method, device_type, out_dir):
         )
         try:
             kk.set_backend("torch")
-            results = {method: _ddp_method(method, rank, device) for method in kk.METHODS}
+            results = {case: _ddp_case(case, rank, device) for case in DDP_CASES}
         finally:
             dist.destroy_process_group()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -221,18 +229,19 @@ def _run_ddp(tmp_path, device_type):
 
 
 def _check_ddp(ranks):
-    for method in kk.METHODS:
-        model = _model(method)
+    for case in DDP_CASES:
+        model = _model(case)
+        method = "/".join(case)
         # one process, the whole batch: DDP's mean of the per-rank mean losses' gradients is the
         # gradient of the whole batch's mean loss (equal shards)
         with kk.use_backend("torch"):
-            want = _train(model, model, slice(None), torch.device("cpu"))
-        got, other = ranks[0][method], ranks[1][method]
+            want = _train(case, model, model, slice(None), torch.device("cpu"))
+        got, other = ranks[0][case], ranks[1][case]
         names = set(want["grads"])
         shared = {name for name in names if name.startswith("kk_shared.")}
-        assert bool(shared) == (method != "losa"), f"{method}: shared factors {shared}"
+        assert bool(shared) == (case[1] != "losa"), f"{method}: shared factors {shared}"
         for rank, result in enumerate(ranks):
-            result = result[method]
+            result = result[case]
             assert not [w for w in result["warnings"] if STRIDE_WARNING in w], f"{method} rank {rank}: {result['warnings']}"
             assert not result["bad_strides"], f"{method} rank {rank}: .grad strides differ: {result['bad_strides']}"
             # every trainable tensor, each shared factor included, all-reduced once per step
@@ -248,7 +257,7 @@ def _check_ddp(ranks):
 
 
 def test_ddp_gloo_matches_single_process(tmp_path):
-    """Two CPU processes (gloo), every method, STEPS steps each: see the module docstring."""
+    """Two CPU processes (gloo), every method on ViT and Swin, STEPS steps each: see the module docstring."""
     _check_ddp(_run_ddp(tmp_path, "cpu"))
 
 

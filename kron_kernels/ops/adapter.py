@@ -14,13 +14,13 @@ product, which the Triton backward fuses into the pass over ``h`` it makes anywa
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import LOW_PRECISION, autocast_dtype, check_tensor, compute_dtype, grad_like
+from ._common import LOW_PRECISION, autocast_dtype, check_tensor, compiling, compute_dtype, grad_like
 
 __all__ = ["bottleneck_adapter", "BottleneckAdapterFunction"]
 
@@ -88,6 +88,38 @@ def _triton_adapter():
     return triton_adapter
 
 
+def _reduced(h2, autocast_to) -> bool:
+    return autocast_to is not None or h2.dtype in LOW_PRECISION
+
+
+def _adapter_forward(h2, w_down, b_down, w_up, b_up, autocast_to, impl):
+    """The forward of :class:`BottleneckAdapterFunction` and of the custom op."""
+    if impl == "triton":
+        return _triton_adapter().bottleneck_adapter_forward(
+            h2, w_down, b_down, w_up, b_up, _reduced(h2, autocast_to)
+        )
+    return _torch_forward(h2, w_down, b_down, w_up, b_up, autocast_to)
+
+
+def _adapter_backward(dout2, h2, w_down, b_down, w_up, b_up_dtype, autocast_to, impl, needs):
+    """``[dh, dw_down, db_down, dw_up, db_up]`` (None where ``needs`` is False), each in its
+    input's dtype, the weights' in their strides (see grad_like)."""
+    need_dh, need_dw = needs[0], any(needs[1:5])
+    if impl == "triton":
+        dh, dw_down, db_down, dw_up, db_up = _triton_adapter().bottleneck_adapter_backward(
+            dout2, h2, w_down, b_down, w_up, _reduced(h2, autocast_to), need_dh, need_dw
+        )
+    else:
+        dh, dw_down, db_down, dw_up, db_up = _torch_backward(dout2, h2, w_down, b_down, w_up, need_dh, need_dw)
+    return [
+        dh.to(h2.dtype) if needs[0] else None,
+        grad_like(dw_down, w_down) if needs[1] else None,
+        grad_like(db_down, b_down) if needs[2] else None,
+        grad_like(dw_up, w_up) if needs[3] else None,
+        db_up.to(b_up_dtype) if needs[4] else None,
+    ]
+
+
 class BottleneckAdapterFunction(torch.autograd.Function):
     """The adapter on 2-D ``h2 (N, d)``; ``b_down``/``b_up`` may be None.
 
@@ -97,41 +129,69 @@ class BottleneckAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h2, w_down, b_down, w_up, b_up, autocast_to, impl):
-        reduced = autocast_to is not None or h2.dtype in LOW_PRECISION
-        if impl == "triton":
-            out = _triton_adapter().bottleneck_adapter_forward(h2, w_down, b_down, w_up, b_up, reduced)
-        else:
-            out = _torch_forward(h2, w_down, b_down, w_up, b_up, autocast_to)
         ctx.save_for_backward(h2, w_down, b_down, w_up)
-        ctx.impl, ctx.reduced = impl, reduced
+        ctx.impl, ctx.autocast_to = impl, autocast_to
         ctx.b_up_dtype = None if b_up is None else b_up.dtype
-        return out
+        return _adapter_forward(h2, w_down, b_down, w_up, b_up, autocast_to, impl)
 
     @staticmethod
     def backward(ctx, dout2):
         h2, w_down, b_down, w_up = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_dh, need_dw = need[0], any(need[1:5])
-        if ctx.impl == "triton":
-            dh, dw_down, db_down, dw_up, db_up = _triton_adapter().bottleneck_adapter_backward(
-                dout2, h2, w_down, b_down, w_up, ctx.reduced, need_dh, need_dw
-            )
-        else:
-            dh, dw_down, db_down, dw_up, db_up = _torch_backward(dout2, h2, w_down, b_down, w_up, need_dh, need_dw)
-
-        def cast(grad, needed, dtype):
-            return grad.to(dtype) if needed else None
-
-        # parameter gradients in their parameter's dtype and strides (see grad_like)
-        return (
-            cast(dh, need[0], h2.dtype),
-            grad_like(dw_down, w_down) if need[1] else None,
-            grad_like(db_down, b_down) if need[2] else None,
-            grad_like(dw_up, w_up) if need[3] else None,
-            cast(db_up, need[4], ctx.b_up_dtype),
-            None,
-            None,
+        grads = _adapter_backward(
+            dout2, h2, w_down, b_down, w_up, ctx.b_up_dtype, ctx.autocast_to, ctx.impl, ctx.needs_input_grad[:5]
         )
+        return (*grads, None, None)
+
+
+# the same computation as PyTorch custom ops, for torch.compile (see ops._common.compiling)
+@torch.library.custom_op("kron_kernels::bottleneck_adapter", mutates_args=())
+def _adapter_op(
+    h2: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor], autocast_to: Optional[torch.dtype], impl: str,
+) -> torch.Tensor:
+    return _adapter_forward(h2, w_down, b_down, w_up, b_up, autocast_to, impl)
+
+
+@_adapter_op.register_fake
+def _(h2, w_down, b_down, w_up, b_up, autocast_to, impl):
+    return h2.new_empty(h2.shape)
+
+
+@torch.library.custom_op("kron_kernels::bottleneck_adapter_backward", mutates_args=())
+def _adapter_backward_op(
+    dout2: torch.Tensor, h2: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor, b_up_dtype: Optional[torch.dtype], autocast_to: Optional[torch.dtype], impl: str,
+    needs: List[bool],
+) -> List[torch.Tensor]:
+    """The gradients ``needs`` asks for, in the order ``[dh, dw_down, db_down, dw_up, db_up]``."""
+    grads = _adapter_backward(dout2, h2, w_down, b_down, w_up, b_up_dtype, autocast_to, impl, needs)
+    return [g for g in grads if g is not None]
+
+
+@_adapter_backward_op.register_fake
+def _(dout2, h2, w_down, b_down, w_up, b_up_dtype, autocast_to, impl, needs):
+    likes = [h2.new_empty(h2.shape), w_down, b_down, w_up, dout2.new_empty(dout2.shape[1:], dtype=b_up_dtype)]
+    return [torch.empty_like(like) for like, needed in zip(likes, needs) if needed]
+
+
+def _adapter_setup(ctx, inputs, output):
+    h2, w_down, b_down, w_up, b_up, autocast_to, impl = inputs
+    ctx.save_for_backward(h2, w_down, b_down, w_up)
+    ctx.impl, ctx.autocast_to = impl, autocast_to
+    ctx.b_up_dtype = None if b_up is None else b_up.dtype
+
+
+def _adapter_autograd(ctx, dout2):
+    h2, w_down, b_down, w_up = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = [bool(need[0]), bool(need[1]), b_down is not None and bool(need[2]), bool(need[3]),
+             ctx.b_up_dtype is not None and bool(need[4])]
+    grads = iter(_adapter_backward_op(dout2, h2, w_down, b_down, w_up, ctx.b_up_dtype, ctx.autocast_to,
+                                      ctx.impl, needs))
+    return (*[next(grads) if needed else None for needed in needs], None, None)
+
+
+_adapter_op.register_autograd(_adapter_autograd, setup_context=_adapter_setup)
 
 
 # ----------------------------------------------------------------------------------------
@@ -188,6 +248,8 @@ def bottleneck_adapter(
     with torch.autocast(device_type=h.device.type, enabled=False):
         if impl == "dense":
             out2 = _dense_adapter(h2, w_down, b_down, w_up, b_up, autocast_to)
+        elif compiling():
+            out2 = _adapter_op(h2, w_down, b_down, w_up, b_up, autocast_to, impl)
         else:
             out2 = BottleneckAdapterFunction.apply(h2, w_down, b_down, w_up, b_up, autocast_to, impl)
     return out2.reshape(*lead, d)

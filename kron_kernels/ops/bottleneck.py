@@ -30,7 +30,7 @@ the same seed. ``dropout_keep_mask`` returns the mask a backend uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .. import backend
 from ._common import (
     FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_int, check_probability, check_scale, check_tensor,
-    compute_dtype, grad_like,
+    compiling, compute_dtype, grad_like,
 )
 
 __all__ = [
@@ -139,9 +139,23 @@ class _Spec:
     reduced_precision: bool  # fp16/bf16 activations: TF32 dots in the kernels
 
 
-def _torch_keep_mask(n_rows: int, r: int, p_drop: float, seed: int, device) -> torch.Tensor:
+def _torch_keep_mask(n_rows: int, r: int, p_drop: float, seed, device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):  # drawn while torch.compile traces (the dense path)
+        return _keep_mask_op(n_rows, r, p_drop, seed, torch.device(device))
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.rand((n_rows, r), generator=gen, device=device) >= p_drop
+
+
+@torch.library.custom_op("kron_kernels::torch_keep_mask", mutates_args=())
+def _keep_mask_op(n_rows: int, r: int, p_drop: float, seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The torch backend's keep mask for a seed held in a tensor: opaque to torch.compile,
+    which cannot seed a torch.Generator from a traced value."""
+    return _torch_keep_mask(n_rows, r, p_drop, int(seed), device)
+
+
+@_keep_mask_op.register_fake
+def _(n_rows, r, p_drop, seed, device):
+    return torch.empty((n_rows, r), dtype=torch.bool, device=device)
 
 
 def _mask_scale(spec: _Spec, n_rows: int, r: int, device, acc, batch: int) -> Optional[torch.Tensor]:
@@ -332,70 +346,143 @@ def _triton_bottleneck():
     return triton_bottleneck
 
 
+def _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
+    """The forward of :class:`BottleneckFunction` and of the custom op."""
+    if impl == "triton":
+        return _triton_bottleneck().bottleneck_forward(
+            x1, x2, down, up_t, None, diag, scale, bias,
+            mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
+            seed=spec.seed, reduced_precision=spec.reduced_precision,
+        )
+    acc = compute_dtype(x1.dtype)
+    return _TorchBottleneck(spec, x1, down, up_t, diag, acc).forward(x1, x2, scale, bias)
+
+
+def _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec: _Spec, impl: str, needs):
+    """``[dx1, dx2, ddown, dup_t, ddiag, dscale, dbias]`` (None where ``needs`` is False), the
+    activations' in x1's dtype, the parameters' in their dtypes and strides (see grad_like)."""
+    need_dx, need_dx2, need_dw = needs[0], needs[1], any(needs[2:7])
+    if impl == "triton":
+        grads = _triton_bottleneck().bottleneck_backward(
+            dout, x1, x2, down, up_t, None, diag, scale,
+            mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
+            seed=spec.seed, reduced_precision=spec.reduced_precision,
+            need_dx=need_dx, need_dx2=need_dx2, need_dw=need_dw,
+        )
+    else:
+        acc = compute_dtype(x1.dtype)
+        grads = _TorchBottleneck(spec, x1, down, up_t, diag, acc).backward(
+            dout, x1, x2, scale, need_dx, need_dx2, need_dw
+        )
+    ddown = None
+    if needs[2] and up_t is None:  # tied: D and Up are one tensor (the Triton kernel sums them)
+        ddown = grads["ddown"] if impl == "triton" else grads["ddown"] + grads["dup_t"].t()
+        ddown = grad_like(ddown, down)
+    elif needs[2]:
+        ddown = grad_like(grads["ddown"], down)
+    return [
+        grads["dx"].to(x1.dtype) if need_dx else None,
+        grads["dx2"].to(x1.dtype) if need_dx2 else None,
+        ddown,
+        grad_like(grads["dup_t"], up_t) if needs[3] else None,
+        grad_like(grads["ddiag"], diag) if needs[4] else None,
+        grad_like(grads["dscale"].reshape(scale.shape), scale) if needs[5] else None,
+        grads["dbias"].to(bias_dtype) if needs[6] else None,
+    ]
+
+
 class BottleneckFunction(torch.autograd.Function):
     """``[x1 +] scale * drop(middle((x1 [+ x2]) @ down)) @ up_t [+ bias]`` on a 2-D (channel)
     or 3-D (token) ``x1``; ``up_t`` None ties the up-projection to ``down.T`` (ARC)."""
 
     @staticmethod
     def forward(ctx, x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
-        if impl == "triton":
-            out = _triton_bottleneck().bottleneck_forward(
-                x1, x2, down, up_t, None, diag, scale, bias,
-                mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
-                seed=spec.seed, reduced_precision=spec.reduced_precision,
-            )
-        else:
-            acc = compute_dtype(x1.dtype)
-            out = _TorchBottleneck(spec, x1, down, up_t, diag, acc).forward(x1, x2, scale, bias)
         ctx.save_for_backward(x1, x2, down, up_t, diag, scale)
         ctx.spec, ctx.impl = spec, impl
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
+        return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec, impl)
 
     @staticmethod
     def backward(ctx, dout):
         x1, x2, down, up_t, diag, scale = ctx.saved_tensors
-        spec = ctx.spec
-        need = ctx.needs_input_grad
-        need_dx, need_dx2, need_dw = need[0], need[1], any(need[2:7])
-        if ctx.impl == "triton":
-            grads = _triton_bottleneck().bottleneck_backward(
-                dout, x1, x2, down, up_t, None, diag, scale,
-                mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
-                seed=spec.seed, reduced_precision=spec.reduced_precision,
-                need_dx=need_dx, need_dx2=need_dx2, need_dw=need_dw,
-            )
-        else:
-            acc = compute_dtype(x1.dtype)
-            grads = _TorchBottleneck(spec, x1, down, up_t, diag, acc).backward(
-                dout, x1, x2, scale, need_dx, need_dx2, need_dw
-            )
+        grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, ctx.spec, ctx.impl,
+                                     ctx.needs_input_grad[:7])
+        return (*grads, None, None)
 
-        def cast(name, needed, like):
-            return grads[name].to(like.dtype) if needed else None
 
-        # parameter gradients in their parameter's dtype and strides (see grad_like)
-        ddown = dup_t = None
-        if need[2] and up_t is None:  # tied: D and Up are one tensor (the Triton kernel sums them)
-            ddown = grads["ddown"] if ctx.impl == "triton" else grads["ddown"] + grads["dup_t"].t()
-            ddown = grad_like(ddown, down)
-        elif need[2]:
-            ddown = grad_like(grads["ddown"], down)
-        if need[3]:
-            dup_t = grad_like(grads["dup_t"], up_t)
-        dbias = grads["dbias"].to(ctx.bias_dtype) if need[6] else None
-        dscale = grad_like(grads["dscale"].reshape(scale.shape), scale) if need[5] else None
-        return (
-            cast("dx", need_dx, x1),
-            cast("dx2", need_dx2, x1),
-            ddown,
-            dup_t,
-            grad_like(grads["ddiag"], diag) if need[4] else None,
-            dscale,
-            dbias,
-            None,
-            None,
-        )
+# the same computation as PyTorch custom ops, for torch.compile (see ops._common.compiling);
+# the spec travels as its fields, the dropout seed as a 0-d int64 CPU tensor (under compile a
+# seed of None is drawn in the graph: see _resolve_seed)
+def _spec_of(mode, middle, residual, p_drop, seed, reduced_precision) -> _Spec:
+    return _Spec(mode, middle, residual, p_drop, int(seed), reduced_precision)
+
+
+@torch.library.custom_op("kron_kernels::bottleneck", mutates_args=())
+def _bottleneck_op(
+    x1: torch.Tensor, x2: Optional[torch.Tensor], down: torch.Tensor, up_t: Optional[torch.Tensor],
+    diag: Optional[torch.Tensor], scale: torch.Tensor, bias: Optional[torch.Tensor], mode: str, middle: str,
+    residual: bool, p_drop: float, seed: torch.Tensor, reduced_precision: bool, impl: str,
+) -> torch.Tensor:
+    spec = _spec_of(mode, middle, residual, p_drop, seed, reduced_precision)
+    return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec, impl)
+
+
+@_bottleneck_op.register_fake
+def _(x1, x2, down, up_t, diag, scale, bias, mode, middle, residual, p_drop, seed, reduced_precision, impl):
+    return x1.new_empty(x1.shape)
+
+
+@torch.library.custom_op("kron_kernels::bottleneck_backward", mutates_args=())
+def _bottleneck_backward_op(
+    dout: torch.Tensor, x1: torch.Tensor, x2: Optional[torch.Tensor], down: torch.Tensor,
+    up_t: Optional[torch.Tensor], diag: Optional[torch.Tensor], scale: torch.Tensor,
+    bias_dtype: Optional[torch.dtype], mode: str, middle: str, residual: bool, p_drop: float,
+    seed: torch.Tensor, reduced_precision: bool, impl: str, needs: List[bool],
+) -> List[torch.Tensor]:
+    """The gradients ``needs`` asks for, in the order ``[dx1, dx2, ddown, dup_t, ddiag, dscale, dbias]``."""
+    spec = _spec_of(mode, middle, residual, p_drop, seed, reduced_precision)
+    grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec, impl, needs)
+    return [g for g in grads if g is not None]
+
+
+@_bottleneck_backward_op.register_fake
+def _(dout, x1, x2, down, up_t, diag, scale, bias_dtype, mode, middle, residual, p_drop, seed, reduced_precision,
+      impl, needs):
+    dx = x1.new_empty(x1.shape)
+    likes = [dx, dx, down, up_t, diag, scale, x1.new_empty(x1.shape[-1:], dtype=bias_dtype)]
+    return [torch.empty_like(like) for like, needed in zip(likes, needs) if needed]
+
+
+def _bottleneck_setup(ctx, inputs, output):
+    x1, x2, down, up_t, diag, scale, bias, *spec, impl = inputs
+    ctx.save_for_backward(x1, x2, down, up_t, diag, scale, spec[4])
+    ctx.spec, ctx.impl = spec, impl
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _bottleneck_autograd(ctx, dout):
+    x1, x2, down, up_t, diag, scale, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    present = (True, x2 is not None, True, up_t is not None, diag is not None, True, ctx.bias_dtype is not None)
+    needs = [p and bool(n) for p, n in zip(present, need[:7])]
+    mode, middle, residual, p_drop, _, reduced = ctx.spec
+    grads = iter(_bottleneck_backward_op(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, mode, middle,
+                                         residual, p_drop, seed, reduced, ctx.impl, needs))
+    return (*[next(grads) if needed else None for needed in needs], *[None] * 7)
+
+
+_bottleneck_op.register_autograd(_bottleneck_autograd, setup_context=_bottleneck_setup)
+
+
+def _apply_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
+    """The bottleneck through the path the call runs on: the dense composition (plain autograd,
+    traced by torch.compile), the custom op while compiling, else the autograd Function."""
+    if impl == "dense":
+        return _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec)
+    if compiling():
+        return _bottleneck_op(x1, x2, down, up_t, diag, scale, bias, spec.mode, spec.middle, spec.residual,
+                              spec.p_drop, _seed_tensor(spec.seed), spec.reduced_precision, impl)
+    return BottleneckFunction.apply(x1, x2, down, up_t, diag, scale, bias, spec, impl)
 
 
 # ----------------------------------------------------------------------------------------
@@ -492,50 +579,114 @@ class _TorchFacT:
         return grads
 
 
+def _fact_forward(x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str):
+    """The forward of :class:`FacTFunction` and of the custom op."""
+    if impl == "triton":
+        return _triton_bottleneck().fact_forward(
+            x2, weight, bias, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
+            seed=spec.seed, reduced_precision=spec.reduced_precision,
+        )
+    return _TorchFacT(spec, x2, U, V, cores).forward(x2, weight, bias)
+
+
+def _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec: _FacTSpec, impl: str, needs):
+    """``[dx, dweight, dbias, dU, dV, dcores]`` (None where ``needs`` is False); parameter
+    gradients in their parameter's dtype and strides (see grad_like)."""
+    need_dx, need_dw = needs[0], any(needs[3:6])
+    if impl == "triton":
+        grads = _triton_bottleneck().fact_backward(
+            dout, x2, weight, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
+            seed=spec.seed, reduced_precision=spec.reduced_precision, need_dx=need_dx, need_dw=need_dw,
+        )
+    else:
+        grads = _TorchFacT(spec, x2, U, V, cores).backward(dout, x2, weight, need_dx, need_dw)
+    acc = compute_dtype(x2.dtype)
+    return [
+        grads["dx"].to(x2.dtype) if need_dx else None,
+        grad_like(dout.to(acc).t() @ x2.to(acc), weight) if needs[1] else None,
+        dout.to(acc).sum(0).to(bias_dtype) if needs[2] else None,
+        grad_like(grads["dU"], U) if needs[3] else None,
+        grad_like(grads["dV"], V) if needs[4] else None,
+        grad_like(grads["dcores"], cores) if needs[5] else None,
+    ]
+
+
 class FacTFunction(torch.autograd.Function):
     """``[x2 @ weight^T + bias +]`` the FacT increments of the slots of ``cores`` on a 2-D
     ``x2`` (:func:`fact_linear`); ``weight``/``bias`` may be None (:func:`fact_apply`)."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str):
-        if impl == "triton":
-            out = _triton_bottleneck().fact_forward(
-                x2, weight, bias, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
-                seed=spec.seed, reduced_precision=spec.reduced_precision,
-            )
-        else:
-            out = _TorchFacT(spec, x2, U, V, cores).forward(x2, weight, bias)
         ctx.save_for_backward(x2, weight, U, V, cores)
         ctx.spec, ctx.impl = spec, impl
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
+        return _fact_forward(x2, weight, bias, U, V, cores, spec, impl)
 
     @staticmethod
     def backward(ctx, dout):
         x2, weight, U, V, cores = ctx.saved_tensors
-        spec, need = ctx.spec, ctx.needs_input_grad
-        need_dx, need_dw = need[0], any(need[3:6])
-        if ctx.impl == "triton":
-            grads = _triton_bottleneck().fact_backward(
-                dout, x2, weight, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
-                seed=spec.seed, reduced_precision=spec.reduced_precision, need_dx=need_dx, need_dw=need_dw,
-            )
-        else:
-            grads = _TorchFacT(spec, x2, U, V, cores).backward(dout, x2, weight, need_dx, need_dw)
-        acc = compute_dtype(x2.dtype)
-        dweight = grad_like(dout.to(acc).t() @ x2.to(acc), weight) if need[1] else None
-        dbias = dout.to(acc).sum(0).to(ctx.bias_dtype) if need[2] else None
-        # parameter gradients in their parameter's dtype and strides (see grad_like)
-        return (
-            grads["dx"].to(x2.dtype) if need_dx else None,
-            dweight,
-            dbias,
-            grad_like(grads["dU"], U) if need[3] else None,
-            grad_like(grads["dV"], V) if need[4] else None,
-            grad_like(grads["dcores"], cores) if need[5] else None,
-            None,
-            None,
-        )
+        grads = _fact_backward(dout, x2, weight, U, V, cores, ctx.bias_dtype, ctx.spec, ctx.impl,
+                               ctx.needs_input_grad[:6])
+        return (*grads, None, None)
+
+
+@torch.library.custom_op("kron_kernels::fact", mutates_args=())
+def _fact_op(
+    x2: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], U: torch.Tensor,
+    V: torch.Tensor, cores: torch.Tensor, split: str, scale: float, p_drop: float, seed: torch.Tensor,
+    reduced_precision: bool, impl: str,
+) -> torch.Tensor:
+    spec = _FacTSpec(split, scale, p_drop, int(seed), reduced_precision)
+    return _fact_forward(x2, weight, bias, U, V, cores, spec, impl)
+
+
+def _fact_width(x2, U, cores, split):
+    return cores.shape[0] * U.shape[0] if split == "rows" else U.shape[0]
+
+
+@_fact_op.register_fake
+def _(x2, weight, bias, U, V, cores, split, scale, p_drop, seed, reduced_precision, impl):
+    return x2.new_empty((x2.shape[0], _fact_width(x2, U, cores, split)))
+
+
+@torch.library.custom_op("kron_kernels::fact_backward", mutates_args=())
+def _fact_backward_op(
+    dout: torch.Tensor, x2: torch.Tensor, weight: Optional[torch.Tensor], U: torch.Tensor, V: torch.Tensor,
+    cores: torch.Tensor, bias_dtype: Optional[torch.dtype], split: str, scale: float, p_drop: float,
+    seed: torch.Tensor, reduced_precision: bool, impl: str, needs: List[bool],
+) -> List[torch.Tensor]:
+    """The gradients ``needs`` asks for, in the order ``[dx, dweight, dbias, dU, dV, dcores]``."""
+    spec = _FacTSpec(split, scale, p_drop, int(seed), reduced_precision)
+    grads = _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec, impl, needs)
+    return [g for g in grads if g is not None]
+
+
+@_fact_backward_op.register_fake
+def _(dout, x2, weight, U, V, cores, bias_dtype, split, scale, p_drop, seed, reduced_precision, impl, needs):
+    dbias = x2.new_empty((_fact_width(x2, U, cores, split),), dtype=bias_dtype)
+    likes = [x2.new_empty(x2.shape), weight, dbias, U, V, cores]
+    return [torch.empty_like(like) for like, needed in zip(likes, needs) if needed]
+
+
+def _fact_setup(ctx, inputs, output):
+    x2, weight, bias, U, V, cores, *spec, impl = inputs
+    ctx.save_for_backward(x2, weight, U, V, cores, spec[3])
+    ctx.spec, ctx.impl = spec, impl
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _fact_autograd(ctx, dout):
+    x2, weight, U, V, cores, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    present = (True, weight is not None, ctx.bias_dtype is not None, True, True, True)
+    needs = [p and bool(n) for p, n in zip(present, need[:6])]
+    split, scale, p_drop, _, reduced = ctx.spec
+    grads = iter(_fact_backward_op(dout, x2, weight, U, V, cores, ctx.bias_dtype, split, scale, p_drop, seed,
+                                   reduced, ctx.impl, needs))
+    return (*[next(grads) if needed else None for needed in needs], *[None] * 6)
+
+
+_fact_op.register_autograd(_fact_autograd, setup_context=_fact_setup)
 
 
 def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, seed, op: str):
@@ -579,7 +730,11 @@ def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, se
     impl = _activation_backend(op, x)
     spec = _FacTSpec(split, scale, p_drop, seed, x.dtype in LOW_PRECISION)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out = FacTFunction.apply(x2, weight, bias, U, V, cores, spec, impl)
+        if compiling():
+            out = _fact_op(x2, weight, bias, U, V, cores, split, scale, p_drop, _seed_tensor(seed),
+                           spec.reduced_precision, impl)
+        else:
+            out = FacTFunction.apply(x2, weight, bias, U, V, cores, spec, impl)
     return out.reshape(*lead, d_out)
 
 
@@ -658,9 +813,17 @@ def _resolve_seed(seed, p_drop: float, n_elements: int) -> int:
         # the kernels' Philox counter is the element index n * r + j in int32
         raise ValueError(f"dropout supports fewer than 2**31 intermediate elements (rows * r), got {n_elements}")
     if seed is None:
-        # from torch's global CPU generator: torch.manual_seed makes the masks reproducible
-        return int(torch.randint(0, 2**31 - 1, ()).item())
+        # from torch's global CPU generator: torch.manual_seed makes the masks reproducible.
+        # While torch.compile traces, the draw stays in the graph as a 0-d tensor (an .item()
+        # would break it; the kernels' custom ops take the seed as that tensor)
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        return seed if compiling() else int(seed.item())
     return check_int("seed", seed, min=0, max=2**31 - 1, desc="an int or None, in [0, 2**31)")
+
+
+def _seed_tensor(seed) -> torch.Tensor:
+    """A seed as the custom ops take it: a 0-d int64 CPU tensor."""
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
 
 
 def _activation_backend(op: str, x: torch.Tensor) -> str:
@@ -712,10 +875,7 @@ def arc(
     spec = _Spec("channel", "diag", True, p_drop, seed, x.dtype in LOW_PRECISION)
     one = torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if impl == "dense":
-            out = _dense_bottleneck(rows, None, U, None, lam, one, bias, spec)
-        else:
-            out = BottleneckFunction.apply(rows, None, U, None, lam, one, bias, spec, impl)
+        out = _apply_bottleneck(rows, None, U, None, lam, one, bias, spec, impl)
     return out.reshape(*lead, d)
 
 
@@ -779,10 +939,7 @@ def losa_mixer(
     else:
         rows_h, rows_z = h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1])  # (N, C)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        if impl == "dense":
-            out = _dense_bottleneck(rows_h, rows_z, W_down, W_up, None, scale, None, spec)
-        else:
-            out = BottleneckFunction.apply(rows_h, rows_z, W_down, W_up, None, scale, None, spec, impl)
+        out = _apply_bottleneck(rows_h, rows_z, W_down, W_up, None, scale, None, spec, impl)
     return out.reshape(h.shape)
 
 

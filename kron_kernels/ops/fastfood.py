@@ -68,6 +68,10 @@ Explicit ``params`` go to Triton or torch. ``auto`` takes the extension where it
 else torch; ``backend="cuda"`` refuses what the extension does not serve (explicit params,
 float64, blocks beyond its shared memory) with the reason. The extension's CUDA kernel computes
 ||G_j|| in fp32 (a block reduction), the CPU kernel and torch in float64: outputs agree to ~1e-6.
+
+Under ``torch.compile`` the projection and its transpose are the custom ops
+``kron_kernels::fastfood`` / ``kron_kernels::fastfood_transpose`` (each the other's derivative),
+opaque to Dynamo and Inductor (``ops._common.compiling``).
 """
 from __future__ import annotations
 
@@ -79,7 +83,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backend
-from ._common import FLOAT_DTYPES, check_tensor, compute_dtype
+from ._common import FLOAT_DTYPES, check_tensor, compiling, compute_dtype
 from ._fastfood_generator import (  # noqa: F401  (re-exported: the generator's constants)
     MASK32, MAX_LOG_LB, MIX_C1, MIX_C2, PI_ROUNDS, STREAM_B, STREAM_G_ANGLE, STREAM_G_RADIUS, STREAM_PI, WEYL,
     mix32, stream_keys,
@@ -232,19 +236,36 @@ def _triton_refusal(dtype) -> Optional[str]:
     return "its kernels compute in float32, got float64" if dtype == torch.float64 else None
 
 
+# The two probes below are process constants (the extension, a device's shared memory), so
+# torch.compile takes their results as constants (backend.process_constant) instead of tracing
+# the cached probes; tuples, not frozensets: Dynamo cannot guard a frozenset constant.
 @functools.lru_cache(maxsize=None)
+def _probe_extension_devices() -> Tuple[str, ...]:
+    ok, _ = backend.extension_status()
+    return tuple(sorted(backend.extension().kernels().get("fastfood", ()))) if ok else ("cpu", "cuda")
+
+
+@backend.process_constant
+def _extension_device_types() -> Tuple[str, ...]:
+    return _probe_extension_devices()
+
+
 def _extension_devices() -> frozenset:
     """Device types the compiled extension has Fastfood kernels for (the CPU alone in a CPU-only
     build); without an extension both, so that an explicit 'cuda' backend says it is missing."""
-    ok, _ = backend.extension_status()
-    return frozenset(backend.extension().kernels().get("fastfood", ())) if ok else frozenset({"cuda", "cpu"})
+    return frozenset(_extension_device_types())
 
 
 @functools.lru_cache(maxsize=None)
+def _probe_cuda_max_log_lb(index: int) -> int:
+    return backend.extension().fastfood_cuda_max_log_lb(index)
+
+
+@backend.process_constant
 def _cuda_max_log_lb(index: int) -> int:
     """log2 of the largest block the CUDA kernel takes on device ``index`` (its opt-in shared
     memory); asked once per device, only for calls that already hold a CUDA tensor."""
-    return backend.extension().fastfood_cuda_max_log_lb(index)
+    return _probe_cuda_max_log_lb(index)
 
 
 def _extension_refusal(theta: torch.Tensor, Lb: int, params) -> Optional[str]:
@@ -264,40 +285,114 @@ def _extension_refusal(theta: torch.Tensor, Lb: int, params) -> Optional[str]:
     return None
 
 
+def _forward(theta, D, Lb, nb, seed, params, impl):
+    """``P theta`` for 1-D contiguous ``theta`` in its compute dtype: the forward of
+    :class:`FastfoodFunction` and of the ``kron_kernels::fastfood`` custom op."""
+    if impl == "cuda":  # the compiled extension (CUDA or CPU kernel), params is None
+        out = torch.empty(D, dtype=torch.float32, device=theta.device)
+        backend.extension().fastfood_forward(theta, out, seed, Lb)
+        return out
+    if impl == "triton":
+        from ..triton import fastfood as triton_fastfood  # first use only, never at import
+
+        return triton_fastfood.fastfood_forward(theta, D, Lb, nb, seed, params)
+    B, Pi, G, norm = _torch_params(seed, Lb, nb, params, theta)
+    return _torch_forward(theta, D, Lb, nb, B, Pi, G, norm)
+
+
+def _transpose(grad, d, Lb, nb, seed, params, impl):
+    """``P^T grad`` ((d,), grad's dtype): the backward of :class:`FastfoodFunction` and of the
+    custom op (``kron_kernels::fastfood_transpose``)."""
+    grad = grad.contiguous()
+    if impl == "cuda":
+        out = torch.empty(d, dtype=torch.float32, device=grad.device)
+        backend.extension().fastfood_backward(grad.float(), out, seed, Lb)
+        return out
+    if impl == "triton":
+        from ..triton import fastfood as triton_fastfood
+
+        return triton_fastfood.fastfood_transpose(grad, d, Lb, nb, seed, params)
+    B, Pi, G, norm = _torch_params(seed, Lb, nb, params, grad)
+    return _torch_transpose(grad, d, Lb, nb, B, Pi, G, norm)
+
+
 class FastfoodFunction(torch.autograd.Function):
     """``P theta`` for 1-D contiguous ``theta`` in its compute dtype; the backward is ``P^T g``
     by the same implementation. ``params`` is None (generate from ``seed``) or (B, Pi, G)."""
 
     @staticmethod
     def forward(ctx, theta, D, Lb, nb, seed, params, impl):
-        ctx.args = (theta.shape[0], D, Lb, nb, seed, params, impl)
-        if impl == "cuda":  # the compiled extension (CUDA or CPU kernel), params is None
-            out = torch.empty(D, dtype=torch.float32, device=theta.device)
-            backend.extension().fastfood_forward(theta, out, seed, Lb)
-            return out
-        if impl == "triton":
-            from ..triton import fastfood as triton_fastfood  # first use only, never at import
-
-            return triton_fastfood.fastfood_forward(theta, D, Lb, nb, seed, params)
-        B, Pi, G, norm = _torch_params(seed, Lb, nb, params, theta)
-        return _torch_forward(theta, D, Lb, nb, B, Pi, G, norm)
+        ctx.args = (theta.shape[0], Lb, nb, seed, params, impl)
+        return _forward(theta, D, Lb, nb, seed, params, impl)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        d, D, Lb, nb, seed, params, impl = ctx.args
-        grad = grad.contiguous()
-        if impl == "cuda":
-            out = torch.empty(d, dtype=torch.float32, device=grad.device)
-            backend.extension().fastfood_backward(grad.float(), out, seed, Lb)
-        elif impl == "triton":
-            from ..triton import fastfood as triton_fastfood
+        return _transpose(grad, *ctx.args), None, None, None, None, None, None
 
-            out = triton_fastfood.fastfood_transpose(grad, d, Lb, nb, seed, params)
-        else:
-            B, Pi, G, norm = _torch_params(seed, Lb, nb, params, grad)
-            out = _torch_transpose(grad, d, Lb, nb, B, Pi, G, norm)
-        return out, None, None, None, None, None, None
+
+# The same computation as PyTorch custom ops, for torch.compile (see ops._common.compiling).
+# A custom op's ``int`` is int64: the seed, in [0, 2^64), travels as its two's-complement
+# int64 and is read back modulo 2^64. ``params`` travel as three optional tensors B, Pi, G
+# (all None: generated from the seed).
+def _seed_arg(seed: int) -> int:
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _op_params(B, Pi, G):
+    return None if B is None else (B, Pi, G)
+
+
+@torch.library.custom_op("kron_kernels::fastfood", mutates_args=())
+def _fastfood_op(theta: torch.Tensor, D: int, Lb: int, nb: int, seed: int, B: Optional[torch.Tensor],
+                 Pi: Optional[torch.Tensor], G: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+    """``P theta`` ((D,), theta's dtype) for 1-D contiguous ``theta`` in its compute dtype.
+
+    Explicit params have their permutations checked here, on real tensors: under torch.compile
+    ``fastfood`` leaves this data-dependent check to the op (no graph break)."""
+    if Pi is not None:
+        _check_permutations(Pi, Lb, nb)
+    return _forward(theta, D, Lb, nb, seed % (1 << 64), _op_params(B, Pi, G), impl)
+
+
+@_fastfood_op.register_fake
+def _(theta, D, Lb, nb, seed, B, Pi, G, impl):
+    return theta.new_empty((D,))
+
+
+@torch.library.custom_op("kron_kernels::fastfood_transpose", mutates_args=())
+def _fastfood_transpose_op(grad: torch.Tensor, d: int, Lb: int, nb: int, seed: int, B: Optional[torch.Tensor],
+                           Pi: Optional[torch.Tensor], G: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+    """``P^T grad`` ((d,), grad's dtype) for 1-D ``grad`` (D,) in its compute dtype; params as
+    the forward op took them (checked there)."""
+    return _transpose(grad, d, Lb, nb, seed % (1 << 64), _op_params(B, Pi, G), impl)
+
+
+@_fastfood_transpose_op.register_fake
+def _(grad, d, Lb, nb, seed, B, Pi, G, impl):
+    return grad.new_empty((d,))
+
+
+def _fastfood_setup(ctx, inputs, output):
+    x, _, Lb, nb, seed, B, Pi, G, impl = inputs  # x: theta (forward op) or grad (transpose op)
+    ctx.save_for_backward(B, Pi, G)
+    ctx.args = (x.shape[0], Lb, nb, seed, impl)
+
+
+def _fastfood_autograd(ctx, grad):
+    # P^T by the transpose op, itself differentiable (its derivative is P); params get none
+    size, Lb, nb, seed, impl = ctx.args
+    return (_fastfood_transpose_op(grad, size, Lb, nb, seed, *ctx.saved_tensors, impl), *[None] * 8)
+
+
+def _fastfood_transpose_autograd(ctx, grad):
+    size, Lb, nb, seed, impl = ctx.args
+    # the kernels read theta through a bare pointer: a contiguous copy of an expanded gradient
+    return (_fastfood_op(grad.contiguous(), size, Lb, nb, seed, *ctx.saved_tensors, impl), *[None] * 8)
+
+
+_fastfood_op.register_autograd(_fastfood_autograd, setup_context=_fastfood_setup)
+_fastfood_transpose_op.register_autograd(_fastfood_transpose_autograd, setup_context=_fastfood_setup)
 
 
 _CACHE_MAX_ELEMENTS = 1 << 22  # 64 MiB of (B, Pi, G): the CPU path keeps small projections
@@ -344,9 +439,14 @@ def _check_params(params, Lb, nb, device):
         if tuple(t.shape) != (nb, Lb):
             raise ValueError(f"params {name} must have shape (nb, Lb) = {(nb, Lb)}, got {tuple(t.shape)}")
     Pi = Pi.long()
-    if not torch.equal(torch.sort(Pi, dim=1).values, torch.arange(Lb, device=device).expand(nb, Lb)):
-        raise ValueError("params Pi: every row must be a permutation of range(Lb)")
+    if not compiling():  # data-dependent: under torch.compile the custom op checks it (_fastfood_op)
+        _check_permutations(Pi, Lb, nb)
     return B.contiguous(), Pi.contiguous(), G.contiguous()
+
+
+def _check_permutations(Pi, Lb, nb):
+    if not torch.equal(torch.sort(Pi, dim=1).values, torch.arange(Lb, device=Pi.device).expand(nb, Lb)):
+        raise ValueError("params Pi: every row must be a permutation of range(Lb)")
 
 
 def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", params=None) -> torch.Tensor:
@@ -356,7 +456,9 @@ def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", 
     dtype). With ``params=None`` the projection is regenerated from ``seed`` inside the kernels
     (nothing stored) and equals the one of ``kk.fastfood_params(D, d, seed, mode)``; ``params``
     takes explicit ``(B, Pi, G)`` tensors of shape ``(nb, Lb)`` (then seed is ignored; they
-    are constants: no gradient reaches them).
+    are constants: no gradient reaches them). Under ``torch.compile`` the check that every row
+    of Pi is a permutation depends on Pi's values, so the custom op makes it when the compiled
+    code runs (the same ValueError), not the traced wrapper.
     """
     check_tensor("theta", theta, ndim=1, dtypes=FLOAT_DTYPES)
     d = theta.shape[0]
@@ -376,4 +478,8 @@ def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", 
         # kk.fwht calls run the (multi-pass) Triton / CUDA transforms
         impl = "torch"
     x = theta.to(compute_dtype(theta.dtype)).contiguous()
-    return FastfoodFunction.apply(x, D, Lb, nb, seed, params, impl).to(theta.dtype)
+    if compiling():
+        y = _fastfood_op(x, D, Lb, nb, _seed_arg(seed), *(params or (None, None, None)), impl)
+    else:
+        y = FastfoodFunction.apply(x, D, Lb, nb, seed, params, impl)
+    return y.to(theta.dtype)

@@ -9,28 +9,43 @@ H is symmetric, so the backward is the same transform of the gradient, times ``s
 Backends: the compiled extension (``csrc/``: CUDA kernels, and a cache-blocked C++ kernel that
 serves CPU tensors), Triton on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``), and the
 torch butterfly below. All compute in fp32 (fp64 for fp64 input) and return x's dtype.
+
+Under ``torch.compile`` the transform is the custom op ``kron_kernels::fwht`` (its backward the
+same op), opaque to Dynamo and Inductor (``ops._common.compiling``).
 """
 from __future__ import annotations
 
 import functools
+from typing import Tuple
 
 import torch
 
 from .. import backend
-from ._common import FLOAT_DTYPES, check_scale, check_tensor, compute_dtype
+from ._common import FLOAT_DTYPES, check_scale, check_tensor, compiling, compute_dtype
 
 __all__ = ["fwht", "FwhtFunction"]
 
 
 @functools.lru_cache(maxsize=None)
+def _probe_extension_devices(fp64: bool) -> Tuple[str, ...]:
+    ok, _ = backend.extension_status()
+    devices = set(backend.extension().kernels()["fwht"]) if ok else {"cuda", "cpu"}
+    return tuple(sorted(devices & {"cpu"} if fp64 else devices))
+
+
+# A process constant, so torch.compile takes it as one instead of tracing the probe; a tuple,
+# not a frozenset: Dynamo cannot guard a frozenset constant (`in` on one fails to trace).
+@backend.process_constant
+def _extension_device_types(fp64: bool) -> Tuple[str, ...]:
+    return _probe_extension_devices(fp64)
+
+
 def _extension_devices(fp64: bool) -> frozenset:
     """Device types the compiled extension has fwht kernels for: both in a CUDA build, the CPU
     alone in a CPU-only build (a CUDA tensor then goes to Triton under auto); its CUDA kernels
     take 16-bit and fp32 rows only. Without an extension: both, so that an explicit 'cuda'
     backend reports why the extension is missing."""
-    ok, _ = backend.extension_status()
-    devices = frozenset(backend.extension().kernels()["fwht"]) if ok else frozenset({"cuda", "cpu"})
-    return devices & {"cpu"} if fp64 else devices
+    return frozenset(_extension_device_types(fp64))
 
 
 # ``auto`` on CUDA (DESIGN.md 5), per (n, dtype) class, with the measurement behind it: on the
@@ -95,6 +110,30 @@ class FwhtFunction(torch.autograd.Function):
         return FwhtFunction.apply(grad.contiguous(), ctx.scale, ctx.impl), None, None
 
 
+# the same computation as a PyTorch custom op, for torch.compile (see ops._common.compiling)
+@torch.library.custom_op("kron_kernels::fwht", mutates_args=())
+def _fwht_op(x2: torch.Tensor, scale: float, impl: str) -> torch.Tensor:
+    """``scale * x2 @ H`` on contiguous 2-D ``x2``, in x2's dtype (contiguous)."""
+    return _forward(x2, scale, impl)
+
+
+@_fwht_op.register_fake
+def _(x2, scale, impl):
+    return x2.new_empty(x2.shape)
+
+
+def _fwht_setup(ctx, inputs, output):
+    _, ctx.scale, ctx.impl = inputs
+
+
+def _fwht_autograd(ctx, grad):
+    # H is symmetric: the same op on the gradient, itself differentiable (double backward)
+    return _fwht_op(grad.contiguous(), ctx.scale, ctx.impl), None, None
+
+
+_fwht_op.register_autograd(_fwht_autograd, setup_context=_fwht_setup)
+
+
 def _check_input(x) -> int:
     check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
     n = x.shape[-1]
@@ -120,4 +159,6 @@ def fwht(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         cuda_auto=_cuda_auto(x, n),
     )
     x2 = x.reshape(-1, n).contiguous()
+    if compiling():
+        return _fwht_op(x2, scale, impl).view(x.shape)
     return FwhtFunction.apply(x2, scale, impl).view(x.shape)

@@ -23,13 +23,15 @@ GPU measurement decides per shape (``_CUDA_AUTO``); on CPU the structured torch 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import as_kernel_operand, autocast_dtype, check_scale, check_tensor, compute_dtype, grad_like
+from ._common import (
+    as_kernel_operand, autocast_dtype, check_scale, check_tensor, compiling, compute_dtype, grad_flags, grad_like,
+)
 
 __all__ = [
     "kron_delta",
@@ -236,6 +238,41 @@ def _triton_kron():
     return triton_kron
 
 
+def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl):
+    """The forward of :class:`KronLinearFunction` and of the ``kron_kernels::kron_linear`` custom op."""
+    targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
+    if impl == "triton":
+        forward = _triton_kron().kron_linear_forward
+    else:
+        forward = _dense_forward if impl == "dense" else _torch_forward
+    return forward(x2, weight, bias, targets, d_out, scale)
+
+
+def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs):
+    """``[dx, dweight, dbias, *dfactors]`` (None where ``needs``, one bool per input, is False):
+    the backward of :class:`KronLinearFunction` and of the custom op."""
+    targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
+    acc = compute_dtype(x2.dtype)
+    dy2 = dy2.contiguous()
+    if impl == "triton":
+        backward = _triton_kron().kron_linear_backward
+    else:
+        backward = _dense_backward if impl == "dense" else _torch_backward
+    dx, grads = backward(dy2, x2, weight, targets, scale, needs[0])
+    dweight = dbias = None
+    if weight is not None and needs[1]:
+        dweight = grad_like(dy2.to(acc).t() @ x2.to(acc), weight)
+    if needs[2]:
+        dbias = dy2.to(acc).sum(0).to(x2.dtype)
+    # each factor's gradient in its factor's dtype and strides (the torch backend's dU, dV
+    # are transposed views of rank-major results; DDP copies mismatched ones every step)
+    dfactors = [
+        grad_like(g, f) if needed else None
+        for g, f, needed in zip((g for triple in grads for g in triple), factors, needs[3:])
+    ]
+    return [None if dx is None else dx.to(x2.dtype), dweight, dbias, *dfactors]
+
+
 class KronLinearFunction(torch.autograd.Function):
     """``y = x @ weight.T + bias`` plus, for each target ``(start, A, U, V)``, ``x @ delta.T``
     added to output rows ``[start, start + a_out*p)``; on 2-D ``x``. ``weight``/``bias`` may
@@ -243,40 +280,80 @@ class KronLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, scale, impl, d_out, starts, *factors):
-        targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
-        if impl == "triton":
-            forward = _triton_kron().kron_linear_forward
-        else:
-            forward = _dense_forward if impl == "dense" else _torch_forward
-        y = forward(x2, weight, bias, targets, d_out, scale)
         ctx.save_for_backward(x2, weight, *factors)
         ctx.scale, ctx.impl, ctx.starts = scale, impl, starts
-        ctx.has_bias = bias is not None
-        return y
+        return _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl)
 
     @staticmethod
     def backward(ctx, dy2):
         x2, weight, *factors = ctx.saved_tensors
-        targets = list(zip(ctx.starts, factors[0::3], factors[1::3], factors[2::3]))
-        acc = compute_dtype(x2.dtype)
-        dy2 = dy2.contiguous()
-        if ctx.impl == "triton":
-            backward = _triton_kron().kron_linear_backward
-        else:
-            backward = _dense_backward if ctx.impl == "dense" else _torch_backward
-        dx, grads = backward(dy2, x2, weight, targets, ctx.scale, ctx.needs_input_grad[0])
-        dweight = dbias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dweight = grad_like(dy2.to(acc).t() @ x2.to(acc), weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy2.to(acc).sum(0).to(x2.dtype)
-        # each factor's gradient in its factor's dtype and strides (the torch backend's dU, dV
-        # are transposed views of rank-major results; DDP copies mismatched ones every step)
-        dfactors = [
-            grad_like(g, f) if needed else None
-            for g, f, needed in zip((g for triple in grads for g in triple), factors, ctx.needs_input_grad[7:])
-        ]
-        return (None if dx is None else dx.to(x2.dtype), dweight, dbias, None, None, None, None, *dfactors)
+        need = ctx.needs_input_grad
+        dx, dweight, dbias, *dfactors = _linear_backward(
+            dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, need[:3] + need[7:]
+        )
+        return (dx, dweight, dbias, None, None, None, None, *dfactors)
+
+
+# the same computation as PyTorch custom ops, for torch.compile (see ops._common.compiling)
+@torch.library.custom_op("kron_kernels::kron_linear", mutates_args=())
+def _kron_linear_op(
+    x2: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], factors: List[torch.Tensor],
+    starts: List[int], d_out: int, scale: float, impl: str,
+) -> torch.Tensor:
+    return _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl)
+
+
+@_kron_linear_op.register_fake
+def _(x2, weight, bias, factors, starts, d_out, scale, impl):
+    return x2.new_empty((x2.shape[0], d_out))
+
+
+@torch.library.custom_op("kron_kernels::kron_linear_backward", mutates_args=())
+def _kron_linear_backward_op(
+    dy2: torch.Tensor, x2: torch.Tensor, weight: Optional[torch.Tensor], factors: List[torch.Tensor],
+    starts: List[int], scale: float, impl: str, needs: List[bool],
+) -> List[torch.Tensor]:
+    """The gradients ``needs`` asks for, in the order ``[dx, dweight, dbias, *dfactors]``."""
+    return [g for g in _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs) if g is not None]
+
+
+@_kron_linear_backward_op.register_fake
+def _(dy2, x2, weight, factors, starts, scale, impl, needs):
+    likes = [x2.new_empty(x2.shape), weight, dy2.new_empty(dy2.shape[1:]), *factors]
+    return [torch.empty_like(like) for like, needed in zip(likes, needs) if needed]
+
+
+def _kron_linear_setup(ctx, inputs, output):
+    x2, weight, bias, factors, starts, d_out, scale, impl = inputs
+    ctx.save_for_backward(x2, weight, *factors)
+    ctx.starts, ctx.scale, ctx.impl, ctx.has_bias = starts, scale, impl, bias is not None
+
+
+def _kron_linear_autograd(ctx, dy2):
+    x2, weight, *factors = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = [bool(need[0]), weight is not None and bool(need[1]), ctx.has_bias and bool(need[2]),
+             *grad_flags(need[3], len(factors))]
+    grads = iter(_kron_linear_backward_op(dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, needs))
+    dx, dweight, dbias, *dfactors = [next(grads) if needed else None for needed in needs]
+    return dx, dweight, dbias, dfactors, None, None, None, None
+
+
+_kron_linear_op.register_autograd(_kron_linear_autograd, setup_context=_kron_linear_setup)
+
+
+def _delta_forward(A, U, V, scale, impl):
+    """The increment by the Triton kernel, or (torch and dense backends) by two torch GEMMs."""
+    if impl == "triton":
+        return _triton_kron().kron_delta_forward(A, U, V, scale)
+    acc = compute_dtype(A.dtype)
+    return _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale).to(A.dtype)
+
+
+def _delta_backward(grad, A, U, V, scale):
+    acc = compute_dtype(A.dtype)
+    dA, dU, dV = _delta_grads(grad.to(acc), A.to(acc), U.to(acc), V.to(acc), scale)
+    return grad_like(dA, A), grad_like(dU, U), grad_like(dV, V)
 
 
 class KronDeltaFunction(torch.autograd.Function):
@@ -285,21 +362,39 @@ class KronDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, U, V, scale, impl):
-        if impl == "triton":
-            delta = _triton_kron().kron_delta_forward(A, U, V, scale)
-        else:
-            acc = compute_dtype(A.dtype)
-            delta = _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale).to(A.dtype)
         ctx.save_for_backward(A, U, V)
         ctx.scale = scale
-        return delta
+        return _delta_forward(A, U, V, scale, impl)
 
     @staticmethod
     def backward(ctx, grad):
         A, U, V = ctx.saved_tensors
-        acc = compute_dtype(A.dtype)
-        dA, dU, dV = _delta_grads(grad.to(acc), A.to(acc), U.to(acc), V.to(acc), ctx.scale)
-        return grad_like(dA, A), grad_like(dU, U), grad_like(dV, V), None, None
+        return (*_delta_backward(grad, A, U, V, ctx.scale), None, None)
+
+
+@torch.library.custom_op("kron_kernels::kron_delta", mutates_args=())
+def _kron_delta_op(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float, impl: str) -> torch.Tensor:
+    return _delta_forward(A, U, V, scale, impl)
+
+
+@_kron_delta_op.register_fake
+def _(A, U, V, scale, impl):
+    return A.new_empty((A.shape[1] * U.shape[1], A.shape[2] * V.shape[1]))
+
+
+def _kron_delta_setup(ctx, inputs, output):
+    A, U, V, scale, impl = inputs
+    ctx.save_for_backward(A, U, V)
+    ctx.scale = scale
+
+
+def _kron_delta_autograd(ctx, grad):
+    # plain torch GEMMs: traced into the compiled backward graph, where Inductor may fuse them
+    A, U, V = ctx.saved_tensors
+    return (*_delta_backward(grad, A, U, V, ctx.scale), None, None)
+
+
+_kron_delta_op.register_autograd(_kron_delta_autograd, setup_context=_kron_delta_setup)
 
 
 # ----------------------------------------------------------------------------------------
@@ -318,11 +413,14 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     if torch.float64 in (A.dtype, U.dtype, V.dtype):
         refuses = ("its kernels compute in float32, got float64 factors "
                    f"(A: {A.dtype}, U: {U.dtype}, V: {V.dtype})")
-    impl = backend.select("kron_delta", A.device, triton_refuses=refuses)
+    # the dense backend's composition of this op is its torch path (it materialises anyway)
+    impl = backend.select("kron_delta", A.device, triton_refuses=refuses, dense=True)
     A, U, V = (as_kernel_operand(t) for t in (A, U, V))
     # the increment is built in the factors' precision even under autocast: it is small, and
     # the projection that consumes it runs at autocast precision anyway
     with torch.autocast(device_type=A.device.type, enabled=False):
+        if compiling():
+            return _kron_delta_op(A, U, V, scale, impl)
         return KronDeltaFunction.apply(A, U, V, scale, impl)
 
 
@@ -393,7 +491,10 @@ def _kron_apply(x, weight, bias, targets, d_out, scale, op):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        y2 = KronLinearFunction.apply(x2, weight, bias, scale, impl, d_out, tuple(starts), *flat)
+        if compiling():
+            y2 = _kron_linear_op(x2, weight, bias, flat, list(starts), d_out, scale, impl)
+        else:
+            y2 = KronLinearFunction.apply(x2, weight, bias, scale, impl, d_out, tuple(starts), *flat)
     return y2.reshape(*lead, d_out)
 
 

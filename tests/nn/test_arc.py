@@ -115,17 +115,17 @@ def test_merge_unmerge(impl, qkv_bias):
 
 
 @pytest.mark.parametrize(
-    "config, match",
+    "config, error, match",
     [
-        pytest.param(dict(r=0), "r must be a positive int, got 0", id="r0"),
-        pytest.param(dict(r=2.5), "r must be a positive int, got 2.5", id="r-float"),
-        pytest.param(dict(dropout=-0.1), r"dropout must be a float in \[0, 1\), got -0.1", id="dropout"),
+        pytest.param(dict(r=0), ValueError, "r must be a positive int, got 0", id="r0"),
+        pytest.param(dict(r=2.5), TypeError, "r must be a positive int, got float 2.5", id="r-float"),
+        pytest.param(dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0.1", id="dropout"),
     ],
 )
-def test_bad_config(config, match):
+def test_bad_config(config, error, match):
     model = tiny_vit()
     before = repr(model)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         kk.adapt(model, "arc", **config)
     assert repr(model) == before
 

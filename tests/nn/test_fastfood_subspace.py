@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 import kron_kernels as kk
 from kron_kernels.nn import FastfoodSubspace
-from utils import assert_rel_close
+from utils import RTOL, assert_rel_close, model_outputs_and_grads, needs_interpreter
 
 
 def small_net(dtype=torch.float64, seed=0):
@@ -229,3 +229,39 @@ def test_gpu_subspace_matches_cpu():
         cpu.theta.copy_(theta)
         gpu.theta.copy_(theta.cuda())
     assert_rel_close(gpu(x.cuda()), cpu(x), 1e-5)
+
+
+# (backend, marks): the projections' implementations on the CPU
+COMPILE_BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cuda", id="extension-cpu",
+                 marks=pytest.mark.skipif(not kk.backend.extension_status()[0], reason="the extension is not built")),
+    pytest.param("triton", id="triton-interpreter", marks=needs_interpreter),
+]
+
+
+@pytest.mark.slow  # Inductor compiles of a small network: ~6 s with a cold cache
+@pytest.mark.parametrize("backend_name", COMPILE_BACKENDS)
+@pytest.mark.parametrize("kwargs", [VARIANTS[0], VARIANTS[3]])
+def test_torch_compile_fullgraph(kwargs, backend_name, fresh_dynamo):
+    """The wrapped model (functional_call over the reparameterised tensors) compiles whole --
+    fullgraph=True raises on a graph break -- to the eager output and theta / lambda gradients.
+    The projections are the same kernels on the same theta (exact); the float64 network runs in
+    Inductor's fused kernels, whose other summation order moves the output by ~1e-16 relative
+    (RTOL[float64]). The float32 gradients: theta's measured exact, SAID's lambda_i is a float32
+    sum over tensor i's increment that Inductor may add in another order (measured one ulp,
+    6e-8 relative; 1e-6 allows a few ulps of 2^-24 and fails any real difference)."""
+    sub = FastfoodSubspace(small_net(), 24, seed=3, **kwargs)
+    with torch.no_grad():
+        sub.theta.copy_(rand(24, seed=1).float())
+        if sub.lambdas is not None:
+            sub.lambdas.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25, 1.5, 3.0]))
+    x, cotangent = rand(7, 6, seed=2), rand(7, 3, seed=3)
+    with kk.use_backend(backend_name):
+        want = model_outputs_and_grads(sub, x, cotangent)
+        got = model_outputs_and_grads(torch.compile(sub, fullgraph=True), x, cotangent)
+    got = {name.replace("_orig_mod.", ""): t for name, t in got.items()}
+    assert got.keys() == want.keys()
+    assert_rel_close(got.pop("out"), want.pop("out"), RTOL[torch.float64], "out")
+    for name in want:
+        assert_rel_close(got[name], want[name], 1e-6, name)

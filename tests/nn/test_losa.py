@@ -189,7 +189,7 @@ def test_merge_refuses_and_checkpoint_keys():
     [
         pytest.param(dict(r=0), "r must be a positive int, got 0", id="r0"),
         pytest.param(dict(frames=3), "frames=3 must divide the model's 16 patch tokens", id="frames"),
-        pytest.param(dict(frames=0), "frames must be a positive int, got 0", id="frames0"),
+        pytest.param(dict(frames=0), r"frames must be a positive int or None \(None: an image\), got 0", id="frames0"),
     ],
 )
 def test_bad_config(config, match):

@@ -13,7 +13,10 @@ import torch
 import kron_kernels as kk
 from kron_kernels import _build, backend
 from kron_kernels.reference.fastfood import fastfood_reference, fwht_butterfly
-from utils import RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference
+from utils import (
+    RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference, needs_interpreter,
+    outputs_and_grads,
+)
 
 ff = importlib.import_module("kron_kernels.ops.fastfood")  # the module (kk.ops.fastfood is the function)
 EXTENSION_OK, EXTENSION_REASON = backend.extension_status()
@@ -478,6 +481,107 @@ def test_extension_bad_input(index):
     call, error, match = _binding_calls()[index]
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------- torch.compile
+# (implementation, device, explicit params): every implementation on the CPU, the Triton kernels
+# and the extension's CUDA kernels on a GPU; the extension takes no explicit params
+COMPILE_CASES = [
+    pytest.param("torch", "cpu", False, id="torch"),
+    pytest.param("torch", "cpu", True, id="torch-params"),
+    pytest.param("cuda", "cpu", False, id="extension-cpu", marks=needs_extension),
+    pytest.param("triton", "cpu", False, id="triton-interpreter", marks=needs_interpreter),
+    pytest.param("triton", "cpu", True, id="triton-interpreter-params", marks=needs_interpreter),
+    pytest.param("triton", "cuda", False, id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("triton", "cuda", True, id="triton-cuda-params", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", False, id="extension-cuda", marks=[pytest.mark.gpu, needs_extension]),
+]
+# Lb = 32: a full block and a cut one (8 of 32 rows); two blocks only, as opcheck runs each op
+# some twenty times and the interpreter takes ~20 ms per block to generate one
+COMPILE_D, COMPILE_d = 40, 20
+BIG_SEED = 2**63 + 5  # beyond int64: the custom ops take its two's complement
+
+
+def _compile_params(explicit, device):
+    return tuple(t.to(device) for t in kk.fastfood_params(COMPILE_D, COMPILE_d, BIG_SEED)) if explicit else None
+
+
+@pytest.mark.parametrize("impl, device, explicit", COMPILE_CASES)
+def test_opcheck(impl, device, explicit):
+    """The custom ops ``kron_kernels::fastfood`` and ``kron_kernels::fastfood_transpose``
+    (torch.compile's path): schema, fake tensor (shape, dtype, strides), autograd registration
+    (each is the other's derivative) and AOT dispatch; and the op with the seed as its int64
+    two's complement is exactly the eager ``kk.fastfood``."""
+    D, d = COMPILE_D, COMPILE_d
+    Lb, nb = ff.fastfood_block_size(D, d)
+    params = _compile_params(explicit, device)
+    args = (Lb, nb, ff._seed_arg(BIG_SEED), *(params or (None, None, None)), impl)
+    theta = rand(d, dtype=torch.float32, device=device).requires_grad_()
+    g = rand(D, dtype=torch.float32, seed=1, device=device).requires_grad_()
+    torch.library.opcheck(ff._fastfood_op, (theta, D, *args))
+    torch.library.opcheck(ff._fastfood_transpose_op, (g, d, *args))
+    with kk.use_backend(impl):
+        want = kk.fastfood(theta.detach(), D, BIG_SEED, params=params)
+    assert torch.equal(ff._fastfood_op(theta.detach(), D, *args), want)
+
+
+@pytest.mark.slow  # Inductor's first compile in a process, C++ codegen with a cold cache: ~10 s
+@pytest.mark.parametrize("impl, device, explicit", COMPILE_CASES)
+def test_torch_compile_fullgraph(impl, device, explicit, fresh_dynamo):
+    """``torch.compile(fullgraph=True)`` captures kk.fastfood without a graph break (it raises
+    otherwise; with explicit params too: their data-dependent permutation check moves into the
+    op) and equals eager bit for bit, forward and backward: the same kernels on the same
+    values; around them only a copy of the strided theta and the slice's backward, exact."""
+    params = _compile_params(explicit, device)
+    theta = rand(2 * COMPILE_d, dtype=torch.float32, device=device).requires_grad_()
+
+    def fn(theta):
+        return kk.fastfood(theta[::2], COMPILE_D, BIG_SEED, params=params)
+
+    with kk.use_backend(impl):
+        want = outputs_and_grads(fn, [theta])
+        got = outputs_and_grads(torch.compile(fn, fullgraph=True), [theta])
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_torch_compile_checks_permutations(fresh_dynamo):
+    """Under torch.compile the custom op checks explicit params' permutations when it runs."""
+    bad = (torch.ones(3, 4), torch.zeros(3, 4, dtype=torch.int64), torch.ones(3, 4))
+    compiled = torch.compile(lambda t: kk.fastfood(t, 10, params=bad), fullgraph=True)
+    with kk.use_backend("torch"), pytest.raises(ValueError, match="params Pi: every row must be a permutation"):
+        compiled(torch.zeros(4))
+
+
+@needs_interpreter
+def test_torch_compile_backend_change_recompiles(monkeypatch, fresh_dynamo):
+    """A function compiled under 'torch' recompiles under 'triton' (Dynamo guards on the backend
+    selected in Python, outside the graph) and runs the Triton kernels, forward and backward,
+    giving their eager results; the first graph serves 'torch' again."""
+    from kron_kernels.triton import fastfood as triton_fastfood
+
+    calls = []
+
+    def counting(name):
+        kernel = getattr(triton_fastfood, name)
+        return lambda *args, **kwargs: calls.append(name) or kernel(*args, **kwargs)
+
+    for name in ("fastfood_forward", "fastfood_transpose"):
+        monkeypatch.setattr(triton_fastfood, name, counting(name))
+    theta = rand(COMPILE_d, dtype=torch.float32).requires_grad_()
+
+    def fn(theta):
+        return kk.fastfood(theta, COMPILE_D, BIG_SEED)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for impl in ("torch", "triton", "torch"):
+        with kk.use_backend(impl):
+            want = outputs_and_grads(fn, [theta])
+            del calls[:]
+            got = outputs_and_grads(compiled, [theta])
+        assert calls == (["fastfood_forward", "fastfood_transpose"] if impl == "triton" else []), impl
+        for name in want:
+            assert torch.equal(got[name], want[name]), (impl, name)
 
 
 # ------------------------------------------------------------------------------------- GPU

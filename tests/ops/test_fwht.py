@@ -1,4 +1,5 @@
 """kk.fwht against dense scipy.linalg.hadamard products, on every backend."""
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,12 @@ import torch
 
 import kron_kernels as kk
 from kron_kernels import backend
-from utils import RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference, needs_interpreter
+from utils import (
+    RTOL, TRITON_DEVICES, assert_rel_close, compare_low_precision, compare_with_reference, needs_interpreter,
+    outputs_and_grads,
+)
+
+fwht_ops = importlib.import_module("kron_kernels.ops.fwht")  # kron_kernels.ops.fwht is the function
 EXTENSION_OK, EXTENSION_REASON = backend.extension_status()
 needs_extension = pytest.mark.skipif(
     not EXTENSION_OK, reason=f"the compiled extension is not built here: {EXTENSION_REASON}"
@@ -232,6 +238,59 @@ def test_explicit_triton_refuses_float64():
         kk.fwht(torch.ones(2, 8, dtype=torch.float64))
 
 
+# ---------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("impl, device", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 16), (4, 1)], ids=["n16", "n1"])
+def test_opcheck(impl, device, shape):
+    """The ``kron_kernels::fwht`` custom op (torch.compile's path): schema (n = 1 included: the
+    output never aliases x), fake tensor (shape, dtype, strides), autograd registration and AOT
+    dispatch, on each implementation."""
+    x = rand(*shape, dtype=torch.float32, device=device).requires_grad_()
+    torch.library.opcheck(fwht_ops._fwht_op, (x, SCALE, impl))
+
+
+@pytest.mark.slow  # Inductor's first compile in a process, C++ codegen with a cold cache: ~11 s
+@pytest.mark.parametrize("impl, device", BACKENDS)
+def test_torch_compile_fullgraph(impl, device, fresh_dynamo):
+    """``torch.compile(fullgraph=True)`` captures kk.fwht without a graph break (it raises
+    otherwise) and equals eager bit for bit, forward and backward: the graph runs the same
+    kernel on the same rows; around it only a copy of the strided input and the slice's
+    backward (zeros and a copy), both exact."""
+    x = rand(3, 5, 32, dtype=torch.float32, device=device).requires_grad_()
+
+    def fn(x):
+        return kk.fwht(x[:, 1:, ::2], SCALE)  # a strided view: the wrapper's reshape is traced
+
+    with kk.use_backend(impl):
+        want = outputs_and_grads(fn, [x])
+        got = outputs_and_grads(torch.compile(fn, fullgraph=True), [x])
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@needs_interpreter
+def test_torch_compile_backend_change_recompiles(monkeypatch, fresh_dynamo):
+    """The backend is selected in Python, outside the graph: Dynamo guards on it, so a function
+    compiled under 'torch' recompiles under 'triton' (and runs the Triton kernel, giving its
+    eager result) instead of reusing the stale graph, and the first graph serves 'torch' again."""
+    from kron_kernels.triton import fwht as triton_fwht
+
+    calls = []
+    forward = triton_fwht.fwht_forward
+    monkeypatch.setattr(triton_fwht, "fwht_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    x = rand(4, 64, dtype=torch.float32)
+    compiled = torch.compile(lambda x: kk.fwht(x, SCALE), fullgraph=True)
+    with kk.use_backend("torch"):
+        want_torch = kk.fwht(x, SCALE)
+        assert torch.equal(compiled(x), want_torch) and not calls
+    with kk.use_backend("triton"):
+        want_triton = kk.fwht(x, SCALE)
+        assert len(calls) == 1
+        assert torch.equal(compiled(x), want_triton) and len(calls) == 2, "the torch graph was reused"
+    with kk.use_backend("torch"):
+        assert torch.equal(compiled(x), want_torch) and len(calls) == 2
+
+
 # ---------------------------------------------------------------------------- GPU
 GPU_LOGS = list(range(8, 16)) + [17]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -293,11 +352,8 @@ def test_auto_on_cuda_selection(monkeypatch, extension):
     2^10 .. 2^13 (ops/fwht.py's measured choice table), the extension for every other 16-bit or
     fp32 row; float64 (which neither CUDA kernel takes) the torch path. Without it: Triton, and
     torch for float64."""
-    import importlib
-
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    fwht_ops = importlib.import_module("kron_kernels.ops.fwht")  # kron_kernels.ops.fwht is the function
     monkeypatch.setattr(backend, "extension_status", lambda: (extension, "" if extension else "not built (test)"))
     monkeypatch.setattr(fwht_ops, "_extension_devices",
                         lambda fp64: frozenset({"cpu"}) if fp64 else frozenset({"cuda", "cpu"}))

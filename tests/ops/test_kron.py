@@ -468,7 +468,7 @@ def test_gpu_beyond_int32_offsets():
 
 # ---------------------------------------------------------------------------- torch.compile
 @pytest.mark.slow
-def test_torch_compile_fullgraph_torch_backend():
+def test_torch_compile_fullgraph_torch_backend(fresh_dynamo):
     """The ops trace into one graph (forward and backward) with no graph break."""
     x, W, b, q, v = make_slice_inputs(torch.float32)
 
@@ -478,17 +478,8 @@ def test_torch_compile_fullgraph_torch_backend():
     def exact(x, Aq, Uq, Vq, Av, Uv, Vv):
         return ref_slices(x, W.double(), b.double(), Aq, Uq, Vq, Av, Uv, Vv)
 
-    # Dynamo caches which callables are torch functions by id on first use: if an earlier test
-    # made it build that map while its own NaN-poisoning torch.empty_like was in place (conftest),
-    # this test's empty_like would be a graph break. Rebuilt here, and again after.
-    from torch._dynamo import trace_rules
-
-    trace_rules.clear_lru_cache()
-    try:
-        with kk.use_backend("torch"):
-            got = outputs_and_grads(torch.compile(fn, fullgraph=True), [x, *q, *v])
-    finally:
-        trace_rules.clear_lru_cache()
+    with kk.use_backend("torch"):
+        got = outputs_and_grads(torch.compile(fn, fullgraph=True), [x, *q, *v])
     want = outputs_and_grads(exact, [t.double() for t in (x, *q, *v)])  # the float64 reference
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
