@@ -21,7 +21,7 @@ MUTANT_ARGS ?=
 
 .PHONY: test bench bench-ops install clean mutants
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja pybind11
 	$(PY) -m pip install -q torch

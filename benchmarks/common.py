@@ -113,21 +113,26 @@ def kron_ops_cases(quick: bool = False) -> List[Case]:
 
 
 # Walsh-Hadamard transform (issue 4): row lengths 2^8 ... 2^15; a batch of 16 * 2048 rows on GPU,
-# on CPU 256 rows up to n = 4096 (the CPU target's shape) and 2^20 elements beyond
+# on CPU 256 rows up to n = 4096 (the CPU target's shape) and 2^20 elements beyond. The default
+# suite is issue 12's target rows, n = 2^10 ... 2^13 in every dtype (it must finish within 3
+# minutes on an H100/H200 together with the fastfood suite: estimated_gpu_seconds); the other
+# lengths run with --full (report) / --bench-full (pytest) or when --cases names them.
 FWHT_LOGS = tuple(range(8, 16))
+FWHT_DEFAULT_LOGS = tuple(range(10, 14))
 FWHT_DTYPES = ("float16", "bfloat16", "float32")
 FWHT_GPU_ROWS = 16 * 2048
 FWHT_CPU_ROWS = 256
 FWHT_CPU_ELEMENTS = 2**20
 
 
-def fwht_cases(quick: bool = False) -> List[Case]:
+def fwht_cases(quick: bool = False, full: bool = False) -> List[Case]:
     """kk.fwht forward (``fwd``: no autograd; the backward is the same transform) per row length
     and dtype, in the variants ``fused`` (auto: the compiled extension), ``triton``,
     ``reference`` (the torch butterfly, one vectorised stage per bit), ``floor``
     (``torch.clone``, the memcpy roofline) and Dao's ``fast_hadamard_transform`` where it is
-    installed (quick: n = 2^8, 2^12, 2^15 in bf16 and fp32)."""
-    logs = (8, 12, 15) if quick else FWHT_LOGS
+    installed. Default n = 2^10 ... 2^13 (the issue-12 targets), ``full``: 2^8 ... 2^15; quick:
+    n = 2^8, 2^12, 2^15 in bf16 and fp32."""
+    logs = (8, 12, 15) if quick else FWHT_LOGS if full else FWHT_DEFAULT_LOGS
     dtypes = ("bfloat16", "float32") if quick else FWHT_DTYPES
     variants = ("fused", "triton", "reference", "floor", "fast_hadamard_transform")
     return [
@@ -138,7 +143,10 @@ def fwht_cases(quick: bool = False) -> List[Case]:
 
 
 # Fastfood (issue 4): theta in R^d -> P theta in R^D, forward alone (the HBM-write target) and
-# a subspace training step of one ViT-B attention module (qkv + proj: D = 2,362,368)
+# a subspace training step of one ViT-B attention module (qkv + proj: D = 2,362,368). On GPU the
+# default suite is the target row (d = 2^14, D = 86e6) and the subspace step; --full adds the
+# other (d, D) (every D with every d: 16 rows whose reference and Triton variants take up to
+# 0.1 s a call at D = 10^8)
 FASTFOOD_TARGET = (2**14, 86_000_000)  # d, D of the issue's target (ViT-B has ~86M parameters)
 FASTFOOD_GPU_DS, FASTFOOD_GPU_BIG_DS = (2**10, 2**12, 2**14, 2**15), (10**6, 10**7, 86_000_000, 10**8)
 FASTFOOD_CPU_DS, FASTFOOD_CPU_BIG_DS = (2**10, 2**14), (10**6,)
@@ -146,23 +154,39 @@ FASTFOOD_QUICK_DS, FASTFOOD_QUICK_BIG_DS = (2**14,), (10**5,)
 SUBSPACE_D = 2**14
 
 
-def fastfood_cases(quick: bool = False, device: Optional[torch.device] = None) -> List[Case]:
-    """kk.fastfood forward (``fwd``, fp32 theta) per (d, D) -- GPU: d = 2^10..2^15, D = 10^6..10^8;
-    CPU: d = 2^10, 2^14, D = 10^6; quick: d = 2^14, D = 10^5 -- in the variants ``fused`` (auto:
-    the compiled kernel, stacked mode), ``triton``, ``reference`` and ``floor`` (writing D floats);
-    and a subspace training step of a ViT-B attention module (``subspace_attn``)."""
+def fastfood_cases(quick: bool = False, device: Optional[torch.device] = None, full: bool = False) -> List[Case]:
+    """kk.fastfood forward (``fwd``, fp32 theta) per (d, D) -- GPU: the target d = 2^14, D = 86e6
+    (``full``: d = 2^10..2^15, D = 10^6..10^8); CPU: d = 2^10, 2^14, D = 10^6 (default and full);
+    quick: d = 2^14, D = 10^5 -- in the variants ``fused`` (auto: the compiled kernel, stacked
+    mode), ``triton``, ``reference`` and ``floor`` (writing D floats); and a subspace training step
+    of a ViT-B attention module (``subspace_attn``)."""
     device = device or default_device()
     if quick:
-        ds, big_ds = FASTFOOD_QUICK_DS, FASTFOOD_QUICK_BIG_DS
+        pairs = [(d, D) for D in FASTFOOD_QUICK_BIG_DS for d in FASTFOOD_QUICK_DS]
     elif device.type == "cuda":
-        ds, big_ds = FASTFOOD_GPU_DS, FASTFOOD_GPU_BIG_DS
+        pairs = [(d, D) for D in FASTFOOD_GPU_BIG_DS for d in FASTFOOD_GPU_DS] if full else [FASTFOOD_TARGET]
     else:
-        ds, big_ds = FASTFOOD_CPU_DS, FASTFOOD_CPU_BIG_DS
+        pairs = [(d, D) for D in FASTFOOD_CPU_BIG_DS for d in FASTFOOD_CPU_DS]
     variants = ("fused", "triton", "reference", "floor")
-    cases = [Case("fastfood", f"d{d}-D{D}", FWD, variants, (("d", d), ("D", D))) for D in big_ds for d in ds]
+    cases = [Case("fastfood", f"d{d}-D{D}", FWD, variants, (("d", d), ("D", D))) for d, D in pairs]
     cases.append(Case("subspace_attn", f"d{SUBSPACE_D}", FWD_BWD, ("fused", "reference", "floor"),
                       (("model", BLOCK_MODEL), ("d", SUBSPACE_D))))
     return cases
+
+
+# How long a suite takes on an H100/H200, estimated from the one timing there is: the H200 run of
+# 2026-11-27 (../shared/gpu/README.md) got through 43 of the full fwht + fastfood report's 187
+# variant runs in 70 s before its time box (process start, Triton compilation, the build and
+# peak-memory calls and do_bench's 50 + 200 ms budget per run included). The default fwht +
+# fastfood suites must fit in GPU_SUITE_BUDGET_S (issue 12).
+GPU_SECONDS_PER_RUN = 70 / 43
+GPU_SUITE_BUDGET_S = 180
+
+
+def estimated_gpu_seconds(cases: Sequence[Case]) -> float:
+    """The report's wall time for ``cases`` on an H100/H200 at the default timing (an estimate:
+    the measured rate per variant run times the number of runs)."""
+    return GPU_SECONDS_PER_RUN * sum(len(case.variants) for case in cases)
 
 
 def fwht_rows(n: int, device: torch.device, tokens: int) -> int:
@@ -219,6 +243,19 @@ def select_cases(cases: Sequence[Case], patterns: Optional[Sequence[str]]) -> Li
     if not patterns:
         return list(cases)
     return [c for c in cases if any(pat in c.group for pat in patterns)]
+
+
+def parse_case_patterns(values: Optional[Sequence[str]]) -> List[str]:
+    """``--bench-cases`` values (each ``PATTERN[,PATTERN...]``, the option repeatable) as a list."""
+    return [pat.strip() for value in values or () for pat in value.split(",") if pat.strip()]
+
+
+def bench_selected(label: str, default: bool, patterns: Sequence[str], full: bool) -> bool:
+    """Whether the pytest suite runs a case (benchmarks/conftest.py): with patterns, every case of
+    the full lists whose label contains one; else the default cases, and with ``full`` all."""
+    if patterns:
+        return any(pat in label for pat in patterns)
+    return default or full
 
 
 # ----------------------------------------------------------------------------------------
@@ -1152,6 +1189,218 @@ def format_number(value: Optional[float]) -> str:
     if magnitude >= 1:
         return f"{value:.2f}"
     return f"{value:.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# the Fastfood kernel's arithmetic roofline: a model, never a measurement
+# (docs/fastfood_roofline.md derives every number below)
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeakRates:
+    """Published peak rates of one GPU (per SM per clock, from NVIDIA's documents; see
+    docs/fastfood_roofline.md for the sources): the inputs of the roofline model."""
+
+    name: str
+    sms: int
+    boost_ghz: float
+    hbm_tb_s: float  # peak HBM bandwidth, TB/s (10^12 B/s)
+    fp32_per_clk_sm: int = 128  # FADD/FMUL/FFMA lanes (67 TFLOP/s FMA on H100 SXM = 132 x 128 x 2 x 1.98 GHz)
+    int32_per_clk_sm: int = 64  # 32-bit integer add/mul/shift/logic/compare
+    xu_per_clk_sm: int = 16  # MUFU (rsqrt, lg2, sin, cos ...) and 32-bit int<->float conversions
+    shfl_per_clk_sm: int = 32  # warp shuffles
+    issue_per_clk_sm: int = 128  # 4 schedulers x 1 warp instruction (32 threads) per clock
+    shared_wavefronts_per_clk_sm: int = 1  # one pass over the 32 banks (128 B) per clock
+
+    def per_second(self, per_clk_sm: float) -> float:
+        return per_clk_sm * self.sms * self.boost_ghz * 1e9
+
+
+PEAK_RATES_SOURCE = ("CUDA C++ Programming Guide, throughput of native arithmetic instructions, compute "
+                     "capability 9.0; NVIDIA H100 Tensor Core GPU Architecture whitepaper; NVIDIA H100 / H200 "
+                     "datasheets")
+PEAK_RATES: Dict[str, PeakRates] = {
+    "H100 SXM": PeakRates("NVIDIA H100 SXM5 (80 GB HBM3)", sms=132, boost_ghz=1.98, hbm_tb_s=3.35),
+    "H100 PCIe": PeakRates("NVIDIA H100 PCIe (80 GB HBM2e)", sms=114, boost_ghz=1.755, hbm_tb_s=2.0),
+    "H200": PeakRates("NVIDIA H200 SXM (141 GB HBM3e)", sms=132, boost_ghz=1.98, hbm_tb_s=4.8),
+}
+NO_ROOFLINE = "unknown device: no roofline"
+
+
+def peak_rates(device_name: Optional[str]) -> Optional[PeakRates]:
+    """The tabulated rates of a device name as torch reports it (``NVIDIA H100 80GB HBM3``,
+    ``NVIDIA H100 PCIe``, ``NVIDIA H200``), or None: any other GPU (H100 NVL, H200 NVL, GH200
+    and everything older have other clocks, SM counts or memory) and every CPU."""
+    name = device_name or ""
+    if re.search(r"\bH200\b", name) and "NVL" not in name:
+        return PEAK_RATES["H200"]
+    if re.search(r"\bH100\b", name) and "NVL" not in name:
+        return PEAK_RATES["H100 PCIe" if "PCIe" in name else "H100 SXM"]
+    return None
+
+
+@dataclass(frozen=True)
+class FastfoodOps:
+    """Work of the CUDA Fastfood forward kernel per computed element (a block of Lb, stacked or
+    padded), each component of the generator and the transforms separately (``parts``: name ->
+    {unit: count}). Units: thread instructions on the ``int32``, ``fp32`` and ``xu`` (MUFU and
+    conversions) pipes, warp ``shfl``, ``shared`` loads/stores and ``global`` loads/stores (all
+    issued by the schedulers), and ``shared_wavefronts``: shared-memory passes (one per clock per
+    SM; a bank conflict costs more passes) per element. The generator's counts are those of the
+    PTX that nvcc 13.0 emits for sm_90 from csrc/fastfood.h (``-O3 --use_fast_math``), before
+    ptxas; the transforms' follow from their structure (``fwht_row_registers``). SASS can fuse a
+    few (LOP3, LEA): the floors are a model to within some 20%, not a bound to the cycle
+    (docs/fastfood_roofline.md)."""
+
+    Lb: int
+    pi_rounds: int
+    parts: Dict[str, Dict[str, float]]
+
+    ISSUED = ("int32", "fp32", "xu", "shfl", "shared", "global")
+    UNITS = ISSUED + ("shared_wavefronts",)
+
+    def total(self, unit: str) -> float:
+        return sum(part.get(unit, 0.0) for part in self.parts.values())
+
+    @property
+    def transform_adds(self) -> int:
+        """FP32 adds/subtracts of the two Walsh-Hadamard transforms: 2 log2(Lb) per element."""
+        return 2 * (self.Lb.bit_length() - 1)
+
+    @property
+    def issued(self) -> float:
+        """Thread instructions per element, every pipe: what the schedulers issue."""
+        return sum(self.total(unit) for unit in self.ISSUED)
+
+    # transcendental functions evaluated per element: one Box-Muller evaluation per element (its
+    # sin half unused); log and cos are libdevice polynomials on the FP32 pipe (the accurate
+    # __nv_logf/__nv_cosf: no MUFU), the sqrt a MUFU.RSQ plus a Newton step (__fsqrt_rn)
+    TRANSCENDENTALS = {"log": 1, "cos": 1, "sqrt": 1}
+
+
+# Shared-memory passes of a warp's access (32 lanes): 1 without bank conflict; the gather xs[Pi(k)]
+# hits random banks of Lb words (expected largest bank load of 32 random words: 3.53); a Feistel
+# round's 128-entry uint16 table is 64 words, two per bank (2 passes); 16-byte accesses at a
+# 32-byte lane stride (a thread's 8 consecutive fp32) pass twice per quarter warp (8 per warp
+# instruction instead of 4). The warp-bit exchange (fwht_row_registers) addresses its slots
+# through exchange_slot, an XOR swizzle that gives every warp-wide access 32 distinct banks: four
+# scalar accesses per element and exchange (store, transposed load, transposed store, load), one
+# pass each. (Before the swizzle: two 16-byte accesses of 8 passes and two scalar accesses at a
+# stride of 8 words, 4 banks, 8 passes each -- 1.25 of 1.80 passes per element at Lb = 2^14.)
+_GATHER_PASSES, _TABLE_PASSES, _VEC_PASSES = 3.53, 2.0, 8.0
+
+
+def fastfood_ops_per_element(Lb: int, pi_rounds: Optional[int] = None) -> FastfoodOps:
+    """:class:`FastfoodOps` of the CUDA forward kernel (csrc/fastfood_cuda.cuh) for a block of
+    ``Lb = 2^n`` (``pi_rounds``: the Feistel rounds, default the generator's PI_ROUNDS)."""
+    from kron_kernels.ops._fastfood_generator import PI_ROUNDS
+
+    if isinstance(Lb, bool) or not isinstance(Lb, int) or Lb < 1 or Lb & (Lb - 1):
+        raise ValueError(f"Lb must be a power of two, got {Lb!r}")
+    rounds = PI_ROUNDS if pi_rounds is None else pi_rounds
+    n = Lb.bit_length() - 1
+    h = n // 2
+    # RowConfig (csrc/fwht_cuda.cuh): kE = 8 elements per thread, up to 256 threads per row
+    elts = min(8, Lb)
+    threads = min(Lb // elts, 256)
+    lanes = min(threads, 32)
+    lane_stages = lanes.bit_length() - 1
+    vec = elts == 8  # a thread's 8 fp32 move as two 16-byte accesses
+    vec_instr, vec_passes = (0.25, 2 * _VEC_PASSES / (32 * 8)) if vec else (1.0, 1 / 32)
+    spill = {"shared": vec_instr, "shared_wavefronts": vec_passes}
+    if threads > lanes:  # the warp bits through shared memory: 4 conflict-free scalar accesses per element
+        exchange = {"shared": 4.0, "shared_wavefronts": 4 / 32}
+    else:
+        exchange = {"shared": 0.0, "shared_wavefronts": 0.0}
+    table_entries = rounds * 2 ** (n - h) / Lb  # Feistel round-function table entries per element
+    parts: Dict[str, Dict[str, float]] = {
+        # word(B, j, i) = mix(key + i W): IMAD, 2 shifts, 2 xors, 2 IMULs (the last shift/xor of
+        # mix is dropped: only the top bit is used), the sign test and select, i < d; theta * B_j[i]
+        "B: sign hash": {"int32": 10, "fp32": 1, "global": 1},
+        # two more words (radius, angle): 2 x (add + mix 8) + i W + 2 shifts + 1 add; 2 u32 -> f32;
+        # u1, u2 scaled by 2^-24, the angle (2 u2 - 1) pi
+        "G: two hash words, uniforms": {"int32": 22, "fp32": 4, "xu": 2},
+        "G: logf (libdevice)": {"int32": 7, "fp32": 14, "xu": 1},
+        "G: -2 ln u1": {"int32": 2, "fp32": 1},
+        "G: cosf (libdevice, |x| <= pi)": {"int32": 9, "fp32": 11, "xu": 2},
+        "G: sqrt (correctly rounded)": {"int32": 2, "fp32": 5, "xu": 1},
+        "G: product, ||G_j||^2, x G_j": {"fp32": 3},
+        # x ^= key, then per round: shift, and, table index, xor, shift, or + the lookup's address;
+        # a table lookup per round, then the gather xs[Pi(k)]
+        "Pi: Feistel rounds (table)": {"int32": 1 + 7 * rounds, "shared": rounds + 1,
+                                       "shared_wavefronts": (rounds * _TABLE_PASSES + _GATHER_PASSES) / 32},
+        # rounds * 2^(n-h) entries per block: 2 mixes + 2 adds/xors each (~18 ops), one uint16 store
+        "Pi: round-function table fill": {"int32": 18 * table_entries, "shared": table_entries,
+                                          "shared_wavefronts": table_entries / 32},
+        # 2 log2(Lb) adds/subtracts; warp shuffles for the lane bits; the spill between the transforms
+        # and, for rows over several warps, the exchange of each transform
+        "H twice: butterflies": {"fp32": 2 * n, "shfl": 2 * lane_stages,
+                                 "shared": spill["shared"] + 2 * exchange["shared"],
+                                 "shared_wavefronts": spill["shared_wavefronts"] + 2 * exchange["shared_wavefronts"]},
+        "scale, 16-byte store": {"fp32": 1, "global": 0.25 if vec else 1},
+    }
+    return FastfoodOps(Lb, rounds, parts)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Time floors (ms) of one Fastfood forward on a device: the arithmetic units' and the
+    write's, all derived from published peak rates and the op counts (a model)."""
+
+    device: PeakRates
+    ops: FastfoodOps
+    d: int
+    D: int
+    elements: int  # nb * Lb: the kernel computes whole blocks
+    floors_ms: Dict[str, float]  # unit -> ms: int32, fp32, xu, shfl, shared_wavefronts, issue
+    write_ms: float  # 4 D bytes at the peak HBM bandwidth
+
+    @property
+    def arithmetic_ms(self) -> float:
+        return max(self.floors_ms.values())
+
+    @property
+    def binding_unit(self) -> str:
+        return max(self.floors_ms, key=self.floors_ms.get)
+
+    @property
+    def binds(self) -> str:
+        """``arithmetic`` or ``write``: which floor is higher."""
+        return "arithmetic" if self.arithmetic_ms > self.write_ms else "write"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "model": "derived from published peak rates and op counts, not measured",
+            "device": self.device.name, "sms": self.device.sms, "boost_ghz": self.device.boost_ghz,
+            "hbm_tb_s": self.device.hbm_tb_s, "source": PEAK_RATES_SOURCE,
+            "d": self.d, "D": self.D, "Lb": self.ops.Lb, "pi_rounds": self.ops.pi_rounds,
+            "elements": self.elements,
+            "ops_per_element": {unit: self.ops.total(unit) for unit in FastfoodOps.UNITS},
+            "transform_adds_per_element": self.ops.transform_adds,
+            "issued_per_element": self.ops.issued,
+            "floors_ms": dict(self.floors_ms), "arithmetic_ms": self.arithmetic_ms,
+            "binding_unit": self.binding_unit, "write_ms": self.write_ms, "binds": self.binds,
+        }
+
+
+def fastfood_roofline(device_name: Optional[str], d: int, D: int, mode: str = "stacked",
+                      pi_rounds: Optional[int] = None) -> Optional[Roofline]:
+    """The roofline of ``kk.fastfood`` of ``d`` into ``D`` on the named device, or None on a device
+    without tabulated rates (:data:`NO_ROOFLINE`). Floors: elements x ops per element / (units per
+    clock per SM x SMs x boost clock) for each unit, and 4 D bytes / peak HBM bandwidth."""
+    from kron_kernels.ops.fastfood import fastfood_block_size
+
+    rates = peak_rates(device_name)
+    if rates is None:
+        return None
+    Lb, nb = fastfood_block_size(D, d, mode)
+    ops = fastfood_ops_per_element(Lb, pi_rounds)
+    elements = nb * Lb
+    per_clk = {"int32": rates.int32_per_clk_sm, "fp32": rates.fp32_per_clk_sm, "xu": rates.xu_per_clk_sm,
+               "shfl": rates.shfl_per_clk_sm, "shared_wavefronts": rates.shared_wavefronts_per_clk_sm}
+    floors = {unit: elements * ops.total(unit) / rates.per_second(rate) * 1e3 for unit, rate in per_clk.items()}
+    floors["issue"] = elements * ops.issued / rates.per_second(rates.issue_per_clk_sm) * 1e3
+    write_ms = 4 * D / (rates.hbm_tb_s * 1e12) * 1e3
+    return Roofline(rates, ops, d, D, elements, floors, write_ms)
 
 
 # ----------------------------------------------------------------------------------------

@@ -130,6 +130,19 @@ struct RowConfig {
   static_assert(kNChunks * kNElts * kTPR == kN, "row split");
 };
 
+// The exchange's slot of element `col` of `row` (kE floats per row). Row-major, lanes l and l + 4
+// of a warp would meet in one bank (rows 8 floats apart: 8-way conflicts on every store and
+// load of the warp-bit exchange). Every access below has row % 32 == its lane, so XOR-ing the
+// column with lane bits 2..4 (for kE = 8; generally the bits above log2(32 / kE)) spreads the 32
+// lanes over 32 banks -- for the row-major stores and loads and the transposed ones alike --
+// while each row keeps its kE slots: the same elements, the same sums, bank-conflict free.
+template <int kE>
+__device__ __forceinline__ int exchange_slot(int row, int col) {
+  static_assert(kE >= 1 && kE <= 32 && (kE & (kE - 1)) == 0, "kE: a power of two <= 32");
+  constexpr int kShift = kE >= 32 ? 0 : kE >= 16 ? 1 : kE >= 8 ? 2 : kE >= 4 ? 3 : kE >= 2 ? 4 : 5;
+  return row * kE + (col ^ ((row >> kShift) & (kE - 1)));
+}
+
 // H of one row held in registers by the kTPR threads of a row group, in the RowConfig layout
 //     i = chunk * (kTPR * kNElts) + t * kNElts + e,   t = this thread's place in the group.
 // `exchange` is the group's own kTPR * kNElts floats of shared memory, used when the row spans
@@ -171,23 +184,23 @@ __device__ __forceinline__ void fwht_row_registers(float (&v)[RowConfig<kLogN>::
     for (int c = 0; c < C::kNChunks; ++c) {
       __syncthreads();  // the previous chunk's last reads are done
 #pragma unroll
-      for (int e = 0; e < kE; ++e) exchange[t * kE + e] = v[c][e];
+      for (int e = 0; e < kE; ++e) exchange[exchange_slot<kE>(t, e)] = v[c][e];
       __syncthreads();
       float u[kE];
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
         const int e_lo = e & (C::kWarps - 1), e_hi = e >> kLogWarps;
-        u[e] = exchange[(e_lo * 32 + l) * kE + ((e_hi << kLogWarps) | w)];
+        u[e] = exchange[exchange_slot<kE>(e_lo * 32 + l, (e_hi << kLogWarps) | w)];
       }
       butterfly_registers<kE, C::kWarps>(u);  // e_lo are the low bits of e': strides < kWarps
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
         const int e_lo = e & (C::kWarps - 1), e_hi = e >> kLogWarps;
-        exchange[(e_lo * 32 + l) * kE + ((e_hi << kLogWarps) | w)] = u[e];
+        exchange[exchange_slot<kE>(e_lo * 32 + l, (e_hi << kLogWarps) | w)] = u[e];
       }
       __syncthreads();
 #pragma unroll
-      for (int e = 0; e < kE; ++e) v[c][e] = exchange[t * kE + e];
+      for (int e = 0; e < kE; ++e) v[c][e] = exchange[exchange_slot<kE>(t, e)];
     }
   }
 

@@ -267,6 +267,20 @@ def test_merge_needs_an_adapted_model():
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def assert_checkpoint_round_trip(model, fresh, x):
+    """``model``'s adapter_state_dict through torch.save/load into ``fresh`` (the same backbone,
+    other adapter init): same outputs on ``x``, the same full state."""
+    buffer = io.BytesIO()
+    torch.save(kk.adapter_state_dict(model), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert not torch.equal(fresh(x), model(x))
+    result = kk.load_adapter_state_dict(fresh, loaded)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(fresh(x), model(x))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("method", kk.METHODS)
 def test_checkpoint_round_trip(method):
     model = adapted(method)
@@ -274,17 +288,7 @@ def test_checkpoint_round_trip(method):
     state = kk.adapter_state_dict(model)
     trainable_numel = sum(p.numel() for p in trainable(model).values())
     assert sum(t.numel() for t in state.values()) == trainable_numel
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    fresh = adapted(method, adapt_seed=9)  # same backbone, other adapter init
-    x = images()
-    assert not torch.equal(fresh(x), model(x))
-    result = kk.load_adapter_state_dict(fresh, loaded)
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    assert torch.equal(fresh(x), model(x))
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert_checkpoint_round_trip(model, adapted(method, adapt_seed=9), images())
 
 
 def test_state_dict_shares_storage_and_adapter_keys():

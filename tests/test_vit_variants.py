@@ -8,7 +8,6 @@ Every method serves every variant: KAdaptation, Compacter, FacT and ARC act on e
 (``dynamic_img_size``, patch dropout) is refused by LoSA before anything changes.
 """
 import copy
-import io
 
 import pytest
 import timm
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import kron_kernels as kk
-from test_adapt import TINY_CONFIG, perturb, trainable
+from test_adapt import TINY_CONFIG, assert_checkpoint_round_trip, perturb, trainable
 from test_bad_input import MERGEABLE, assert_unchanged, snapshot
 from utils import RTOL, assert_rel_close, rel_err
 
@@ -153,17 +152,7 @@ def test_adapter_state_dict_round_trip(name, method):
     perturb(model, seed=5)
     state = kk.adapter_state_dict(model)
     assert head_names(name, method) <= set(state)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    fresh = adapted(name, method, adapt_seed=9)
-    x = images()
-    assert not torch.equal(fresh(x), model(x))
-    result = kk.load_adapter_state_dict(fresh, loaded)
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    assert torch.equal(fresh(x), model(x))
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert_checkpoint_round_trip(model, adapted(name, method, adapt_seed=9), images())
 
 
 # ---------------------------------------------------------------------------- LoSA's token axis

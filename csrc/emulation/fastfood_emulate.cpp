@@ -1,6 +1,7 @@
 // Runs the CUDA Fastfood kernels of fastfood_cuda.cuh on the host (cuda_host.h) for the tests:
 //   fastfood_emulate fwd LOG_LB D SEED GRID THETA_FILE OUT_FILE      out (D,) = P theta
 //   fastfood_emulate bwd LOG_LB D SEED GRID GRAD_FILE PARTIAL_FILE   partial (GRID * R, Lb)
+//   fastfood_emulate banks                                           the exchange's bank check
 // Files are raw little-endian float32; theta's length is its file size / 4. GRID is the number
 // of persistent CTAs (fewer than the blocks: each CTA then walks several).
 #include "cuda_host.h"
@@ -65,7 +66,48 @@ int run(bool forward, int64_t D, uint64_t seed, unsigned grid, const char* in_pa
 
 }  // namespace
 
+// fwht_row_registers' shared-memory exchange (kE = 8 floats per row: every row that spans
+// warps has 8-element thread vectors), for 2, 4 and 8 warps per row: each warp-wide access --
+// the row-major stores and loads (row t = w * 32 + l, column e) and the transposed ones (row
+// e_lo * 32 + l, column (e_hi << log2 kWarps) | w) -- touches 32 distinct banks, and each row
+// keeps its own 8 slots. Prints the first violation and returns 1, else prints "ok".
+int check_banks() {
+  constexpr int kE = 8;
+  for (int warps = 2; warps <= 8; warps *= 2) {
+    const int log_warps = warps == 8 ? 3 : warps == 4 ? 2 : 1;
+    for (int row = 0; row < warps * 32; ++row) {
+      bool seen[kE] = {};
+      for (int col = 0; col < kE; ++col) {
+        const int slot = exchange_slot<kE>(row, col);
+        if (slot / kE != row || seen[slot % kE]) {
+          std::printf("row %d col %d -> slot %d: not a permutation of the row's slots\n", row, col, slot);
+          return 1;
+        }
+        seen[slot % kE] = true;
+      }
+    }
+    for (int w = 0; w < warps; ++w) {
+      for (int e = 0; e < kE; ++e) {
+        const int e_lo = e & (warps - 1), e_hi = e >> log_warps;
+        uint32_t row_major = 0, transposed = 0;  // bank bitmasks of the warp's 32 accesses
+        for (int l = 0; l < 32; ++l) {
+          row_major |= 1u << (exchange_slot<kE>(w * 32 + l, e) % 32);
+          transposed |= 1u << (exchange_slot<kE>(e_lo * 32 + l, (e_hi << log_warps) | w) % 32);
+        }
+        if (row_major != 0xffffffffu || transposed != 0xffffffffu) {
+          std::printf("%d warps, warp %d, element %d: bank conflict (banks %08x / %08x)\n", warps, w, e,
+                      row_major, transposed);
+          return 1;
+        }
+      }
+    }
+  }
+  std::printf("ok\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "banks") return check_banks();
   if (argc != 8) return 2;
   const bool forward = std::string(argv[1]) == "fwd";
   const int log_lb = std::atoi(argv[2]);

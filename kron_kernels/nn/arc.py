@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_int, check_probability
 
 __all__ = ["ARCAdapter"]
 
@@ -33,12 +34,16 @@ class ARCAdapter(nn.Module):
     def __init__(self, d: int, r: int, shared: nn.Module, position: str, dropout: float = 0.1,
                  device=None, dtype=None) -> None:
         super().__init__()
+        # the shared validators (TypeError: not an int / a number; ValueError: out of range)
+        d = check_int("d", d, min=1)
+        r = check_int("r", r, min=1)
+        dropout = check_probability("dropout", dropout, max_open=True)
+        if not isinstance(position, str):
+            raise TypeError(f"position must be a str ('attn' or 'mlp'), got {type(position).__name__} {position!r}")
         U = getattr(shared, f"U_{position}", None)
         if not isinstance(U, torch.Tensor) or tuple(U.shape) != (d, r):
             raise ValueError(f"shared module needs a (d, r) = ({d}, {r}) tensor U_{position}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.d, self.r, self.position, self.dropout = d, r, position, float(dropout)
+        self.d, self.r, self.position, self.dropout = d, r, position, dropout
         self._shared = (shared,)  # not registered: the owner counts and saves U once
         self._target = None  # (Linear,) that reads this adapter's output, for merging
         self.lam = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))

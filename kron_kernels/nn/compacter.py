@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_bool, check_int
 from .kadaptation import init_shared_factor
 
 __all__ = ["PHMLinear", "CompacterAdapter", "AdapterWrapper"]
@@ -39,14 +40,16 @@ _MERGE_ERROR = (
 )
 
 
-def _check_phm_dims(in_features: int, out_features: int, n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    for name, size in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
+def _check_phm_dims(in_features: int, out_features: int, n: int, names=("in_features", "out_features")):
+    """``(in_features, out_features, n)`` as ints, checked by the shared validators (positive
+    ints: TypeError / ValueError naming the argument), then that ``n`` divides both sizes;
+    ``names`` are the caller's names for the two sizes (the adapter's ``d`` and ``k``)."""
+    sizes = [check_int(name, size, min=1) for name, size in zip(names, (in_features, out_features))]
+    n = check_int("n", n, min=1)
+    for name, size in zip(names, sizes):
         if size % n:
             raise ValueError(f"n={n} must divide {name}={size}")
+    return sizes[0], sizes[1], n
 
 
 class PHMLinear(nn.Module):
@@ -72,7 +75,8 @@ class PHMLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        _check_phm_dims(in_features, out_features, n)
+        in_features, out_features, n = _check_phm_dims(in_features, out_features, n)
+        bias = check_bool("bias", bias)
         self.in_features, self.out_features, self.n = in_features, out_features, n
         factory = dict(device=device, dtype=dtype or torch.float32)
         names = []
@@ -146,10 +150,15 @@ class CompacterAdapter(nn.Module):
         self, d: int, k: Optional[int] = None, n: int = 4, A: SharedA = None, device=None, dtype=None
     ) -> None:
         super().__init__()
-        k = d // 32 if k is None else k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"the bottleneck size k must be a positive int, got {k!r} (default d // 32)")
-        _check_phm_dims(d, k, n)
+        d = check_int("d", d, min=1)
+        if k is None:
+            k = d // 32
+            if k < 1:
+                raise ValueError(f"k must be a positive int or None (None: d // 32), got None and d // 32 = 0 "
+                                 f"for d={d}: pass the bottleneck size k")
+        else:
+            k = check_int("k", k, min=1, desc="a positive int or None (None: d // 32)")
+        d, k, n = _check_phm_dims(d, k, n, names=("d", "k"))
         factory = dict(device=device, dtype=dtype or torch.float32)
         if A is None:
             self.A = nn.Parameter(init_shared_factor(torch.empty(n, n, n, **factory)))

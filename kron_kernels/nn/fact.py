@@ -30,13 +30,14 @@ pre-merge weight, so unmerge restores it bitwise.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_float, check_int, check_probability
 
 __all__ = ["FacTLinear", "fact_cores", "FORMATS", "MODES"]
 
@@ -74,9 +75,25 @@ class FacTLinear(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        d = shared.U.shape[0]
+        # the shared validators (TypeError: not a number; ValueError: out of range or not finite)
+        scale = check_float("scale", scale)  # any finite number: FacT sweeps s over {0.01 .. 100}
+        dropout = check_probability("dropout", dropout, max_open=True)
+        if isinstance(slots, (str, bytes, torch.Tensor)) or not isinstance(slots, Iterable):
+            raise TypeError(f"slots must be a sequence of slot indices (ints), got {type(slots).__name__} {slots!r}")
+        slots = tuple(check_int(f"slots[{i}]", s, min=0, desc="a non-negative int (a slot index)")
+                      for i, s in enumerate(slots))
+        if not slots:
+            raise ValueError("slots must name at least one slot index")
+        U, V = getattr(shared, "U", None), getattr(shared, "V", None)
+        if not isinstance(U, torch.Tensor) or U.dim() != 2 or not isinstance(V, torch.Tensor) or V.shape != U.shape:
+            raise ValueError("shared module needs tensors U and V of one shape (d, r)")
+        d = U.shape[0]
+        owned = ("cores",) if fmt == "tt" else ("C", "P")
+        if not all(isinstance(getattr(shared, name, None), torch.Tensor) for name in owned):
+            raise ValueError(f"a {fmt!r} FacT layer needs the shared module to own tensors {' and '.join(owned)}")
+        n_slots = (shared.cores if fmt == "tt" else shared.P).shape[0]
+        if max(slots) >= n_slots:
+            raise ValueError(f"slots {list(slots)} must index the shared module's {n_slots} slots")
         k = len(slots)
         expected = (k * d, d) if mode == "rows" else (d, k * d)
         if (base.out_features, base.in_features) != expected:
@@ -87,8 +104,8 @@ class FacTLinear(nn.Module):
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.slots, self.mode, self.fmt = tuple(int(s) for s in slots), mode, fmt
-        self.scale, self.dropout = float(scale), float(dropout)
+        self.slots, self.mode, self.fmt = slots, mode, fmt
+        self.scale, self.dropout = scale, dropout
         self._shared = (shared,)  # in a tuple: not registered (the owner counts and saves them once)
         self.register_buffer("_premerge_weight", None, persistent=False)
         #: no own adapter tensors; the attribute marks the layer for kk.merge / kk.unmerge

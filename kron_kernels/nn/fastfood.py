@@ -24,7 +24,7 @@ at theta = 0 it returns exactly the module's output (``P 0 = 0`` exactly, and
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, Iterable, List, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -41,20 +41,21 @@ _SEED_STEP = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: per-tensor seeds far apa
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def check_subspace_options(d, seed, mode, per_tensor, said, sizes: Sequence[int]) -> None:
+def check_subspace_options(d, seed, mode, per_tensor, said, sizes: Sequence[int]) -> Tuple[int, int]:
     """Validate a subspace's options against the chosen tensors' ``sizes`` (TypeError /
     ValueError naming the argument): ``d`` a positive int, ``seed`` an int in [0, 2^64),
     ``mode`` one of MODES, ``per_tensor``/``said`` bools, and every projection that the
     forward will compute (``R^d -> R^D``, or ``R^d -> R^{D_i}`` per tensor) within
-    ``kk.fastfood``'s limits."""
-    check_int("d", d, min=1)
-    check_int("seed", seed, min=0, max=(1 << 64) - 1, desc="an int in [0, 2^64)")
+    ``kk.fastfood``'s limits. Returns ``(d, seed)`` as Python ints (a numpy int converted)."""
+    d = check_int("d", d, min=1)
+    seed = check_int("seed", seed, min=0, max=(1 << 64) - 1, desc="an int in [0, 2^64)")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_bool("per_tensor", per_tensor)
     check_bool("said", said)
     for D in (sizes if per_tensor else [sum(sizes)]):
         fastfood_block_size(D, d, mode)
+    return d, seed
 
 
 def select_parameters(module: nn.Module, include: Include = None) -> List[str]:
@@ -121,7 +122,7 @@ class FastfoodSubspace(nn.Module):
         if len(device) > 1:
             raise ValueError(f"the chosen parameters live on several devices: {device}")
         sizes = [params[n].numel() for n in names]
-        check_subspace_options(d, seed, mode, per_tensor, said, sizes)
+        d, seed = check_subspace_options(d, seed, mode, per_tensor, said, sizes)
         # the aliases of a tied parameter (e.g. shared embeddings) all get the one new tensor
         aliases: Dict[str, List[str]] = {n: [] for n in names}
         ids = {id(params[n]): n for n in names}

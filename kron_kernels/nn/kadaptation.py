@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_bool, check_float, check_int
 
 __all__ = ["KAdaptationLinear", "init_shared_factor", "factor_dtype"]
 
@@ -47,28 +48,37 @@ def check_targets(
 ) -> Dict[str, Tuple[int, int]]:
     """Validate ``{name: (start, stop)}`` row slices against a Linear's shape and ``n``, ``r``.
 
-    Shared by the fused module and adapt (the reference module mirrors it): raises a
-    ValueError naming what is wrong. Returns the slices ordered by start row.
+    ``n`` and ``r`` go through the shared validators (positive ints), as every row bound
+    (an int); a TypeError / ValueError names what is wrong. Returns the slices (Python ints)
+    ordered by start row.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+    n = check_int("n", n, min=1)
+    check_int("r", r, min=1)
+    if not isinstance(targets, Mapping):
+        raise TypeError(f"targets must be a mapping {{name: (start, stop)}}, got {type(targets).__name__}")
     if not targets:
         raise ValueError("targets must name at least one row slice")
     if in_features % n:
         raise ValueError(f"n={n} must divide the layer's in_features={in_features}")
-    previous_stop, ordered = 0, {}
-    for name, (start, stop) in sorted(targets.items(), key=lambda item: item[1][0]):
+    slices = {}
+    for name, bounds in targets.items():
+        if not isinstance(name, str):
+            raise TypeError(f"target names must be str (they name parameters), got {type(name).__name__} {name!r}")
         if not name.isidentifier():
             raise ValueError(f"target name {name!r} must be a Python identifier (it names parameters)")
+        if isinstance(bounds, (str, bytes)) or not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise TypeError(f"targets[{name!r}] must be a (start, stop) pair of ints, got {bounds!r}")
+        slices[name] = tuple(check_int(f"targets[{name!r}] {end}", value, desc="an int (a row index)")
+                             for end, value in zip(("start", "stop"), bounds))
+    previous_stop, ordered = 0, {}
+    for name, (start, stop) in sorted(slices.items(), key=lambda item: item[1][0]):
         if not 0 <= start < stop <= out_features:
             raise ValueError(f"target {name!r} rows [{start}, {stop}) are not inside [0, {out_features})")
         if start < previous_stop:
             raise ValueError(f"target {name!r} rows [{start}, {stop}) overlap another target")
         if (stop - start) % n:
             raise ValueError(f"n={n} must divide the {stop - start} rows of target {name!r}")
-        ordered[name] = (int(start), int(stop))
+        ordered[name] = (start, stop)
         previous_stop = stop
     return ordered
 
@@ -105,9 +115,22 @@ class KAdaptationLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        self.targets = check_targets(targets, base.in_features, base.out_features, n, r)
+        # everything is checked before any parameter is made: the shared validators for the
+        # numbers (TypeError: wrong type; ValueError: out of range or not finite), then the slices
+        n, r = check_int("n", n, min=1), check_int("r", r, min=1)
+        bias = check_bool("bias", bias)
+        scale = check_float("scale", scale)
+        targets = check_targets(targets, base.in_features, base.out_features, n, r)
+        if shared is not None:
+            for name in targets:
+                A = getattr(shared, f"A_{name}", None)
+                if not isinstance(A, torch.Tensor):
+                    raise ValueError(f"shared module has no tensor A_{name} for target {name!r}")
+                if tuple(A.shape) != (n, n, n):
+                    raise ValueError(f"the shared A_{name} must have shape ({n}, {n}, {n}), got {tuple(A.shape)}")
+        self.targets = targets
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.n, self.r, self.scale, self.has_bias = n, r, float(scale), bool(bias)
+        self.n, self.r, self.scale, self.has_bias = n, r, scale, bias
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # may be None (timm's qkv_bias=False)
         # the shared owner is held inside a tuple: nn.Module registers Module attributes, not tuples
@@ -123,8 +146,6 @@ class KAdaptationLinear(nn.Module):
             if shared is None:
                 self.register_parameter(f"A_{name}", nn.Parameter(torch.empty(n, n, n, **factory)))
                 names.append(f"A_{name}")
-            elif not isinstance(getattr(shared, f"A_{name}", None), torch.Tensor):
-                raise ValueError(f"shared module has no tensor A_{name} for target {name!r}")
             self.register_parameter(f"U_{name}", nn.Parameter(torch.empty(n, (stop - start) // n, r, **factory)))
             self.register_parameter(f"V_{name}", nn.Parameter(torch.empty(n, self.in_features // n, r, **factory)))
             names += [f"U_{name}", f"V_{name}"]

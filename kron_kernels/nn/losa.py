@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_int
 
 __all__ = ["LoSAMixer", "LoSAModel", "KINDS"]
 
@@ -53,8 +54,14 @@ class LoSAMixer(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        # the shared validators (TypeError: not an int; ValueError: out of range)
+        features = check_int("features", features, min=1)
+        r = check_int("r", r, min=1)
+        if kind == "video":
+            frames = check_int("frames", frames, min=1, desc="a positive int (the number of frames) for kind='video'")
+        elif frames is not None:
+            frames = check_int("frames", frames, min=1, desc="a positive int or None (only kind='video' reads it)")
+        prefix = check_int("prefix", prefix, min=0)
         self.kind, self.features, self.r, self.frames, self.prefix = kind, features, r, frames, prefix
         factory = dict(device=device, dtype=dtype)
         sizes = {"": features} if kind != "video" else {"_spatial": features, "_temporal": frames}

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gpu_properties, on_device
+from . import _autotune, gpu_properties, on_device
 
 __all__ = ["bottleneck_adapter_forward", "bottleneck_adapter_backward"]
 
@@ -54,7 +54,7 @@ def _gelu_and_grad(z):
 @triton.jit
 def _bottleneck_adapter_fwd_kernel(
     h_ptr, w_down_ptr, b_down_ptr, w_up_t_ptr, b_up_ptr, out_ptr,
-    N, D,
+    N, D, N_BUCKET,  # N_BUCKET: the row-count class, read only by the autotuner's key
     stride_hn, stride_hd, stride_on,
     HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -194,6 +194,13 @@ def _bottleneck_adapter_bwd_kernel(
         tl.store(db_down_part_ptr + pid * K_PAD + offs_k, db_down_acc)
 
 
+# on CUDA the forward tunes its tiles per (d, K_PAD, row-count class, dtypes): triton/_autotune.py
+_bottleneck_adapter_fwd_autotuned = triton.autotune(
+    configs=_autotune.row_tile_configs(), key=["D", "K_PAD", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": _autotune.prune_row_tiles("K_PAD", "h_ptr")},
+)(_bottleneck_adapter_fwd_kernel)
+
+
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
@@ -215,8 +222,10 @@ def _k_pad(k: int) -> int:
 def _config(h2: torch.Tensor, k_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
-    On CUDA the tiles come from a ptxas resource sweep (sm_90, K_PAD = 32, Triton 3.6 and
-    3.9): none spills registers. They are not yet timed on a GPU. The forward's second pass
+    On CUDA the forward autotunes its tiles (``triton/_autotune.py``); the forward tiles here
+    serve only a call that fixes its tile sizes. The backward's tiles come from a ptxas
+    resource sweep (sm_90, K_PAD = 32, Triton 3.6 and 3.9): none spills registers. They are
+    not yet timed on a GPU. The forward's second pass
     re-reads a program's ``BLOCK_N x d`` rows from L2: 64 rows of 2-byte (32 of 4-byte)
     activations keep that <= 128 KiB at d = 1024. The backward's weight-gradient dots reduce
     over the ``BLOCK_N`` tokens with the loop-invariant ``g``/``dz`` as operands, which costs
@@ -279,18 +288,19 @@ def bottleneck_adapter_forward(
     out = torch.empty((n, d), dtype=h2.dtype, device=h2.device)
     if n == 0:
         return out
-    cfg_n, cfg_d, num_warps, num_stages, _ = _config(h2, k_pad, backward=False)
-    block_n, block_d = block_n or cfg_n, block_d or cfg_d
-    _bottleneck_adapter_fwd_kernel[(triton.cdiv(n, block_n),)](
+    args = (
         h2, w_down_p, w_down_p if b_down_p is None else b_down_p,
         w_up_t_p, w_up_t_p if b_up is None else b_up, out,
-        n, d,
+        n, d, _autotune.n_bucket(n),
         h2.stride(0), h2.stride(1), out.stride(0),
-        HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-        ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, reduced_precision),
-        BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
-        num_warps=num_warps, num_stages=num_stages,
     )
+    meta = dict(HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
+                ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, reduced_precision), K_PAD=k_pad)
+    fixed = None
+    if h2.device.type != "cuda" or block_n is not None or block_d is not None:  # else autotuned
+        cfg_n, cfg_d, num_warps, num_stages, _ = _config(h2, k_pad, backward=False)
+        fixed = (block_n or cfg_n, block_d or cfg_d, num_warps, num_stages)
+    _autotune.launch_rows(_bottleneck_adapter_fwd_autotuned, _bottleneck_adapter_fwd_kernel, n, args, meta, fixed)
     return out
 
 

@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gpu_properties, on_device
+from . import _autotune, gpu_properties, on_device
 
 __all__ = ["bottleneck_forward", "bottleneck_backward", "fact_forward", "fact_backward", "dropout_keep_mask",
            "MIDDLES"]
@@ -143,6 +143,7 @@ def _load_x(x_ptr, x2_ptr, rows_x, rows_x2, offs_d, stride_xd, stride_x2d, mask,
 def _bottleneck_fwd_kernel(
     x_ptr, x2_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr, bias_ptr, out_ptr,
     n_rows, n_inner, D, R, seed, p_drop, drop_scale,
+    N_BUCKET,  # the row-count class, read only by the autotuner's key
     stride_xo, stride_xi, stride_xd, stride_x2o, stride_x2i, stride_x2d, stride_oo, stride_oi, stride_od,
     MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ROWS_BLOCKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -422,6 +423,7 @@ def _fact_dcore_add(dcore_part_ptr, slot, pre, d_a, DOT_PRECISION: tl.constexpr,
 def _fact_fwd_kernel(
     x_ptr, u_t_ptr, v_t_ptr, core_ptr, bias_ptr, out_ptr,
     n_rows, D, K, R, seed, p_drop, drop_scale, scale,
+    N_BUCKET,  # the row-count class, read only by the autotuner's key
     stride_xn, stride_xd, stride_on, stride_od,
     SPLIT_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
@@ -518,6 +520,27 @@ def _dropout_keep_kernel(keep_ptr, n_rows, R, seed, p_drop, BLOCK_N: tl.constexp
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
+# On CUDA the forwards tune their tiles per (feature width, R_PAD, row-count class, layout,
+# dtypes): triton/_autotune.py. ROWS_BLOCKED follows from the tile the autotuner tries.
+_bottleneck_fwd_autotuned = triton.autotune(
+    configs=_autotune.row_tile_configs(), key=["D", "R_PAD", "N_BUCKET", "n_inner", "MIDDLE", "HAS_X2"],
+    prune_configs_by={"early_config_prune": _autotune.prune_row_tiles("R_PAD", "x_ptr")},
+)(triton.heuristics({"ROWS_BLOCKED": lambda a: _rows_blocked(a["n_inner"], a["BLOCK_N"])})(_bottleneck_fwd_kernel))
+_fact_fwd_autotuned = triton.autotune(
+    configs=_autotune.row_tile_configs(), key=["D", "K", "R_PAD", "N_BUCKET", "SPLIT_ROWS"],
+    prune_configs_by={"early_config_prune": _autotune.prune_row_tiles("R_PAD", "x_ptr")},
+)(_fact_fwd_kernel)
+
+
+def _fixed_tile(x, r_pad: int, block_n, block_d):
+    """A forward's fixed ``(BLOCK_N, BLOCK_D, num_warps, num_stages)``, or None where it autotunes:
+    on CUDA unless the caller fixed a tile size (tests; the interpreter always takes fixed tiles)."""
+    if x.device.type == "cuda" and block_n is None and block_d is None:
+        return None
+    cfg_n, cfg_d, num_warps, num_stages, _ = _config(x, r_pad, backward=False)
+    return block_n or cfg_n, block_d or cfg_d, num_warps, num_stages
+
+
 def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -529,7 +552,8 @@ def _dot_precision(reduced_precision: bool) -> str:
 def _config(x: torch.Tensor, r_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
-    CUDA tiles follow ``triton/adapter.py`` and a ptxas resource sweep at R_PAD = 64 (ARC
+    On CUDA the forwards autotune (``triton/_autotune.py``); their tiles here serve only a
+    call that fixes its tile sizes. CUDA tiles follow ``triton/adapter.py`` and a ptxas resource sweep at R_PAD = 64 (ARC
     r = 50, LoSA r = 64), sm_90, Triton 3.6 and 3.9 (``python -m benchmarks.kernel_resources``);
     not yet timed on a GPU. 64 rows of 2-byte (32 of 4-byte) activations keep a block's rows
     <= 128 KiB of L2 for the forward's second pass at d = 1024. The backward holds ~6
@@ -617,20 +641,18 @@ def bottleneck_forward(
     _, _, _, strides_x2 = _geometry(x if x2 is None else x2, mode)
     _, _, _, strides_out = _geometry(out, mode)
     has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
-    cfg_n, cfg_d, num_warps, num_stages, _ = _config(x, r_pad, backward=False)
-    block_n, block_d = block_n or cfg_n, block_d or cfg_d
-    _bottleneck_fwd_kernel[(triton.cdiv(n_rows, block_n),)](
+    args = (
         x, x if x2 is None else x2, down_t, up_t_p,
         down_t if core_p is None else core_p, down_t if diag_p is None else diag_p,
         scale_t, down_t if bias is None else bias.detach().to(torch.float32).contiguous(), out,
-        n_rows, n_inner, d, r, seed, p_drop, drop_scale,
+        n_rows, n_inner, d, r, seed, p_drop, drop_scale, _autotune.n_bucket(n_rows),
         *strides_x, *strides_x2, *strides_out,
-        MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_BIAS=bias is not None,
-        HAS_DROPOUT=has_dropout, ROWS_BLOCKED=_rows_blocked(n_inner, block_n),
-        DOT_PRECISION=_dot_precision(reduced_precision),
-        BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
-        num_warps=num_warps, num_stages=num_stages,
     )
+    meta = dict(MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_BIAS=bias is not None,
+                HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(reduced_precision), R_PAD=r_pad)
+    fixed = _fixed_tile(x, r_pad, block_n, block_d)
+    _autotune.launch_rows(_bottleneck_fwd_autotuned, _bottleneck_fwd_kernel, n_rows, args, meta, fixed,
+                          **({} if fixed is None else {"ROWS_BLOCKED": _rows_blocked(n_inner, fixed[0])}))
     return out
 
 
@@ -736,16 +758,15 @@ def fact_forward(
         r_pad = _r_pad(r)
         u_t, v_t, core_p = _fact_padded(U, V, cores, r_pad)
         has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
-        cfg_n, cfg_d, num_warps, num_stages, _ = _config(x, r_pad, backward=False)
-        block_n, block_d = block_n or cfg_n, block_d or cfg_d
-        _fact_fwd_kernel[(triton.cdiv(n, block_n),)](
+        args = (
             x, u_t, v_t, core_p, u_t if bias is None else bias.detach().to(torch.float32).contiguous(), out,
-            n, d, k, r, seed, p_drop, drop_scale, float(scale),
+            n, d, k, r, seed, p_drop, drop_scale, float(scale), _autotune.n_bucket(n),
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            SPLIT_ROWS=split == "rows", HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-            DOT_PRECISION=_dot_precision(reduced_precision), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
-            num_warps=num_warps, num_stages=num_stages,
         )
+        meta = dict(SPLIT_ROWS=split == "rows", HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+                    DOT_PRECISION=_dot_precision(reduced_precision), R_PAD=r_pad)
+        _autotune.launch_rows(_fact_fwd_autotuned, _fact_fwd_kernel, n, args, meta,
+                              _fixed_tile(x, r_pad, block_n, block_d))
     if weight is not None:
         out.addmm_(x, weight.t())
     return out

@@ -132,6 +132,7 @@ class Recording:
 
     launches: List[Launch] = dataclasses.field(default_factory=list)
     label: str = ""
+    tiled: set = dataclasses.field(default_factory=set)  # autotuned classes recorded with every tile
 
 
 @contextlib.contextmanager
@@ -150,9 +151,22 @@ def record_launches(props: GPUProperties) -> Iterator[Recording]:
     def run(self, *args, grid, warmup, **kwargs):
         recording.launches.append(Launch(self, args, kwargs, recording.label))
 
-    def autotuned_run(self, *args, **kwargs):
-        # every configuration the autotuner may pick
-        for config in self.configs:
+    def autotuned_run(self, *args, grid=None, warmup=False, **kwargs):
+        # every configuration the autotuner may pick on this device -- its pruning (by the
+        # simulated GPU's shared memory) runs as on the real one -- once per kernel, activation
+        # and factor dtypes and non-flag constexprs (widths, precisions); the other launches of
+        # that class (other boolean flags: bias, dropout, ...) with its first configuration
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            configs = self.prune_configs(kwargs)
+        finally:
+            self.nargs = None
+        tile_class = (self.base_fn.__name__, tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
+                      tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not isinstance(v, bool))))
+        if tile_class in recording.tiled:
+            configs = configs[:1]
+        recording.tiled.add(tile_class)
+        for config in configs:
             self.fn.run(*args, grid=None, warmup=False, **{**kwargs, **config.all_kwargs()})
 
     patches = [(jit.JITFunction, "run", run), (autotuner.Autotuner, "run", autotuned_run),

@@ -6,6 +6,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import kron_kernels as kk
+from bad_hyperparameters import cases, names_argument
 from kron_kernels.nn import AdapterWrapper, ARCAdapter
 from kron_kernels.reference import arc as ref
 from utils import MODEL_BACKENDS, RTOL, assert_rel_close, model_outputs_and_grads
@@ -146,3 +147,18 @@ def test_model_matches_reference_modules(impl, device):
     assert got.keys() == want.keys() and len(want) > 2
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("argument, value, error", cases(d="positive_int", r="positive_int", dropout="dropout"))
+def test_adapter_hyperparameters_through_the_shared_validators(argument, value, error):
+    """ARCAdapter's d, r and dropout: a TypeError for a value of the wrong kind (a bool, a
+    string, a tensor, None, a float as a size), a ValueError out of range or not finite; the
+    message names the argument, and the shared U is left alone."""
+    shared = nn.Module()
+    shared.U_attn = nn.Parameter(torch.randn(D, R, dtype=torch.float64))
+    U = shared.U_attn.detach().clone()
+    kwargs = dict(d=D, r=R, shared=shared, position="attn", dropout=0.1)
+    kwargs[argument] = value
+    with pytest.raises(error, match=names_argument(argument)):
+        ARCAdapter(**kwargs)
+    assert torch.equal(shared.U_attn, U) and [n for n, _ in shared.named_parameters()] == ["U_attn"]

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kron_kernels as kk
+from bad_hyperparameters import cases, names_argument
 from kron_kernels.nn import AdapterWrapper, CompacterAdapter, PHMLinear
 from kron_kernels.reference import compacter as ref
 from utils import RTOL, TRITON_DEVICES, assert_low_precision_error, assert_rel_close
@@ -215,8 +216,8 @@ def test_extra_repr():
 @pytest.mark.parametrize(
     "build, error, match",
     [
-        pytest.param(lambda: CompacterAdapter(64, 6, 4), ValueError, "n=4 must divide out_features=6", id="k"),
-        pytest.param(lambda: CompacterAdapter(66, 8, 4), ValueError, "n=4 must divide in_features=66", id="d"),
+        pytest.param(lambda: CompacterAdapter(64, 6, 4), ValueError, "n=4 must divide k=6", id="k"),
+        pytest.param(lambda: CompacterAdapter(66, 8, 4), ValueError, "n=4 must divide d=66", id="d"),
         pytest.param(lambda: CompacterAdapter(16, None, 4), ValueError, "k must be a positive int", id="k0"),
         pytest.param(lambda: PHMLinear(64, 8, 0), ValueError, "n must be a positive int", id="n0"),
         pytest.param(lambda: PHMLinear(64, 8, 4, A=nn.Parameter(torch.zeros(2, 2, 2))), ValueError,
@@ -268,3 +269,27 @@ def test_wrapper_on_timm_attention_forwards_attn_mask():
     assert torch.equal(masked, adapter(attn(x, attn_mask=mask)))
     assert not torch.allclose(masked, wrapper(x))  # the mask reached the attention
     assert wrapper.num_heads == 4
+
+
+@pytest.mark.parametrize(
+    "cls, argument, value, error",
+    [pytest.param(PHMLinear, *case.values, id=f"phm-{case.id}")
+     for case in cases(in_features="positive_int", out_features="positive_int", n="positive_int", bias="bool")]
+    + [pytest.param(CompacterAdapter, *case.values, id=f"adapter-{case.id}")
+       # k=None is valid (d // 32)
+       for case in cases(d="positive_int", k=("positive_int", ("none",)), n="positive_int")],
+)
+def test_hyperparameters_through_the_shared_validators(cls, argument, value, error):
+    """PHMLinear's in_features, out_features, n, bias and CompacterAdapter's d, k, n: a
+    TypeError for a value of the wrong kind (a bool, a string, a tensor, None, 2.0 or 2.5 as
+    a size; an int as the bias flag), a ValueError out of range; the message names the argument."""
+    kwargs = dict(in_features=64, out_features=8, n=4, bias=True) if cls is PHMLinear else dict(d=64, k=8, n=4)
+    kwargs[argument] = value
+    with pytest.raises(error, match=names_argument(argument)):
+        cls(**kwargs)
+
+
+def test_default_bottleneck_too_small_names_k():
+    with pytest.raises(ValueError, match=r"^k must be a positive int or None \(None: d // 32\), got None"):
+        CompacterAdapter(16, n=4)
+    assert CompacterAdapter(64, n=2).k == 2

@@ -8,6 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import kron_kernels as kk
+from bad_hyperparameters import cases, names_argument
 from kron_kernels.nn import FacTLinear
 from kron_kernels.reference import fact as ref
 from utils import RTOL, TRITON_DEVICES, assert_rel_close
@@ -221,3 +222,42 @@ def test_bad_config(model_kwargs, config, error, match):
     with pytest.raises(error, match=match):
         kk.adapt(model, "fact_tt", **config)
     assert repr(model) == before
+
+
+@pytest.mark.parametrize(
+    "argument, value, error",
+    cases(scale="finite", dropout="dropout")
+    + [pytest.param("slots[1]", *case.values[1:], id=f"slot-{case.id}")
+       for case in cases(slot=("non_negative_int", ("none",)))]
+    + [pytest.param("slots[1]", None, TypeError, id="slot-none")],
+)
+@pytest.mark.parametrize("fmt", ["tt", "tk"])
+def test_layer_hyperparameters_through_the_shared_validators(fmt, argument, value, error):
+    """FacTLinear's scale, dropout and slot indices: a TypeError for a value of the wrong kind
+    (a bool, a string, a tensor, None, a float as an index), a ValueError out of range or not
+    finite; the message names the argument, and the base Linear is left as it was."""
+    shared = owner(fmt, 12)
+    base = nn.Linear(D, 3 * D, dtype=torch.float64)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    kwargs = dict(slots=[5, 6, 7], scale=0.7, dropout=0.1)
+    if argument.startswith("slots"):
+        kwargs["slots"] = [5, value, 7]
+    else:
+        kwargs[argument] = value
+    with pytest.raises(error, match=names_argument(argument)):
+        FacTLinear(base, mode="rows", fmt=fmt, shared=shared, **kwargs)
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "slots, shared, error, match",
+    [
+        pytest.param([], owner("tt", 12), ValueError, "slots must name at least one", id="no-slots"),
+        pytest.param(5, owner("tt", 12), TypeError, "slots must be a sequence", id="int-slots"),
+        pytest.param([5], owner("tt", 4), ValueError, "must index the shared module's 4 slots", id="slot-out"),
+        pytest.param([5], nn.Module(), ValueError, "needs tensors U and V", id="no-U"),
+    ],
+)
+def test_layer_semantic_refusals(slots, shared, error, match):
+    with pytest.raises(error, match=match):
+        FacTLinear(nn.Linear(D, D, dtype=torch.float64), slots, "rows", "tt", shared)

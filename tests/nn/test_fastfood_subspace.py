@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 import kron_kernels as kk
+from bad_hyperparameters import cases, names_argument
 from kron_kernels.nn import FastfoodSubspace
 from utils import RTOL, assert_rel_close, model_outputs_and_grads, needs_interpreter
 
@@ -265,3 +266,26 @@ def test_torch_compile_fullgraph(kwargs, backend_name, fresh_dynamo):
     assert_rel_close(got.pop("out"), want.pop("out"), RTOL[torch.float64], "out")
     for name in want:
         assert_rel_close(got[name], want[name], 1e-6, name)
+
+
+@pytest.mark.parametrize(
+    "argument, value, error",
+    cases(d="positive_int", seed="non_negative_int", per_tensor="bool", said="bool")
+    + [pytest.param("seed", 1 << 64, ValueError, id="seed-2^64")],
+)
+def test_hyperparameters_through_the_shared_validators(argument, value, error):
+    """d, seed, per_tensor and said: a TypeError for a value of the wrong kind (a bool, a
+    string, a tensor, None, a float as a count; an int as a flag), a ValueError out of range;
+    the message names the argument and the module is left exactly as it was."""
+    net = small_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = [(n, p.requires_grad) for n, p in net.named_parameters()]
+    kwargs = dict(d=4, seed=0, per_tensor=False, said=False)
+    kwargs[argument] = value
+    with pytest.raises(error, match=names_argument(argument)):
+        FastfoodSubspace(net, **kwargs)
+    assert [(n, p.requires_grad) for n, p in net.named_parameters()] == params
+    assert not list(net.named_buffers())
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    sub = FastfoodSubspace(net, 4, seed=7)  # still wrappable
+    assert type(sub.d) is int and sub.seed == 7

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kron_kernels as kk
+from bad_hyperparameters import cases, names_argument
 from kron_kernels.nn import KAdaptationLinear
 from kron_kernels.reference import kadaptation as ref
 from utils import RTOL, TRITON_DEVICES, assert_low_precision_error, assert_rel_close
@@ -268,6 +269,50 @@ def test_extra_repr():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
+    args = dict(base=make_base(64, 192, True), targets={"q": (0, 64)}, n=8)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        KAdaptationLinear(**args)
+
+
+@pytest.mark.parametrize(
+    "argument, value, error",
+    cases(n="positive_int", r="positive_int", bias="bool", scale="finite")
+    + [pytest.param("targets['q'] start", value, TypeError, id=f"start-{label}")
+       for label, value in [("bool", False), ("float", 0.0), ("str", "0"), ("tensor", torch.tensor(0))]]
+    + [pytest.param("targets['q'] stop", value, TypeError, id=f"stop-{label}")
+       for label, value in [("float", 64.0), ("none", None), ("nan", float("nan"))]],
+)
+def test_hyperparameters_through_the_shared_validators(argument, value, error):
+    """n, r, bias, scale and the targets' row bounds: a TypeError for a value of the wrong kind
+    (a bool, a string, a tensor, None, a float as a count or a row; an int as the bias flag), a
+    ValueError out of range or not finite; the message names the argument, no parameter is
+    made and the base Linear and the shared owner are left as they were."""
+    base, shared = make_base(64, 192, True), make_shared(["q"], 8)
+    before = {k: v.clone() for k, v in (*base.state_dict().items(), *shared.state_dict().items())}
+    kwargs = dict(base=base, targets={"q": (0, 64)}, n=8, r=2, bias=True, scale=1.0, shared=shared)
+    if argument.startswith("targets"):
+        kwargs["targets"] = {"q": (value, 64) if argument.endswith("start") else (0, value)}
+    else:
+        kwargs[argument] = value
+    with pytest.raises(error, match=names_argument(argument)):
+        KAdaptationLinear(**kwargs)
+    after = {**base.state_dict(), **shared.state_dict()}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param(dict(targets=[("q", (0, 64))]), TypeError, "targets must be a mapping", id="targets-list"),
+        pytest.param(dict(targets={"q": (0, 64, 1)}), TypeError, r"targets\['q'\] must be a \(start, stop\) pair",
+                     id="triple"),
+        pytest.param(dict(targets={3: (0, 64)}), TypeError, "target names must be str", id="name-int"),
+        pytest.param(dict(shared=make_shared(["q"], 4)), ValueError, r"shared A_q must have shape \(8, 8, 8\)",
+                     id="shared-A-shape"),
+    ],
+)
+def test_bad_targets_and_shared(kwargs, error, match):
     args = dict(base=make_base(64, 192, True), targets={"q": (0, 64)}, n=8)
     args.update(kwargs)
     with pytest.raises(error, match=match):

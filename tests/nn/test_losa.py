@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import kron_kernels as kk
+from bad_hyperparameters import cases, names_argument
 from kron_kernels.nn import LoSAMixer, LoSAModel
 from kron_kernels.reference import losa as ref
 from utils import MODEL_BACKENDS, RTOL, assert_rel_close, model_outputs_and_grads
@@ -232,3 +233,22 @@ def test_model_matches_reference_modules(frames, impl, device):
     assert got.keys() == want.keys() and len(want) > 2
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
+
+
+@pytest.mark.parametrize(
+    "kind, argument, value, error",
+    [pytest.param("channel", *case.values, id=f"channel-{case.id}")
+     for case in cases(features="positive_int", r="positive_int", frames=("positive_int", ("none",)),
+                       prefix="non_negative_int")]
+    + [pytest.param("video", *case.values, id=f"video-{case.id}")
+       for case in cases(features="positive_int", r="positive_int", frames="positive_int",
+                         prefix="non_negative_int")],
+)
+def test_mixer_hyperparameters_through_the_shared_validators(kind, argument, value, error):
+    """LoSAMixer's features, r, frames (None only outside video) and prefix: a TypeError for a
+    value of the wrong kind (a bool, a string, a tensor, None, a float as a size), a ValueError
+    out of range; the message names the argument."""
+    kwargs = dict(kind=kind, features=4, r=R, frames=3 if kind == "video" else None, prefix=1)
+    kwargs[argument] = value
+    with pytest.raises(error, match=names_argument(argument)):
+        LoSAMixer(**kwargs)

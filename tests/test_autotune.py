@@ -1,0 +1,145 @@
+"""Autotuning of the row-tiled forward kernels (``kron_kernels/triton/_autotune.py``): the
+configuration space, its pruning by the device's shared memory and registers, the tuning log,
+and -- on a GPU -- that an autotuned launch computes what a fixed-tile launch computes."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+
+from kron_kernels.triton import GPUProperties, _autotune, simulate_gpu  # noqa: E402
+
+H100 = GPUProperties("NVIDIA H100 80GB HBM3", (9, 0), 132, 227 * 1024)
+SMALL = GPUProperties("a GPU with 48 KiB of shared memory per block", (7, 5), 40, 48 * 1024)
+
+
+class FakeRows:
+    """What the prune reads of the activation argument: its element size and device."""
+
+    def __init__(self, element_size):
+        self._size = element_size
+        self.device = torch.device("cuda")
+
+    def element_size(self):
+        return self._size
+
+
+def pruned(props, width, element_size):
+    prune = _autotune.prune_row_tiles("K_PAD", "h_ptr")
+    with simulate_gpu(props):
+        return prune(_autotune.row_tile_configs(), {"h_ptr": FakeRows(element_size)}, K_PAD=width)
+
+
+def tiles(configs):
+    return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in configs}
+
+
+def test_space_has_high_parallelism_and_large_tiles():
+    """16- and 32-row tiles with 4 warps (many programs: 12,608 ViT-B tokens / 16 = 788 on 132
+    SMs) beside the 64- and 128-row tiles that amortise the factor loads."""
+    space = tiles(_autotune.row_tile_configs())
+    assert len(space) == len(_autotune.ROW_TILES)
+    assert {n for n, *_ in space} == {16, 32, 64, 128}
+    assert any(s == 1 for *_, s in space)  # an unpipelined tile for small shared memories
+    assert any(n == 16 and w == 4 for n, _, w, _ in space)
+
+
+def test_h100_keeps_every_tile_at_vit_widths():
+    """At ViT factor widths (K_PAD / R_PAD 16-64) every tile fits an H100 in bf16."""
+    assert tiles(pruned(H100, 32, 2)) == set(_autotune.ROW_TILES)
+
+
+@pytest.mark.parametrize("width", [16, 64, 128, 256])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_pruning_respects_shared_memory_and_registers(width, element_size):
+    """What survives fits the device's shared memory with its pipeline stages and keeps at most
+    MAX_VALUES_PER_THREAD live fp32 values per thread, on an H100 and on a small GPU."""
+    for props in (H100, SMALL):
+        kept = pruned(props, width, element_size)
+        assert kept
+        for config in kept:
+            smem, values = _autotune._resources(config, width, element_size)
+            assert smem <= props.shared_memory_per_block_optin
+            assert values <= _autotune.MAX_VALUES_PER_THREAD
+    if width <= 128:  # the ranks the methods use (LoSA's r = 64, ARC's 50: R_PAD 64) keep a choice
+        assert len(pruned(H100, width, element_size)) > 1
+
+
+def test_wide_factors_and_small_gpus_lose_tiles():
+    """The wide factors of LoSA's larger ranks (R_PAD 256) lose the 128-row tiles; a GPU with
+    48 KiB per block loses the deep pipelines an H100 keeps."""
+    wide = tiles(pruned(H100, 256, 4))
+    assert wide and all(n < 128 for n, *_ in wide)
+    assert len(pruned(SMALL, 128, 4)) < len(pruned(H100, 128, 4))
+
+
+def test_pruning_never_empty():
+    """A width no tile fits still gets one configuration (the one with the fewest live values)."""
+    kept = pruned(SMALL, 4096, 4)
+    assert len(kept) == 1
+
+
+def test_n_bucket():
+    assert [_autotune.n_bucket(n) for n in (1, 16, 17, 12608, 197 * 64)] == [16, 16, 32, 16384, 16384]
+
+
+RECORD = """
+import sys, torch
+import kron_kernels as kk
+from kron_kernels.triton import GPUProperties, targets
+props = GPUProperties("sim", (int(sys.argv[1]), 0), 40, int(sys.argv[2]))
+with targets.record_launches(props) as recording:
+    h = torch.empty(64, 256, device="cuda")
+    kk.bottleneck_adapter(h, torch.empty(200, 256, device="cuda"), None, torch.empty(256, 200, device="cuda"), None)
+print(sum(launch.name == "_bottleneck_adapter_fwd_kernel" for launch in recording.launches))
+"""
+
+
+def test_recording_compiles_what_the_pruning_keeps(tmp_path):
+    """The GPU-target check records one forward launch per configuration the pruning keeps on
+    the simulated device (not the whole space), so what it compiles is what the autotuner may
+    run there: fewer on a small GPU at a wide factor (k = 200: K_PAD 256). In a subprocess:
+    this process interprets its kernels."""
+    from test_gpu_targets import _run
+
+    script = tmp_path / "record.py"
+    script.write_text(RECORD)
+    for props in (H100, SMALL):
+        proc = _run([str(script), str(props.capability[0]), str(props.shared_memory_per_block_optin)], None)
+        assert proc.returncode == 0, proc.stderr
+        assert int(proc.stdout.split()[-1]) == len(pruned(props, 256, 4)), props.name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_autotuned_forward_equals_fixed_tiles(dtype):
+    """On a GPU the autotuned adapter forward gives the fixed-tile launch's result (bitwise up to
+    the tile's summation order: the k-dim reduction is split differently, so within fp32
+    rounding of the projection), and the tuning is logged with its time."""
+    from kron_kernels.triton import adapter as triton_adapter
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(3000, 768, device="cuda", generator=gen).to(dtype)
+    w_down = torch.randn(24, 768, device="cuda", generator=gen) * 0.05
+    w_up = torch.randn(768, 24, device="cuda", generator=gen) * 0.05
+    before = len(_autotune.tunings())
+    tuned = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype != torch.float32)
+    fixed = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype != torch.float32,
+                                                      block_n=32, block_d=64)
+    log = _autotune.tunings()[before:]
+    assert len(log) == 1 and log[0].kernel == "_bottleneck_adapter_fwd_kernel" and log[0].seconds > 0
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5  # one bf16 rounding of the output; fp32 sums
+    assert (tuned.float() - fixed.float()).abs().max() <= tol * fixed.float().abs().max()
+    assert triton.cdiv(3000, 16) > 132  # the space offers more programs than SMs
+
+
+def test_report_lists_the_tunings():
+    """The benchmark report prints every tuning with its first-call time (never hidden)."""
+    from benchmarks import report
+
+    tunings = [_autotune.Tuning("_fact_fwd_kernel", (768, 3, 16, 16384, True, "torch.bfloat16"),
+                                "BLOCK_N: 16, BLOCK_D: 64, num_warps: 4", 4.25)]
+    text = report.autotuning_markdown(tunings, {"device": "NVIDIA H200"})
+    assert "_fact_fwd_kernel" in text and "4.25" in text and "1 tunings, 4.2 s" in text
+    assert report.autotunings() == _autotune.tunings()
