@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kron_kernels-installed
 PYTEST_ARGS ?=
-# the test suite runs on every core (pytest-xdist); the compile check's tests share one worker
+# the test suite runs on every core (pytest-xdist); the compile check makes each Triton report once
+# (tests/test_gpu_targets.py shares it between the workers through a file lock)
 TEST_PARALLEL ?= -n auto --dist loadgroup
 BENCH_ARGS ?=
 # The GPU machine's Triton: tests/test_gpu_targets.py compiles every kernel configuration with it

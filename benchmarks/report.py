@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 import kron_kernels as kk
+from kron_kernels import triton as kk_triton
 
 from . import common
 from . import models
@@ -645,12 +646,6 @@ _ROOFLINE_UNITS = {"int32": "INT32", "fp32": "FP32", "xu": "MUFU/conversions", "
                    "shared_wavefronts": "shared memory", "issue": "instruction issue"}
 
 
-def autotunings() -> list:
-    """The Triton autotunings this process made (``kron_kernels.triton._autotune``), if any ran."""
-    module = sys.modules.get("kron_kernels.triton._autotune")
-    return module.tunings() if module is not None else []
-
-
 def autotuning_markdown(tunings, prov: Dict[str, Any]) -> str:
     """Each autotuning of the run: kernel, key, the tile chosen and the first call's wall time
     (compiling and timing every tile the pruning kept) -- the cost a user's first step pays."""
@@ -873,7 +868,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 plot(suite, rows, cfg, prov, folder / f"{suite.name}.png")
         print(text)
         errors += sum(r.status == "error" for r in rows)
-    tunings = autotunings()
+    tunings = kk_triton.tunings()
     if tunings:  # the first calls' autotuning, which the timed repeats (after warm-up) exclude
         text = autotuning_markdown(tunings, prov)
         (folder / "autotuning.md").write_text(text)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["GPUProperties", "gpu_properties", "simulate_gpu", "on_device"]
+__all__ = ["GPUProperties", "gpu_properties", "simulate_gpu", "on_device", "tunings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +80,11 @@ def on_device(launcher):
             return launcher(first, *args, **kwargs)
 
     return wrapper
+
+
+def tunings() -> list:
+    """Every Triton autotuning this process has made (``_autotune.Tuning``: kernel, key, the
+    configuration chosen, the first call's wall time), in order; empty until a kernel tuned.
+    Does not import Triton."""
+    module = sys.modules.get(__name__ + "._autotune")
+    return module.tunings() if module is not None else []

@@ -553,8 +553,9 @@ def _config(x: torch.Tensor, r_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
     On CUDA the forwards autotune (``triton/_autotune.py``); their tiles here serve only a
-    call that fixes its tile sizes. CUDA tiles follow ``triton/adapter.py`` and a ptxas resource sweep at R_PAD = 64 (ARC
-    r = 50, LoSA r = 64), sm_90, Triton 3.6 and 3.9 (``python -m benchmarks.kernel_resources``);
+    call that fixes its tile sizes. CUDA tiles follow ``triton/adapter.py`` and a ptxas
+    resource sweep at R_PAD = 64 (ARC r = 50, LoSA r = 64), sm_90, Triton 3.6 and 3.9
+    (``python -m benchmarks.kernel_resources``);
     not yet timed on a GPU. 64 rows of 2-byte (32 of 4-byte) activations keep a block's rows
     <= 128 KiB of L2 for the forward's second pass at d = 1024. The backward holds ~6
     ``BLOCK_N x R_PAD`` fp32 tiles across its feature loops: 64 rows x 32-wide chunks use

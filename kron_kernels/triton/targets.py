@@ -153,16 +153,16 @@ def record_launches(props: GPUProperties) -> Iterator[Recording]:
 
     def autotuned_run(self, *args, grid=None, warmup=False, **kwargs):
         # every configuration the autotuner may pick on this device -- its pruning (by the
-        # simulated GPU's shared memory) runs as on the real one -- once per kernel, activation
-        # and factor dtypes and non-flag constexprs (widths, precisions); the other launches of
-        # that class (other boolean flags: bias, dropout, ...) with its first configuration
+        # simulated GPU's shared memory) runs as on the real one -- once per kernel, tensor
+        # dtypes and factor width (the tile's dot shapes and shared memory follow from them);
+        # the kernel's other launches of that class (flags, precisions) with its first one
         self.nargs = dict(zip(self.arg_names, args))
         try:
             configs = self.prune_configs(kwargs)
         finally:
             self.nargs = None
         tile_class = (self.base_fn.__name__, tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
-                      tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not isinstance(v, bool))))
+                      tuple(sorted((k, v) for k, v in kwargs.items() if k in ("K_PAD", "R_PAD"))))
         if tile_class in recording.tiled:
             configs = configs[:1]
         recording.tiled.add(tile_class)
