@@ -34,7 +34,8 @@ import triton
 
 from . import gpu_properties
 
-__all__ = ["ROW_TILES", "Tuning", "tunings", "row_tile_configs", "prune_row_tiles", "n_bucket", "launch", "launch_rows"]
+__all__ = ["ROW_TILES", "Tuning", "tunings", "row_tile_configs", "prune_row_tiles", "n_bucket", "launch", "fixed_tile",
+           "launch_rows"]
 
 # (BLOCK_N, BLOCK_D, num_warps, num_stages): small row blocks first (parallelism for few tokens
 # or many SMs; the unpipelined 16 x 32 tile fits 48 KiB GPUs at wide factors), then the
@@ -107,13 +108,23 @@ def n_bucket(n: int) -> int:
 
 def launch(autotuner, grid, *args, **kwargs) -> None:
     """``autotuner[grid](*args, **kwargs)``, logging a tuning when this call made one."""
-    before = set(autotuner.cache)
+    tuned = len(autotuner.cache)  # the cache only grows: a new entry is this call's tuning
     start = time.perf_counter()
     autotuner[grid](*args, **kwargs)
-    new = [key for key in autotuner.cache if key not in before]
-    if new:
-        _TUNINGS.append(Tuning(autotuner.base_fn.__name__, new[0], str(autotuner.cache[new[0]]),
+    if len(autotuner.cache) > tuned:
+        key = next(reversed(autotuner.cache))  # dicts keep insertion order
+        _TUNINGS.append(Tuning(autotuner.base_fn.__name__, key, str(autotuner.cache[key]),
                                time.perf_counter() - start))
+
+
+def fixed_tile(x, block_n, block_d, default: Callable[[], Tuple[int, int, int, int]]):
+    """A forward's fixed ``(BLOCK_N, BLOCK_D, num_warps, num_stages)`` -- the caller's tile sizes
+    over ``default()``'s -- or None where it autotunes: on CUDA unless a tile size is given
+    (tests; the interpreter always takes fixed tiles)."""
+    if x.device.type == "cuda" and block_n is None and block_d is None:
+        return None
+    cfg_n, cfg_d, num_warps, num_stages = default()
+    return block_n or cfg_n, block_d or cfg_d, num_warps, num_stages
 
 
 def launch_rows(autotuned, kernel, n_rows: int, args, meta, fixed=None, **fixed_meta) -> None:

@@ -296,10 +296,7 @@ def bottleneck_adapter_forward(
     )
     meta = dict(HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
                 ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, reduced_precision), K_PAD=k_pad)
-    fixed = None
-    if h2.device.type != "cuda" or block_n is not None or block_d is not None:  # else autotuned
-        cfg_n, cfg_d, num_warps, num_stages, _ = _config(h2, k_pad, backward=False)
-        fixed = (block_n or cfg_n, block_d or cfg_d, num_warps, num_stages)
+    fixed = _autotune.fixed_tile(h2, block_n, block_d, lambda: _config(h2, k_pad, backward=False)[:4])
     _autotune.launch_rows(_bottleneck_adapter_fwd_autotuned, _bottleneck_adapter_fwd_kernel, n, args, meta, fixed)
     return out
 

@@ -533,12 +533,8 @@ _fact_fwd_autotuned = triton.autotune(
 
 
 def _fixed_tile(x, r_pad: int, block_n, block_d):
-    """A forward's fixed ``(BLOCK_N, BLOCK_D, num_warps, num_stages)``, or None where it autotunes:
-    on CUDA unless the caller fixed a tile size (tests; the interpreter always takes fixed tiles)."""
-    if x.device.type == "cuda" and block_n is None and block_d is None:
-        return None
-    cfg_n, cfg_d, num_warps, num_stages, _ = _config(x, r_pad, backward=False)
-    return block_n or cfg_n, block_d or cfg_d, num_warps, num_stages
+    """The forwards' fixed tile, or None where they autotune (``_autotune.fixed_tile``)."""
+    return _autotune.fixed_tile(x, block_n, block_d, lambda: _config(x, r_pad, backward=False)[:4])
 
 
 def _r_pad(r: int) -> int:
