@@ -1453,11 +1453,13 @@ def device_label(device: torch.device) -> str:
 
 def provenance(device: torch.device) -> Dict[str, Any]:
     """Where and with what the numbers were measured."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
-    if commit is None:
-        # a copy of the tree without .git (the lent GPU machine): gpu_session.sh passes it on
-        commit = os.environ.get("KRON_KERNELS_COMMIT")
+    # a copy of the tree sent elsewhere (the lent GPU machine) may carry no .git, or a stale one
+    # (H200 run of 93d8659: the copy's .git named the session's first commit, "uncommitted
+    # changes"): gpu_session.sh passes the commit it runs, and that wins
+    commit = os.environ.get("KRON_KERNELS_COMMIT")
+    status = None if commit else _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    if not commit:
+        commit = _git("rev-parse", "HEAD")
     info: Dict[str, Any] = {
         "device": device_name(device),
         "device_type": device.type,

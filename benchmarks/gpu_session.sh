@@ -31,7 +31,7 @@ steps=${*:-build tests resources report transforms models}
 check=0
 if [[ "$steps" == check ]]; then
     check=1
-    steps="build tests models targets"
+    steps="build tests models ops targets"
 fi
 mkdir -p "$out"
 work=$(mktemp -d /tmp/kk_session.XXXXXX)

@@ -124,8 +124,8 @@ def test_autotuned_forward_equals_fixed_tiles(dtype):
     w_down = torch.randn(24, 768, device="cuda", generator=gen) * 0.05
     w_up = torch.randn(768, 24, device="cuda", generator=gen) * 0.05
     before = len(_autotune.tunings())
-    tuned = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype != torch.float32)
-    fixed = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype != torch.float32,
+    tuned = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype)
+    fixed = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype,
                                                       block_n=32, block_d=64)
     log = _autotune.tunings()[before:]
     assert len(log) == 1 and log[0].kernel == "_bottleneck_adapter_fwd_kernel" and log[0].seconds > 0

@@ -136,7 +136,7 @@ class _Spec:
     residual: bool  # add x1 to the output
     p_drop: float
     seed: int
-    reduced_precision: bool  # fp16/bf16 activations: TF32 dots in the kernels
+    data_dtype: torch.dtype  # the precision the data carry: x's dtype, or the autocast dtype below it
 
 
 def _torch_keep_mask(n_rows: int, r: int, p_drop: float, seed, device) -> torch.Tensor:
@@ -293,51 +293,78 @@ _DENSE_OPS = ("arc", "losa_mixer")  # the ops with a dense composition (FacT's c
 
 class _ScaleBy(torch.autograd.Function):
     """``a * scale`` for a one-element ``scale`` (LoSA's alpha) on activations ``a`` in their
-    dtype; the scale's gradient, a sum over every element of ``a``, accumulates in the scale's
-    dtype (fp32) -- in bf16 it would lose the 2^-8 that the fused kernels and the reference keep."""
+    dtype (a 0-d scale does not promote them); the scale's gradient, a sum over every element
+    of ``a``, accumulates in the scale's dtype (fp32) -- in bf16 it would lose the 2^-8 that
+    the fused kernels and the reference keep. Two launches forward, three backward."""
 
     @staticmethod
     def forward(ctx, a, scale):
         ctx.save_for_backward(a, scale)
-        return a * scale.to(a.dtype)
+        return a * scale.reshape(())
 
     @staticmethod
     def backward(ctx, g):
         a, scale = ctx.saved_tensors
-        da = g * scale.to(g.dtype) if ctx.needs_input_grad[0] else None
+        da = g * scale.reshape(()) if ctx.needs_input_grad[0] else None
         dscale = None
         if ctx.needs_input_grad[1]:
-            dscale = grad_like((g.to(scale.dtype) * a.to(scale.dtype)).sum().reshape(scale.shape), scale)
+            dscale = grad_like((g * a).sum(dtype=scale.dtype).reshape(scale.shape), scale)
         return da, dscale
 
 
+def _data_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision a bottleneck's data carry: ``x``'s dtype, or under autocast the autocast
+    dtype when it is narrower (fp32 activations in an autocast region: the residual stream of
+    a timm ViT). The GEMMs of the dense composition and the Triton kernels' dots run at it,
+    as the references' ``matmul`` do under autocast; the result keeps ``x``'s dtype."""
+    cast = autocast_dtype(x.device)
+    if cast is not None and x.dtype == torch.float32 and cast in LOW_PRECISION:
+        return cast
+    return x.dtype
+
+
 def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
-    """The composition the references run, in plain autograd: two dense GEMMs in the
-    activations' dtype (bf16 GEMMs on tensor cores for bf16 activations, as under autocast),
-    the r-wide intermediate materialised, autograd's backward. Same dropout mask as the torch
-    backend (``_torch_keep_mask``)."""
-    dt = x1.dtype
+    """The composition the references run, in plain autograd: two dense GEMMs at the data's
+    precision (``spec.data_dtype``: bf16 GEMMs on tensor cores for bf16 activations and under
+    bf16 autocast, as the references' under autocast), the r-wide intermediate materialised,
+    autograd's backward; the residual and the bias are added in ``x1``'s dtype. Same dropout
+    mask as the torch backend (``_torch_keep_mask``). (On the H200, commit 93d8659, ARC's dense
+    path under autocast ran fp32 FFMA GEMMs on the fp32 residual stream: 0.81x its reference.)"""
+    dt = spec.data_dtype
     x = x1 if x2 is None else x1 + x2
+    x = x.to(dt)
     D = down.to(dt)
     Up = (down if up_t is None else up_t.t()).to(dt)  # (features, r)
     token = spec.mode == "token"
-    pre = torch.matmul(D.t(), x) if token else x @ D  # token: (r, T) @ (B, T, C) -> (B, r, C)
+    # token mixing through a transpose, as the reference: (B, C, T) @ (T, r) folds into ONE
+    # GEMM over every (b, c) row, so D's gradient is one GEMM reducing over B*C in fp32. The
+    # broadcast (r, T) @ (B, T, C) it replaced made B bf16-rounded partial gradients summed in
+    # bf16: over the low-precision rule on an H200 at ViT sizes (commit 93d8659), not on CPU.
+    pre = (x.transpose(-1, -2) if token else x) @ D  # (B, C, r) | (N, r)
+    # each launch counts: on the H200 the fused steps were bound by the host (commit 93d8659),
+    # so dropout's 1 / (1 - p) rides on the diagonal and the mask multiplies as a bool
+    inv_keep = 1.0 / (1.0 - spec.p_drop)
     if spec.middle == "diag":
-        a = pre * (diag.to(dt)[:, None] if token else diag.to(dt))
+        a = pre * (diag * inv_keep if spec.p_drop > 0.0 else diag).to(dt)
     else:
         a = F.gelu(pre)
-    r = down.shape[1]
-    n_rows = x1.shape[0] * x1.shape[2] if token else x1.shape[0]
-    mask = _mask_scale(spec, n_rows, r, x1.device, compute_dtype(dt), x1.shape[0])
-    if mask is not None:
-        a = a * mask.to(dt)
-    out = torch.matmul(Up, a) if token else a @ Up.t()  # token: (T, r) @ (B, r, C)
-    out = _ScaleBy.apply(out, scale)  # on the branch's output, as LoSA's reference (ARC's scale is 1)
+        if spec.p_drop > 0.0:
+            a = a * inv_keep
+    if spec.p_drop > 0.0:
+        r = down.shape[1]
+        n_rows = x1.shape[0] * x1.shape[2] if token else x1.shape[0]
+        keep = _torch_keep_mask(n_rows, r, spec.p_drop, spec.seed, x1.device)  # rows (b, c) | n
+        a = a * (keep.view(x1.shape[0], -1, r) if token else keep)
+    out = a @ Up.t()  # (B, C, T) | (N, d)
+    if token:
+        out = out.transpose(-1, -2)
+    if scale is not None:  # on the branch's output, as LoSA's reference (ARC has none)
+        out = _ScaleBy.apply(out, scale)
     if spec.residual:
-        out = x1 + out
+        out = x1 + out  # promotes to x1's dtype
     if bias is not None:
-        out = out + bias.to(dt)
-    return out
+        out = out + bias.to(out.dtype)
+    return out.to(x1.dtype)
 
 
 def _triton_bottleneck():
@@ -352,7 +379,7 @@ def _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl
         return _triton_bottleneck().bottleneck_forward(
             x1, x2, down, up_t, None, diag, scale, bias,
             mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
-            seed=spec.seed, reduced_precision=spec.reduced_precision,
+            seed=spec.seed, data_dtype=spec.data_dtype,
         )
     acc = compute_dtype(x1.dtype)
     return _TorchBottleneck(spec, x1, down, up_t, diag, acc).forward(x1, x2, scale, bias)
@@ -366,7 +393,7 @@ def _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec
         grads = _triton_bottleneck().bottleneck_backward(
             dout, x1, x2, down, up_t, None, diag, scale,
             mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
-            seed=spec.seed, reduced_precision=spec.reduced_precision,
+            seed=spec.seed, data_dtype=spec.data_dtype,
             need_dx=need_dx, need_dx2=need_dx2, need_dw=need_dw,
         )
     else:
@@ -413,22 +440,22 @@ class BottleneckFunction(torch.autograd.Function):
 # the same computation as PyTorch custom ops, for torch.compile (see ops._common.compiling);
 # the spec travels as its fields, the dropout seed as a 0-d int64 CPU tensor (under compile a
 # seed of None is drawn in the graph: see _resolve_seed)
-def _spec_of(mode, middle, residual, p_drop, seed, reduced_precision) -> _Spec:
-    return _Spec(mode, middle, residual, p_drop, int(seed), reduced_precision)
+def _spec_of(mode, middle, residual, p_drop, seed, data_dtype) -> _Spec:
+    return _Spec(mode, middle, residual, p_drop, int(seed), data_dtype)
 
 
 @torch.library.custom_op("kron_kernels::bottleneck", mutates_args=())
 def _bottleneck_op(
     x1: torch.Tensor, x2: Optional[torch.Tensor], down: torch.Tensor, up_t: Optional[torch.Tensor],
     diag: Optional[torch.Tensor], scale: torch.Tensor, bias: Optional[torch.Tensor], mode: str, middle: str,
-    residual: bool, p_drop: float, seed: torch.Tensor, reduced_precision: bool, impl: str,
+    residual: bool, p_drop: float, seed: torch.Tensor, data_dtype: torch.dtype, impl: str,
 ) -> torch.Tensor:
-    spec = _spec_of(mode, middle, residual, p_drop, seed, reduced_precision)
+    spec = _spec_of(mode, middle, residual, p_drop, seed, data_dtype)
     return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec, impl)
 
 
 @_bottleneck_op.register_fake
-def _(x1, x2, down, up_t, diag, scale, bias, mode, middle, residual, p_drop, seed, reduced_precision, impl):
+def _(x1, x2, down, up_t, diag, scale, bias, mode, middle, residual, p_drop, seed, data_dtype, impl):
     return x1.new_empty(x1.shape)
 
 
@@ -437,16 +464,16 @@ def _bottleneck_backward_op(
     dout: torch.Tensor, x1: torch.Tensor, x2: Optional[torch.Tensor], down: torch.Tensor,
     up_t: Optional[torch.Tensor], diag: Optional[torch.Tensor], scale: torch.Tensor,
     bias_dtype: Optional[torch.dtype], mode: str, middle: str, residual: bool, p_drop: float,
-    seed: torch.Tensor, reduced_precision: bool, impl: str, needs: List[bool],
+    seed: torch.Tensor, data_dtype: torch.dtype, impl: str, needs: List[bool],
 ) -> List[torch.Tensor]:
     """The gradients ``needs`` asks for, in the order ``[dx1, dx2, ddown, dup_t, ddiag, dscale, dbias]``."""
-    spec = _spec_of(mode, middle, residual, p_drop, seed, reduced_precision)
+    spec = _spec_of(mode, middle, residual, p_drop, seed, data_dtype)
     grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec, impl, needs)
     return [g for g in grads if g is not None]
 
 
 @_bottleneck_backward_op.register_fake
-def _(dout, x1, x2, down, up_t, diag, scale, bias_dtype, mode, middle, residual, p_drop, seed, reduced_precision,
+def _(dout, x1, x2, down, up_t, diag, scale, bias_dtype, mode, middle, residual, p_drop, seed, data_dtype,
       impl, needs):
     dx = x1.new_empty(x1.shape)
     likes = [dx, dx, down, up_t, diag, scale, x1.new_empty(x1.shape[-1:], dtype=bias_dtype)]
@@ -465,9 +492,9 @@ def _bottleneck_autograd(ctx, dout):
     need = ctx.needs_input_grad
     present = (True, x2 is not None, True, up_t is not None, diag is not None, True, ctx.bias_dtype is not None)
     needs = [p and bool(n) for p, n in zip(present, need[:7])]
-    mode, middle, residual, p_drop, _, reduced = ctx.spec
+    mode, middle, residual, p_drop, _, data_dtype = ctx.spec
     grads = iter(_bottleneck_backward_op(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, mode, middle,
-                                         residual, p_drop, seed, reduced, ctx.impl, needs))
+                                         residual, p_drop, seed, data_dtype, ctx.impl, needs))
     return (*[next(grads) if needed else None for needed in needs], *[None] * 7)
 
 
@@ -481,7 +508,7 @@ def _apply_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: 
         return _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec)
     if compiling():
         return _bottleneck_op(x1, x2, down, up_t, diag, scale, bias, spec.mode, spec.middle, spec.residual,
-                              spec.p_drop, _seed_tensor(spec.seed), spec.reduced_precision, impl)
+                              spec.p_drop, _seed_tensor(spec.seed), spec.data_dtype, impl)
     return BottleneckFunction.apply(x1, x2, down, up_t, diag, scale, bias, spec, impl)
 
 
@@ -847,9 +874,11 @@ def arc(
     or None. ``dropout`` acts on the r-dim intermediate ``(x @ U) * lam`` when ``training``;
     ``seed`` fixes its mask (None: drawn from torch's global generator; see the module
     docstring). Accumulates in fp32 (fp64 for fp64 ``x``); the result has ``x``'s dtype, the
-    factor gradients their factors' dtypes. Never forms ``U diag(lam) U^T``. Autocast does
-    not change it: it runs at its inputs' precision (the r-dim dots as TF32 for fp16/bf16
-    activations on the Triton backend).
+    factor gradients their factors' dtypes. Never forms ``U diag(lam) U^T``. The projections
+    run at the data's precision: ``x``'s dtype, or under autocast the autocast dtype for fp32
+    ``x`` (as the reference's matmuls would): bf16 GEMMs on the dense path, the Triton
+    kernels' dots as TF32 for bf16 and 3xTF32 for fp16 (the structured torch backend keeps
+    the accumulation dtype); the residual and the result stay in ``x``'s dtype.
     """
     check_tensor("x", x, min_ndim=1, dtypes=_ACTIVATION_DTYPES)
     check_tensor("U", U, ndim=2, device=x.device)
@@ -872,8 +901,9 @@ def arc(
     rows = x.reshape(-1, d)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
     seed = _resolve_seed(seed, p_drop, rows.shape[0] * r)
     impl = _activation_backend("arc", x)
-    spec = _Spec("channel", "diag", True, p_drop, seed, x.dtype in LOW_PRECISION)
-    one = torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
+    spec = _Spec("channel", "diag", True, p_drop, seed, _data_dtype(x))
+    # the kernels and the torch backend take a scale operand; the dense path needs none
+    one = None if impl == "dense" else torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         out = _apply_bottleneck(rows, None, U, None, lam, one, bias, spec, impl)
     return out.reshape(*lead, d)
@@ -896,8 +926,8 @@ def losa_mixer(
     with no transposed copy. ``alpha``: a Python number or a one-element tensor (the learned
     scale; it gets a gradient when it requires one). ``z`` is the frozen backbone's block
     output and usually needs no gradient (none is computed then). fp16/bf16/fp32 activations
-    (fp64 on the torch backend), fp32 accumulation; the result has ``h``'s dtype. Autocast
-    does not change it (the inputs' precision is used, as for :func:`arc`).
+    (fp64 on the torch backend), fp32 accumulation; the result has ``h``'s dtype. Under
+    autocast the projections of fp32 ``h`` run at the autocast dtype, as for :func:`arc`.
     """
     if axis not in ("channel", "token"):
         raise ValueError(f"axis must be 'channel' or 'token', got {axis!r}")
@@ -933,7 +963,7 @@ def losa_mixer(
         scale = torch.tensor(check_scale(alpha, "alpha"), dtype=acc, device=h.device)
 
     impl = _activation_backend("losa_mixer", h)
-    spec = _Spec(axis, "gelu", True, 0.0, 0, h.dtype in LOW_PRECISION)
+    spec = _Spec(axis, "gelu", True, 0.0, 0, _data_dtype(h))
     if token:
         rows_h, rows_z = h.reshape(-1, *h.shape[-2:]), z.reshape(-1, *z.shape[-2:])  # (B, T, C)
     else:

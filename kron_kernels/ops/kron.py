@@ -156,26 +156,52 @@ def _torch_backward(dy2, x2, weight, targets, scale, need_dx: bool):
 # ----------------------------------------------------------------------------------------
 # the materialised increment and its gradient (kron_delta's torch path, the dense backend)
 # ----------------------------------------------------------------------------------------
-def _torch_delta(A, U, V, scale):
-    """``scale * sum_i kron(A[i], U[i] @ V[i].T)`` in the factors' dtype: ``m`` contracted
-    as one GEMM ``(a_out*a_in, m) @ (m, p*q)``, then rows ordered ``(o, p)``, columns ``(a, q)``."""
+def _scaled_mm(a, b, scale):
+    """``scale * (a @ b)`` in one launch: cuBLAS's alpha (``beta = 0`` ignores the
+    uninitialised input, NaNs included)."""
+    return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=scale)
+
+
+def _kron_product(A, U, V, scale=1.0):
+    """``scale * sum_i A[i] (x) (U[i] V[i]^T)`` as ``(a_out*a_in, p*q)`` with rows ``(o, a)``
+    and columns ``(p, q)``: ``m`` contracted by two GEMMs (``B = U V^T``, then ``A^T B``)."""
     m, a_out, a_in = A.shape
     p, q = U.shape[1], V.shape[1]
-    B = U @ V.transpose(1, 2)  # (m, p, q)
-    delta = (A.reshape(m, a_out * a_in).t() @ B.reshape(m, p * q)).mul_(scale)
-    return delta.reshape(a_out, a_in, p, q).permute(0, 2, 1, 3).reshape(a_out * p, a_in * q)
+    B = torch.bmm(U, V.transpose(1, 2))  # (m, p, q)
+    return _scaled_mm(A.reshape(m, a_out * a_in).t(), B.reshape(m, p * q), scale)
+
+
+def _torch_delta(A, U, V, scale):
+    """``scale * sum_i kron(A[i], U[i] @ V[i].T)`` in the factors' dtype, rows ``(o, p)``,
+    columns ``(a, q)``: two GEMMs and the permuting copy."""
+    m, a_out, a_in = A.shape
+    p, q = U.shape[1], V.shape[1]
+    delta = _kron_product(A, U, V, scale).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
+    return delta.reshape(a_out * p, a_in * q)
+
+
+def _add_delta(w_rows, A, U, V, scale) -> None:
+    """``w_rows += scale * delta`` in place, for contiguous rows ``(a_out*p, a_in*q)`` of a
+    weight: the permutation and the scale ride on the one strided add (3 launches in all)."""
+    a_out, a_in = A.shape[1], A.shape[2]
+    p, q = U.shape[1], V.shape[1]
+    prod = _kron_product(A, U, V).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
+    w_rows.view(a_out, p, a_in, q).add_(prod, alpha=scale)
 
 
 def _delta_grads(G, A, U, V, scale):
-    """``(dA, dU, dV)`` from ``G``, the gradient of the materialised increment ``(a_out*p, a_in*q)``
-    (all in G's dtype): two GEMMs over ``m`` on the permuted gradient, O(m * d_out * d_in)."""
+    """``(dA, dU, dV)`` in the factors' dtype from ``G``, the gradient of the materialised
+    increment ``(a_out*p, a_in*q)`` (any float dtype): one copy that permutes G to ``(o, a,
+    p, q)`` and converts it, then five GEMMs over ``m`` (the scale in cuBLAS's alpha),
+    O(m * d_out * d_in)."""
     m, a_out, a_in = A.shape
     p, q = U.shape[1], V.shape[1]
-    G = G.reshape(a_out, p, a_in, q).permute(0, 2, 1, 3).reshape(a_out * a_in, p * q)
-    B = (U @ V.transpose(1, 2)).reshape(m, p * q)
-    dA = (B @ G.t()).mul_(scale).reshape(m, a_out, a_in)
-    dB = (A.reshape(m, a_out * a_in) @ G).mul_(scale).reshape(m, p, q)
-    return dA, dB @ V, dB.transpose(1, 2) @ U
+    Gc = torch.empty((a_out, a_in, p, q), dtype=A.dtype, device=A.device)
+    G = Gc.copy_(G.reshape(a_out, p, a_in, q).permute(0, 2, 1, 3)).view(a_out * a_in, p * q)
+    B = torch.bmm(U, V.transpose(1, 2)).view(m, p * q)
+    dA = _scaled_mm(B, G.t(), scale).view(m, a_out, a_in)
+    dB = _scaled_mm(A.reshape(m, a_out * a_in), G, scale).view(m, p, q)
+    return dA, torch.bmm(dB, V), torch.bmm(dB.transpose(1, 2), U)
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,7 +222,8 @@ _CUDA_AUTO = "dense"
 def _dense_weight(x2, weight, targets, d_out, scale):
     """``weight`` (or zeros) plus every target's increment on its rows, in x2's dtype -- what
     the papers' code multiplies by, formed from the small factors in the accumulation dtype
-    and rounded once to x2's dtype (as the reference under autocast)."""
+    and rounded once to x2's dtype (as the reference under autocast). Launches: one copy of
+    the weight, three per target (``_add_delta``), one conversion."""
     acc = compute_dtype(x2.dtype)
     if weight is None and len(targets) == 1 and targets[0][0] == 0:
         _, A, U, V = targets[0]
@@ -205,26 +232,32 @@ def _dense_weight(x2, weight, targets, d_out, scale):
     w = (torch.zeros((d_out, x2.shape[1]), device=x2.device, dtype=acc) if weight is None
          else weight.to(acc, copy=True))
     for start, A, U, V in targets:
-        delta = _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale)
-        w[start:start + delta.shape[0]] += delta
+        rows = A.shape[1] * U.shape[1]
+        _add_delta(w[start:start + rows], A.to(acc), U.to(acc), V.to(acc), scale)
     return w.to(x2.dtype)
 
 
-def _dense_forward(x2, weight, bias, targets, d_out, scale):
-    """One GEMM on ``W + delta``: as cheap as the frozen layer's forward plus an O(d^2) build."""
-    return F.linear(x2, _dense_weight(x2, weight, targets, d_out, scale), bias)
+def _dense_forward(x2, weight, bias, targets, d_out, scale, keep_weight=False):
+    """One GEMM on ``W + delta``: as cheap as the frozen layer's forward plus an O(d^2) build.
+    With ``keep_weight`` returns ``(y, W + delta)`` for the backward to reuse."""
+    w = _dense_weight(x2, weight, targets, d_out, scale)
+    y = F.linear(x2, w, bias)
+    return (y, w) if keep_weight else y
 
 
-def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool):
-    """``dx = dy (W + delta)`` (the weight rebuilt, not saved: O(d^2) work, no stored d x d), and
-    per target the weight-gradient GEMM of *its rows only* (``dy[:, rows]^T x``, in x's dtype as
-    a Linear's weight gradient under autocast), contracted onto A, U, V in the accumulation dtype."""
+def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None):
+    """``dx = dy (W + delta)`` (with ``w``, the forward's ``W + delta``; else rebuilt: O(d^2)
+    work), and per target the weight-gradient GEMM of *its rows only* (``dy[:, rows]^T x``, in
+    x's dtype as a Linear's weight gradient under autocast), contracted onto A, U, V in the
+    accumulation dtype (``_delta_grads``)."""
     acc = compute_dtype(x2.dtype)
-    dx = dy2 @ _dense_weight(x2, weight, targets, dy2.shape[1], scale) if need_dx else None
+    dx = None
+    if need_dx:
+        dx = dy2 @ (w if w is not None else _dense_weight(x2, weight, targets, dy2.shape[1], scale))
     grads = []
     for start, A, U, V in targets:
         rows = A.shape[1] * U.shape[1]
-        G = (dy2[:, start:start + rows].t() @ x2).to(acc)
+        G = dy2[:, start:start + rows].t() @ x2
         grads.append(_delta_grads(G, A.to(acc), U.to(acc), V.to(acc), scale))
     return dx, grads
 
@@ -238,9 +271,12 @@ def _triton_kron():
     return triton_kron
 
 
-def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl):
-    """The forward of :class:`KronLinearFunction` and of the ``kron_kernels::kron_linear`` custom op."""
+def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=False):
+    """The forward of :class:`KronLinearFunction` and of the ``kron_kernels::kron_linear``
+    custom op; with ``keep_weight`` (dense only) ``(y, W + delta)``."""
     targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
+    if keep_weight:
+        return _dense_forward(x2, weight, bias, targets, d_out, scale, keep_weight=True)
     if impl == "triton":
         forward = _triton_kron().kron_linear_forward
     else:
@@ -248,17 +284,19 @@ def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl):
     return forward(x2, weight, bias, targets, d_out, scale)
 
 
-def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs):
+def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs, dense_weight=None):
     """``[dx, dweight, dbias, *dfactors]`` (None where ``needs``, one bool per input, is False):
-    the backward of :class:`KronLinearFunction` and of the custom op."""
+    the backward of :class:`KronLinearFunction` and of the custom op (``dense_weight``: the
+    dense forward's ``W + delta``, reused)."""
     targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
     acc = compute_dtype(x2.dtype)
     dy2 = dy2.contiguous()
     if impl == "triton":
-        backward = _triton_kron().kron_linear_backward
+        dx, grads = _triton_kron().kron_linear_backward(dy2, x2, weight, targets, scale, needs[0])
+    elif impl == "dense":
+        dx, grads = _dense_backward(dy2, x2, weight, targets, scale, needs[0], dense_weight)
     else:
-        backward = _dense_backward if impl == "dense" else _torch_backward
-    dx, grads = backward(dy2, x2, weight, targets, scale, needs[0])
+        dx, grads = _torch_backward(dy2, x2, weight, targets, scale, needs[0])
     dweight = dbias = None
     if weight is not None and needs[1]:
         dweight = grad_like(dy2.to(acc).t() @ x2.to(acc), weight)
@@ -280,16 +318,26 @@ class KronLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, scale, impl, d_out, starts, *factors):
-        ctx.save_for_backward(x2, weight, *factors)
         ctx.scale, ctx.impl, ctx.starts = scale, impl, starts
-        return _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl)
+        if impl != "dense":
+            ctx.save_for_backward(x2, weight, *factors)
+            return _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl)
+        # the dense path keeps its W + delta (x's dtype, as autograd keeps a Linear's weight
+        # under autocast, and as the reference does) instead of rebuilding it for dx: on the
+        # H200 the fused steps were bound by the host's launches (commit 93d8659)
+        y, w = _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=True)
+        ctx.save_for_backward(x2, weight, w, *factors)
+        return y
 
     @staticmethod
     def backward(ctx, dy2):
-        x2, weight, *factors = ctx.saved_tensors
+        if ctx.impl == "dense":
+            x2, weight, w, *factors = ctx.saved_tensors
+        else:
+            (x2, weight, *factors), w = ctx.saved_tensors, None
         need = ctx.needs_input_grad
         dx, dweight, dbias, *dfactors = _linear_backward(
-            dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, need[:3] + need[7:]
+            dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, need[:3] + need[7:], dense_weight=w
         )
         return (dx, dweight, dbias, None, None, None, None, *dfactors)
 
@@ -424,12 +472,11 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
         return KronDeltaFunction.apply(A, U, V, scale, impl)
 
 
-def _autocast_inputs(x, weight, bias):
-    """Under autocast, x, weight and bias run in the autocast dtype, as nn.Linear's would."""
+def _autocast_dtype(x) -> Optional[torch.dtype]:
+    """Under autocast, x, weight and bias run in the autocast dtype, as nn.Linear's would
+    (float64 activations excepted)."""
     cast = autocast_dtype(x.device)
-    if cast is None or x.dtype == torch.float64:
-        return x, weight, bias
-    return tuple(None if t is None else t.to(cast) for t in (x, weight, bias))
+    return None if x.dtype == torch.float64 else cast
 
 
 def _kron_apply(x, weight, bias, targets, d_out, scale, op):
@@ -476,18 +523,24 @@ def _kron_apply(x, weight, bias, targets, d_out, scale, op):
         if bias.shape[0] != d_out:
             raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
     scale = check_scale(scale)
-    x, weight, bias = _autocast_inputs(x, weight, bias)
+    cast = _autocast_dtype(x)
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
+        if cast is None and t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")
-    # the kernels read the bias and the factors through bare pointers (x and weight keep their
-    # strides: the kernels and cuBLAS take them)
-    bias = as_kernel_operand(bias)
-    flat = [as_kernel_operand(f) for f in flat]
+    if cast is not None:
+        x, bias = x.to(cast), (None if bias is None else bias.to(cast))
     refuses = None
     if x.dtype == torch.float64:
         refuses = "its kernels take float16/bfloat16/float32 activations, got float64"
     impl = backend.select(op, x.device, triton_refuses=refuses, dense=True, cuda_auto=_CUDA_AUTO)
+    if cast is not None and weight is not None and impl != "dense":
+        # the dense path forms W + delta from the weight as it is and rounds the sum once
+        # (as the reference under autocast): casting W first would round twice and cost a launch
+        weight = weight.to(cast)
+    # the kernels read the bias and the factors through bare pointers (x and weight keep their
+    # strides: the kernels and cuBLAS take them)
+    bias = as_kernel_operand(bias)
+    flat = [as_kernel_operand(f) for f in flat]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     with torch.autocast(device_type=x.device.type, enabled=False):

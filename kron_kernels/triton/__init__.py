@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["GPUProperties", "gpu_properties", "simulate_gpu", "on_device", "tunings"]
+__all__ = ["GPUProperties", "gpu_properties", "simulate_gpu", "on_device", "tunings", "dot_precision"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,26 @@ def on_device(launcher):
             return launcher(first, *args, **kwargs)
 
     return wrapper
+
+
+def dot_precision(data_dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for fp32 operands (fp32 factors, fp32 intermediates)
+    in a computation whose data carry ``data_dtype``'s precision (the activations' dtype, or
+    the autocast dtype).
+
+    * bfloat16: ``"tf32"``. TF32 rounds an fp32 operand to 2^-11, an eighth of bf16's unit
+      roundoff 2^-8: the extra error is below the data's own.
+    * float16: ``"tf32x3"`` (three TF32 products: fp32-like accuracy on tensor cores). A TF32
+      rounding of the fp32 factors and intermediates is as large as fp16's own 2^-11, so plain
+      TF32 doubled the error: the fp16 low-precision tests failed with it on an H200 (commit
+      93d8659), where the interpreter, which ignores the precision, had passed them.
+    * float32 / float64: ``"ieee"`` (float64 dots ignore the setting).
+    """
+    if data_dtype == torch.bfloat16:
+        return "tf32"
+    if data_dtype == torch.float16:
+        return "tf32x3"
+    return "ieee"
 
 
 def tunings() -> list:

@@ -74,13 +74,18 @@ def row_tile_configs() -> List[triton.Config]:
     return [triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s) for n, d, w, s in ROW_TILES]
 
 
-def _resources(config: triton.Config, width: int, x_bytes: int) -> Tuple[int, float]:
+def _resources(config: triton.Config, width: int, x_bytes: int, split_dots: bool = False) -> Tuple[int, float]:
     """``(shared memory bytes, live fp32 values per thread)`` of a tile: ``num_stages`` buffered
     ``BLOCK_N x BLOCK_D`` activation and ``BLOCK_D x WIDTH`` fp32 factor tiles; the accumulator,
-    the activation tile and the factor tile spread over the CTA's threads."""
+    the activation tile and the factor tile spread over the CTA's threads. ``split_dots``
+    (3xTF32, fp16 activations): the dots' operands are converted to fp32 and split into a high
+    and a low TF32 part, so the activation tile is staged as 2 x 4 bytes and the factor tile
+    twice (the estimate without it let a 256 KiB ARC tile through for sm_90)."""
     n, d = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    smem = max(config.num_stages, 1) * (n * d * x_bytes + d * width * 4)
-    values = (n * width + n * d + d * width) / (32 * config.num_warps)
+    parts = 2 if split_dots else 1
+    x_bytes = 4 if split_dots else x_bytes
+    smem = max(config.num_stages, 1) * parts * (n * d * x_bytes + d * width * 4)
+    values = parts * (n * width + n * d + d * width) / (32 * config.num_warps)
     return smem, values
 
 
@@ -93,7 +98,8 @@ def prune_row_tiles(width_arg: str, rows_tensor: str) -> Callable:
         width = kwargs[width_arg] if width_arg in kwargs else nargs[width_arg]
         x = nargs[rows_tensor]
         limit = gpu_properties(x.device).shared_memory_per_block_optin
-        sized = [(c, *_resources(c, width, x.element_size())) for c in configs]
+        split = (kwargs.get("DOT_PRECISION") or nargs.get("DOT_PRECISION")) == "tf32x3"
+        sized = [(c, *_resources(c, width, x.element_size(), split)) for c in configs]
         kept = [c for c, smem, values in sized if smem <= limit and values <= MAX_VALUES_PER_THREAD]
         # never nothing: the tile with the fewest live values (the kernels compile it anyway)
         return kept or [min(sized, key=lambda t: (t[2], t[1]))[0]]

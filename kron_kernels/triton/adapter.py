@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _autotune, gpu_properties, on_device
+from . import _autotune, dot_precision, gpu_properties, on_device
 
 __all__ = ["bottleneck_adapter_forward", "bottleneck_adapter_backward"]
 
@@ -211,8 +211,8 @@ def _accumulation_dtype(h2: torch.Tensor) -> torch.dtype:
     return torch.float64 if h2.dtype == torch.float64 else torch.float32
 
 
-def _dot_precision(acc: torch.dtype, reduced_precision: bool) -> str:
-    return "tf32" if reduced_precision and acc == torch.float32 else "ieee"
+def _dot_precision(acc: torch.dtype, data_dtype: torch.dtype) -> str:
+    return dot_precision(data_dtype) if acc == torch.float32 else "ieee"
 
 
 def _k_pad(k: int) -> int:
@@ -269,16 +269,16 @@ def bottleneck_adapter_forward(
     b_down: Optional[torch.Tensor],
     w_up: torch.Tensor,
     b_up: Optional[torch.Tensor],
-    reduced_precision: bool,
+    data_dtype: torch.dtype,
     *,
     block_n: Optional[int] = None,
     block_d: Optional[int] = None,
 ) -> torch.Tensor:
     """``out (N, d)`` in ``h2``'s dtype, for a 2-D ``h2`` of any strides (no copy).
 
-    ``reduced_precision`` runs the projections as TF32 tensor-core dots (for fp16/bf16 or
-    autocast activations; TF32's 10 mantissa bits hold fp16/bf16 values exactly); otherwise
-    fp32 dots are IEEE.
+    ``data_dtype`` is the precision the data carry (``h2``'s dtype, or the autocast dtype):
+    the projections' dots take :func:`kron_kernels.triton.dot_precision` of it (TF32 for
+    bf16, 3xTF32 for fp16, IEEE for fp32).
     """
     n, d = h2.shape
     acc = _accumulation_dtype(h2)
@@ -295,7 +295,7 @@ def bottleneck_adapter_forward(
         h2.stride(0), h2.stride(1), out.stride(0),
     )
     meta = dict(HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-                ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, reduced_precision), K_PAD=k_pad)
+                ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, data_dtype), K_PAD=k_pad)
     fixed = _autotune.fixed_tile(h2, block_n, block_d, lambda: _config(h2, k_pad, backward=False)[:4])
     _autotune.launch_rows(_bottleneck_adapter_fwd_autotuned, _bottleneck_adapter_fwd_kernel, n, args, meta, fixed)
     return out
@@ -308,7 +308,7 @@ def bottleneck_adapter_backward(
     w_down: torch.Tensor,
     b_down: Optional[torch.Tensor],
     w_up: torch.Tensor,
-    reduced_precision: bool,
+    data_dtype: torch.dtype,
     need_dh: bool,
     need_dw: bool,
     *,
@@ -349,7 +349,7 @@ def bottleneck_adapter_backward(
         n, d,
         h2.stride(0), h2.stride(1), dout2.stride(0), dout2.stride(1), d,
         HAS_B_DOWN=b_down is not None, NEED_DH=need_dh, NEED_DW=need_dw,
-        ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, reduced_precision),
+        ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, data_dtype),
         BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
         num_warps=num_warps, num_stages=num_stages,
     )

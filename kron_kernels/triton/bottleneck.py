@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _autotune, gpu_properties, on_device
+from . import _autotune, dot_precision, gpu_properties, on_device
 
 __all__ = ["bottleneck_forward", "bottleneck_backward", "fact_forward", "fact_backward", "dropout_keep_mask",
            "MIDDLES"]
@@ -541,8 +541,10 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _dot_precision(reduced_precision: bool) -> str:
-    return "tf32" if reduced_precision else "ieee"
+def _dot_precision(reduced_precision: bool, dtype: torch.dtype) -> str:
+    """FacT's: ``reduced_precision`` when its activations (of ``dtype``, the autocast dtype
+    under autocast) are fp16/bf16."""
+    return dot_precision(dtype) if reduced_precision else "ieee"
 
 
 def _config(x: torch.Tensor, r_pad: int, backward: bool):
@@ -619,7 +621,7 @@ def _dropout_args(p_drop: float, seed: Optional[int]):
 
 def bottleneck_forward(
     x, x2, down, up_t, core, diag, scale, bias, *,
-    mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], reduced_precision: bool,
+    mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], data_dtype: torch.dtype,
     block_n: Optional[int] = None, block_d: Optional[int] = None,
 ) -> torch.Tensor:
     """``out`` in ``x``'s dtype and shape (contiguous). ``x``/``x2``: 2-D ``(N, d)`` (channel)
@@ -646,7 +648,7 @@ def bottleneck_forward(
         *strides_x, *strides_x2, *strides_out,
     )
     meta = dict(MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_BIAS=bias is not None,
-                HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(reduced_precision), R_PAD=r_pad)
+                HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)
     fixed = _fixed_tile(x, r_pad, block_n, block_d)
     _autotune.launch_rows(_bottleneck_fwd_autotuned, _bottleneck_fwd_kernel, n_rows, args, meta, fixed,
                           **({} if fixed is None else {"ROWS_BLOCKED": _rows_blocked(n_inner, fixed[0])}))
@@ -655,7 +657,7 @@ def bottleneck_forward(
 
 def bottleneck_backward(
     dout, x, x2, down, up_t, core, diag, scale, *,
-    mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], reduced_precision: bool,
+    mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], data_dtype: torch.dtype,
     need_dx: bool, need_dx2: bool, need_dw: bool,
     block_n: Optional[int] = None, block_d: Optional[int] = None, num_programs: Optional[int] = None,
 ):
@@ -712,7 +714,7 @@ def bottleneck_backward(
         *strides_x, *strides_x2, *strides_g, *strides_dx,
         MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_DROPOUT=has_dropout,
         TIED=tied, NEED_DX=need_dx, NEED_DX2=need_dx2, NEED_DW=need_dw,
-        ROWS_BLOCKED=_rows_blocked(n_inner, block_n), DOT_PRECISION=_dot_precision(reduced_precision),
+        ROWS_BLOCKED=_rows_blocked(n_inner, block_n), DOT_PRECISION=dot_precision(data_dtype),
         BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -761,7 +763,7 @@ def fact_forward(
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         )
         meta = dict(SPLIT_ROWS=split == "rows", HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                    DOT_PRECISION=_dot_precision(reduced_precision), R_PAD=r_pad)
+                    DOT_PRECISION=_dot_precision(reduced_precision, x.dtype), R_PAD=r_pad)
         _autotune.launch_rows(_fact_fwd_autotuned, _fact_fwd_kernel, n, args, meta,
                               _fixed_tile(x, r_pad, block_n, block_d))
     if weight is not None:
@@ -808,7 +810,7 @@ def fact_backward(
         n, d, k, r, seed, p_drop, drop_scale, float(scale),
         x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx_arg.stride(0), dx_arg.stride(1),
         SPLIT_ROWS=split == "rows", HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DW=need_dw,
-        DOT_PRECISION=_dot_precision(reduced_precision), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
+        DOT_PRECISION=_dot_precision(reduced_precision, x.dtype), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
         num_warps=num_warps, num_stages=num_stages,
     )
     if dx is not None and weight is not None:

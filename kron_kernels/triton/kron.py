@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gpu_properties, on_device
+from . import dot_precision, gpu_properties, on_device
 
 __all__ = ["kron_linear_forward", "kron_linear_backward", "kron_delta_forward"]
 
@@ -268,8 +268,8 @@ def _meta(x2, Abar, Uf, Vf, max_block_j, block_n):
         # X^T R in the backward reduces over the BLOCK_N * A_IN_P token rows: >= 16 for tl.dot
         A_IN_P=max(triton.next_power_of_2(a_in), triton.cdiv(16, block_n)), P_P=_pad(p), Q_P=_pad(q),
         BLOCK_N=block_n, BLOCK_J=min(_pad(mr), max_block_j),
-        # fp32 activations keep fp32 products; 16-bit activations already carry 2^-8 error, so tf32 is free
-        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        # fp32 activations keep fp32 products; bf16 takes TF32, fp16 3xTF32 (dot_precision)
+        DOT_PRECISION=dot_precision(x2.dtype),
     )
 
 

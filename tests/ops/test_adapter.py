@@ -173,10 +173,10 @@ def test_triton_cuda_tiles(device):
     inputs = make_inputs((197,), 96, 24, dtype=torch.float32, device=device)
     h, w_down, b_down, w_up, b_up = (t.detach() for t in inputs)
     tiles = dict(block_n=64, block_d=64)
-    out = triton_adapter.bottleneck_adapter_forward(h, w_down, b_down, w_up, b_up, False, **tiles)
+    out = triton_adapter.bottleneck_adapter_forward(h, w_down, b_down, w_up, b_up, h.dtype, **tiles)
     dout = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(h.device)
     grads = triton_adapter.bottleneck_adapter_backward(
-        dout, h, w_down, b_down, w_up, False, True, True, num_programs=3, **tiles
+        dout, h, w_down, b_down, w_up, h.dtype, True, True, num_programs=3, **tiles
     )
     leaves = [t.double().requires_grad_() for t in (h, w_down, b_down, w_up, b_up)]
     want_out = ref_adapter(*leaves)

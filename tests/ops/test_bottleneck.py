@@ -16,7 +16,10 @@ from kron_kernels.ops.bottleneck import dropout_keep_mask
 from kron_kernels.reference import arc as ref_arc_module
 from kron_kernels.reference import fact as ref_fact
 from kron_kernels.reference import losa as ref_losa
-from utils import RTOL, TRITON_DEVICES, compare_low_precision, compare_with_reference, needs_interpreter, rel_err
+from utils import (
+    RTOL, TRITON_DEVICES, assert_low_precision_error, compare_low_precision, compare_with_reference, needs_interpreter,
+    outputs_and_grads, rel_err,
+)
 
 
 def on_backend(name, fn):
@@ -251,7 +254,7 @@ def test_triton_core_middle_and_cuda_tiles(device):
     scale = torch.tensor(0.6, dtype=torch.float64)
     keep = tb.dropout_keep_mask(n, r, p, 5, device).cpu()
     f32 = [t.float().to(device) for t in (x, down, up_t, core, scale, dout)]
-    kw = dict(mode="channel", middle="core", residual=False, p_drop=p, seed=5, reduced_precision=False)
+    kw = dict(mode="channel", middle="core", residual=False, p_drop=p, seed=5, data_dtype=torch.float32)
     tiles = dict(block_n=64, block_d=64)
     out = tb.bottleneck_forward(f32[0], None, f32[1], f32[2], f32[3], None, f32[4], None, **kw, **tiles)
     grads = tb.bottleneck_backward(f32[5], f32[0], None, f32[1], f32[2], f32[3], None, f32[4], **kw,
@@ -559,3 +562,81 @@ def test_cuda_arc_dropout(p, impl):
     assert abs(keep.float().mean().item() - (1 - p)) < 5e-3
     fused, ref = arc_fns(True, dropout=p, seed=42, keep=keep.float())
     compare_with_reference(on_backend(impl, fused), ref, inputs, RTOL[torch.float32], ref_dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------
+# autocast: fp32 activations (a timm ViT's residual stream) in a bf16 autocast region
+# ----------------------------------------------------------------------------------------
+class _GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The input dtypes of every matrix product run inside the mode."""
+
+    GEMMS = ("mm", "bmm", "addmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.GEMMS:
+            self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+        return func(*args, **(kwargs or {}))
+
+
+AUTOCAST_CASES = [
+    pytest.param(lambda: (arc_inputs((4, 9), 48, 8, dtype=torch.float32), arc_fns(True)), id="arc"),
+    pytest.param(lambda: (losa_inputs((3, 9, 40), 8, "channel", dtype=torch.float32, z_grad=False),
+                          losa_fns("channel")), id="losa-channel"),
+    pytest.param(lambda: (losa_inputs((3, 37, 20), 8, "token", dtype=torch.float32, z_grad=False),
+                          losa_fns("token")), id="losa-token"),
+]
+
+
+@pytest.mark.parametrize("case", AUTOCAST_CASES)
+def test_dense_follows_autocast(case):
+    """Under bf16 autocast the dense composition (auto's CUDA path for ARC and LoSA) runs every
+    GEMM, forward and backward, in bf16, as the reference's matmuls do there; the result and
+    the input gradient keep fp32. (It ran fp32 FFMA GEMMs on an H200, commit 93d8659: ARC
+    0.81x its reference.) The values obey the low-precision rule against the reference run
+    under the same autocast, both judged against float64."""
+    inputs, (fused, ref) = case()
+    cotangent = None
+
+    def run(fn, leaves, autocast):
+        nonlocal cotangent
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*leaves)
+        if cotangent is None:
+            cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        wrt = [t for t in leaves if t.requires_grad]
+        return [out, *torch.autograd.grad(out, wrt, cotangent.to(out.dtype))]
+
+    with kk.use_backend("dense"), _GemmDtypes() as mode:
+        got = run(fused, inputs, True)
+    assert mode.seen and all(dtypes == {torch.bfloat16} for dtypes in mode.seen), mode.seen
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    naive = run(ref, inputs, True)
+    exact = run(ref, [t.double() for t in inputs], False)
+    for i, (g, n, e) in enumerate(zip(got, naive, exact)):
+        assert_low_precision_error(f"output/grad {i}", g, e, n, e, torch.bfloat16)
+
+
+DENSE_CASES = [
+    pytest.param(lambda: (arc_inputs((5, 7), 16, 4), arc_fns(True)), id="arc"),
+    pytest.param(lambda: (arc_inputs((5, 7), 16, 4), arc_fns(True, dropout=0.3, seed=3)), id="arc-dropout"),
+    pytest.param(lambda: (losa_inputs((3, 9, 40), 8, "channel"), losa_fns("channel")), id="losa-channel"),
+    pytest.param(lambda: (losa_inputs((2, 3, 37, 20), 8, "token"), losa_fns("token")), id="losa-token"),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_dense_matches_torch_backend_fp64(case):
+    """The dense composition (auto's CUDA path) on the CPU in float64: output and every gradient
+    equal the torch backend's, dropout included (the same mask for a seed; its 1 / (1 - p)
+    folded into ARC's diagonal)."""
+    inputs, (fused, _) = case()
+    got = outputs_and_grads(on_backend("dense", fused), inputs)
+    want = outputs_and_grads(on_backend("torch", fused), inputs)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert rel_err(got[name], want[name]) <= RTOL[torch.float64], name

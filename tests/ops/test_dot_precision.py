@@ -3,9 +3,12 @@
 The interpreter ignores ``input_precision``, so no numerical CPU test can tell an IEEE fp32 dot
 from a TF32 one (10 mantissa bits: ~1e-3 relative error, against the 1e-4 fp32 tolerance of
 ``utils.RTOL``). The rule of the launchers (triton/kron.py ``_meta``, triton/adapter.py and
-triton/bottleneck.py ``_dot_precision``): fp32 activations keep IEEE fp32 dots; 16-bit
-activations, which carry 2^-8 / 2^-11 of error already, take TF32 tensor-core dots, which hold
-their values exactly. Here the public ops run on fake CUDA tensors for an H100
+triton/bottleneck.py ``_dot_precision``, all through ``kron_kernels.triton.dot_precision``):
+fp32 activations keep IEEE fp32 dots; bf16 activations, which carry 2^-8 of error already, take
+TF32 tensor-core dots (2^-11 on the fp32 factors and intermediates); fp16 activations take
+3xTF32, since a TF32 rounding is as large as fp16's own (plain TF32 failed the fp16
+low-precision tests on an H200, commit 93d8659). Here the public ops run on fake CUDA tensors
+for an H100
 (``kron_kernels.triton.targets.record_launches``: every launch recorded, not run) and every
 recorded kernel that takes a ``DOT_PRECISION`` must have the rule's. On a GPU,
 ``test_gpu_fp32`` / ``test_cuda_vit_sizes`` / ``test_cuda_arc_vit_sizes`` / ``test_cuda_vit_b``
@@ -25,9 +28,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# workload labels of kron_kernels.triton.targets (substring match), every op with a tl.dot, in
-# fp32 and bf16
-WORKLOADS = [
+# workload labels of kron_kernels.triton.targets, every op with a tl.dot, in fp32, bf16 and fp16
+_BASE = [
     "kron_linear ViT-B-r4 fp32", "kron_linear ViT-B-r4 bf16",
     "kron_matmul ViT-B-r1 fp32", "kron_matmul ViT-B-r1 bf16",
     "kron_linear_slices qv ViT-S-r1 fp32", "kron_linear_slices qv ViT-S-r1 bf16",
@@ -38,6 +40,8 @@ WORKLOADS = [
     "fact_linear ViT-B r8 rows3 p0.1 fp32", "fact_linear ViT-B r8 rows3 p0.1 bf16",
     "fact_apply ViT-B r8 cols4 p0.1 fp32", "fact_apply ViT-B r8 cols4 p0.1 bf16",
 ]
+WORKLOADS = _BASE + [w[: -len("bf16")] + "fp16" for w in _BASE if w.endswith("bf16")]
+WANT = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32x3"}
 
 _RECORD = """
     import json, sys
@@ -70,8 +74,8 @@ def recorded():
 
 
 @pytest.mark.parametrize("workload", WORKLOADS, ids=[w.replace(" ", "-") for w in WORKLOADS])
-def test_fp32_takes_ieee_dots_and_16_bit_tf32(recorded, workload):
+def test_dot_precision_follows_the_activations(recorded, workload):
     assert workload in recorded, f"no launch with a DOT_PRECISION recorded for {workload!r}"
-    want = "ieee" if workload.endswith("fp32") else "tf32"
+    want = WANT[workload.rsplit(" ", 1)[1]]
     wrong = [(kernel, precision) for kernel, precision in recorded[workload] if precision != want]
     assert not wrong, f"{workload}: kernels launched with another dot precision than {want!r}: {wrong}"

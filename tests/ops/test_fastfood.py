@@ -5,6 +5,8 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
+import textwrap
 
 import pytest
 import scipy.linalg
@@ -923,6 +925,22 @@ def test_gpu_extension_misaligned_grad_and_refusal():
     theta = torch.zeros(2 ** (max_log + 1), device="cuda")
     with kk.use_backend("cuda"), pytest.raises(kk.BackendUnavailableError, match="shared memory"):
         kk.fastfood(theta, 10**6)
-    with pytest.raises(ValueError, match="does not fit the CUDA kernel"):
-        ext.fastfood_forward(theta, torch.empty(10**6, device="cuda"), 0, theta.numel())
     assert kk.fastfood(theta, 10**6).abs().max().item() == 0.0  # auto falls back
+    # the extension's own refusal, called directly, in a child process: on an H200 (commit
+    # 93d8659) this call killed the pytest worker with a segmentation fault instead of raising,
+    # so a crash must come back as this test's failure with the child's output, not a lost worker
+    child = textwrap.dedent(f"""
+        import torch
+        from kron_kernels import backend
+        theta = torch.zeros(2 ** {max_log + 1}, device="cuda")
+        try:
+            backend.extension().fastfood_forward(theta, torch.empty(10**6, device="cuda"), 0, theta.numel())
+        except ValueError as e:
+            assert "does not fit the CUDA kernel" in str(e), e
+            print("refused")
+    """)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", child], capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "refused", (
+        f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
+    )

@@ -265,8 +265,8 @@ def fused_slices(x, W, b, Aq, Uq, Vq, Av, Uv, Vv):
 
 def ref_slices(x, W, b, Aq, Uq, Vq, Av, Uv, Vv):
     full = torch.zeros_like(W)
-    full = full.index_add(0, torch.arange(0, 30), ref.kron_delta(Aq, Uq, Vq, SCALE).to(W.dtype))
-    full = full.index_add(0, torch.arange(60, 90), ref.kron_delta(Av, Uv, Vv, SCALE).to(W.dtype))
+    full = full.index_add(0, torch.arange(0, 30, device=W.device), ref.kron_delta(Aq, Uq, Vq, SCALE).to(W.dtype))
+    full = full.index_add(0, torch.arange(60, 90, device=W.device), ref.kron_delta(Av, Uv, Vv, SCALE).to(W.dtype))
     return torch.nn.functional.linear(x, W + full, b)
 
 

@@ -1,0 +1,138 @@
+"""Kernel launches per call of the dense compositions (``auto``'s CUDA paths), counted on the CPU.
+
+On an H200 (commit 93d8659, ``benchmarks/results/NVIDIA-H200``) the fused training steps were
+bound by the host, not by their kernels: the GPU was busy 35-48 % of a fused step (floor 89 %,
+PEFT LoRA 72 %), and the steps' launch counts (1,168-2,281 against the floor's 553) explained
+the gap at ~35 us of host time per launch. A launch is one ATen operator that runs a kernel
+(views, reshapes and allocations do not), so the count of such operators in a forward and
+backward, taken on CPU tensors with a ``TorchDispatchMode``, is the launch count the same
+composition makes on CUDA. Each budget is the count this commit makes, pinned so that a change
+that adds launches has to say why; each must also stay below what the reference composition
+(``kron_kernels.reference``, the papers' way, under the same autocast) makes.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kron_kernels as kk
+from kron_kernels.reference import arc as ref_arc
+from kron_kernels.reference import kadaptation as ref_kadaptation
+from kron_kernels.reference import losa as ref_losa
+
+# operators that launch no kernel (metadata, views, allocation)
+NO_LAUNCH = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "expand", "as_strided", "detach", "permute", "slice",
+    "select", "unsqueeze", "squeeze", "alias", "split", "split_with_sizes", "unbind", "narrow", "empty",
+    "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_local_scalar_dense",
+    "is_same_size", "_has_compatible_shallow_copy_type",
+}
+
+
+@pytest.fixture(autouse=True)
+def nan_poison_empty():
+    """Overrides conftest's: its NaN fill of torch.empty would count as a launch here."""
+    yield
+
+
+class Launches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in NO_LAUNCH:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def launches(fn, inputs, impl):
+    """Launches of ``fn(*inputs)`` forward + backward to every input that requires grad, under
+    bf16 autocast on fp32 leaves (as in a mixed-precision ViT step)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    with kk.use_backend(impl):
+        with Launches() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*leaves)
+        cotangent = torch.ones_like(out)
+        with Launches() as backward:
+            torch.autograd.grad(out, [t for t in leaves if t.requires_grad], cotangent)
+    return forward.ops + backward.ops
+
+
+def rnd(*shape, grad=True):
+    return torch.randn(*shape).requires_grad_(grad)
+
+
+def kadaptation_case():
+    d, n = 64, 8  # qkv of width 64: q and v rows adapted, n = 8 terms, r = 1
+    x, W, b = rnd(2, 5, d), rnd(3 * d, d, grad=False), rnd(3 * d, grad=False)
+    q = (rnd(n, 8, 8), rnd(n, 8, 1), rnd(n, 8, 1))
+    v = (rnd(n, 8, 8), rnd(n, 8, 1), rnd(n, 8, 1))
+
+    def fused(x, W, b, *f):
+        return kk.kron_linear_slices(x, W, b, [(0, *f[:3]), (2 * d, *f[3:])], 0.5)
+
+    def reference(x, W, b, *f):
+        delta = torch.zeros_like(W)
+        delta = delta.index_add(0, torch.arange(0, d), ref_kadaptation.kron_delta(*f[:3], 0.5))
+        delta = delta.index_add(0, torch.arange(2 * d, 3 * d), ref_kadaptation.kron_delta(*f[3:], 0.5))
+        return torch.nn.functional.linear(x, W + delta, b)
+
+    return fused, reference, [x, W, b, *q, *v]
+
+
+def adapter_case():
+    d, k = 64, 8
+    inputs = [rnd(2, 5, d), rnd(k, d), rnd(k), rnd(d, k), rnd(d)]
+
+    def reference(h, wd, bd, wu, bu):
+        return h + torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(h, wd, bd)), wu, bu)
+
+    return kk.bottleneck_adapter, reference, inputs
+
+
+def arc_case(dropout):
+    d, r = 64, 8
+    inputs = [rnd(2, 5, d), rnd(d, r), rnd(r), rnd(d)]
+    keep = torch.rand(2, 5, r) >= dropout
+
+    def fused(x, U, lam, b):
+        return kk.arc(x, U, lam, b, dropout, seed=1)
+
+    def reference(x, U, lam, b):
+        return ref_arc.arc(x, U, lam, b, dropout, keep.float() if dropout else None)
+
+    return fused, reference, inputs
+
+
+def losa_case(axis):
+    shape, n = ((2, 5, 64), 64) if axis == "channel" else ((2, 9, 16), 9)
+    inputs = [rnd(*shape), rnd(*shape, grad=False), rnd(n, 8), rnd(8, n), torch.tensor(0.5, requires_grad=True)]
+
+    def fused(h, z, wd, wu, a):
+        return kk.losa_mixer(h, z, wd, wu, a, axis)
+
+    def reference(h, z, wd, wu, a):
+        return ref_losa.losa_mixer(h, z, wd, wu, a, axis)
+
+    return fused, reference, inputs
+
+
+# (case, the count of this commit; the reference's count in the comment)
+CASES = [
+    pytest.param(kadaptation_case, 27, id="kron_linear_slices-qv"),  # the reference: 48
+    pytest.param(adapter_case, 23, id="bottleneck_adapter"),  # 23
+    pytest.param(lambda: arc_case(0.0), 24, id="arc"),  # 25
+    pytest.param(lambda: arc_case(0.1), 30, id="arc-dropout"),  # 30
+    pytest.param(lambda: losa_case("channel"), 22, id="losa-channel"),  # 23
+    pytest.param(lambda: losa_case("token"), 24, id="losa-token"),  # 25
+]
+
+
+@pytest.mark.parametrize("case, budget", CASES)
+def test_dense_launch_budget(case, budget):
+    fused, reference, inputs = case()
+    got = launches(fused, inputs, "dense")
+    assert len(got) <= budget, f"{len(got)} launches > the budget {budget}: {got}"
+    want = launches(reference, inputs, "torch")
+    assert len(got) <= len(want), f"the fused composition launches more than the reference's {len(want)}: {got}"
