@@ -53,7 +53,7 @@ from kron_kernels.reference import kadaptation as ref_kadaptation
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VIT_TOKENS = 197  # 14 x 14 patches + the class token at 224 px, patch 16
-VARIANTS = ("fused", "triton", "reference", "floor", "peft_lokr", "fast_hadamard_transform")
+VARIANTS = ("fused", "triton", "cuda", "cublas", "reference", "floor", "peft_lokr", "fast_hadamard_transform")
 FWD_BWD, FWD = "fwd+bwd", "fwd"
 
 
@@ -127,14 +127,15 @@ FWHT_CPU_ELEMENTS = 2**20
 
 def fwht_cases(quick: bool = False, full: bool = False) -> List[Case]:
     """kk.fwht forward (``fwd``: no autograd; the backward is the same transform) per row length
-    and dtype, in the variants ``fused`` (auto: the compiled extension), ``triton``,
-    ``reference`` (the torch butterfly, one vectorised stage per bit), ``floor``
+    and dtype, in the variants ``fused`` (auto: its choice table), ``triton``, ``cuda`` (the
+    compiled extension's kernel, on GPU: measured beside auto's choice, so that a run decides
+    the table), ``reference`` (the torch butterfly, one vectorised stage per bit), ``floor``
     (``torch.clone``, the memcpy roofline) and Dao's ``fast_hadamard_transform`` where it is
     installed. Default n = 2^10 ... 2^13 (the issue-12 targets), ``full``: 2^8 ... 2^15; quick:
     n = 2^8, 2^12, 2^15 in bf16 and fp32."""
     logs = (8, 12, 15) if quick else FWHT_LOGS if full else FWHT_DEFAULT_LOGS
     dtypes = ("bfloat16", "float32") if quick else FWHT_DTYPES
-    variants = ("fused", "triton", "reference", "floor", "fast_hadamard_transform")
+    variants = ("fused", "triton", "cuda", "reference", "floor", "fast_hadamard_transform")
     return [
         Case("fwht", f"n{2**k}-{dtype}", FWD, variants, (("n", 2**k), ("dtype", dtype)))
         for k in logs
@@ -203,6 +204,7 @@ def fwht_rows(n: int, device: torch.device, tokens: int) -> int:
 # over S = 144 slots (12 layers x 12), ARC r = 50 with its default dropout 0.1, LoSA r = 64
 BOTTLENECK_D = 768
 FACT_R, FACT_SLOTS, FACT_SLOTS_QUICK = 8, 144, 12
+FACT_DROPOUT = 0.1  # FacT's default
 ARC_R, ARC_DROPOUT = 50, 0.1
 LOSA_R = 64
 # one transformer block of ViT-B/16 adapted by kk.adapt (method defaults) against the frozen block,
@@ -232,6 +234,15 @@ def bottleneck_cases(quick: bool = False) -> List[Case]:
         for axis in ("channel", "token"):
             cases.append(Case(f"losa_{axis}", f"d{d}-r{LOSA_R}", mode, mixer_variants,
                               (("model", "ViT-B"), ("d", d), ("r", LOSA_R), ("axis", axis))))
+    # FacT applied in a layer (auto on CUDA: the Triton kernels, ops/bottleneck.py's choice
+    # table) beside its cuBLAS composition (backend "dense"), so that a GPU run decides: the
+    # H200 profile of commit 93d8659 put 48 % of a FacT step's kernel time in the Triton
+    # backward (0.45 ms a call)
+    for split, k in (("rows", 3), ("cols", 4)):
+        for mode in (FWD_BWD, FWD):
+            cases.append(Case("fact_linear", f"d{d}-r{FACT_R}-{split}{k}", mode, ("fused", "cublas", "reference", "floor"),
+                              (("model", "ViT-B"), ("d", d), ("r", FACT_R), ("split", split), ("k", k),
+                               ("dropout", FACT_DROPOUT))))
     for method in BLOCK_METHODS:
         cases.append(Case("vit_block", f"{method}-d{d}", FWD_BWD, variants,
                           (("model", BLOCK_MODEL), ("d", d), ("method", method))))
@@ -367,6 +378,8 @@ def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int
         return _build_fact_delta(case, variant, device, gen)
     if case.op == "arc" or case.op.startswith("losa_"):
         return _build_bottleneck(case, variant, device, tokens, gen)
+    if case.op == "fact_linear":
+        return _build_fact_linear(case, variant, device, tokens, gen)
     if case.op == "vit_block":
         return _build_vit_block(case, variant, device, tokens, gen)
     if case.op == "fastfood":
@@ -556,12 +569,19 @@ def _build_fwht(case, variant, device, tokens, gen) -> Bench:
     extra: Dict[str, Any] = {"rows": rows}
     if variant == "fused":
         forward = lambda: kk.fwht(x)  # noqa: E731
-    elif variant in ("triton", "reference"):
-        impl = "triton" if variant == "triton" else "torch"
+    elif variant in ("triton", "cuda", "reference"):
+        impl = "torch" if variant == "reference" else variant
         if impl == "triton":
             ok, reason = kk.backend.triton_status(device)
             if not ok:
                 raise Unavailable(f"Triton cannot run here: {reason}")
+        elif impl == "cuda":
+            if device.type != "cuda":
+                raise Unavailable("the cuda variant times the extension's GPU kernel (on CPU it is fused)")
+            ok, reason = kk.backend.extension_status()
+            if not ok:
+                raise Unavailable(reason)
+            extra["note"] = "the compiled extension's CUDA C++ kernel (backend 'cuda')"
         else:
             extra["note"] = "the torch butterfly (kron_kernels' torch backend: one vectorised stage per bit)"
 
@@ -607,6 +627,54 @@ def _build_fact_delta(case, variant, device, gen) -> Bench:
         forward = lambda: _CopyForwardCopyBackward.apply(delta)  # noqa: E731
         return Bench(_step(forward, (delta,), grad_out),
                      extra={"floor": "memcpy roofline: clone forward + clone backward of the (S, d, d) increments"})
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _on_backend(op: Callable[[], Any], name: str) -> Callable[[], Any]:
+    def run():
+        with kk.use_backend(name):
+            return op()
+
+    return run
+
+
+def _build_fact_linear(case, variant, device, tokens, gen) -> Bench:
+    """A FacT layer of a ViT-B: ``split="rows"`` is the fused qkv (k = 3 slots reading x),
+    ``"cols"`` fc2 (k = 4 chunks of x); frozen bf16 weight, fp32 U, V, cores, dropout 0.1."""
+    d, r, k, split = case.p["d"], case.p["r"], case.p["k"], case.p["split"]
+    dtype = activation_dtype(device)
+    train = case.mode == FWD_BWD
+    p = case.p["dropout"] if train else 0.0  # fwd rows: no dropout, as the mixers' fwd rows
+    f32 = dict(device=device, dtype=torch.float32, requires_grad=True)
+    d_in, d_out = (d, k * d) if split == "rows" else (k * d, d)
+    x = _randn(gen, tokens, d_in, device=device, dtype=dtype, requires_grad=train)
+    weight = _randn(gen, d_out, d_in, std=d_in**-0.5, device=device, dtype=dtype)  # frozen
+    bias = _randn(gen, d_out, std=0.02, device=device, dtype=dtype)
+    U, V = _randn(gen, d, r, std=d**-0.5, **f32), _randn(gen, d, r, std=d**-0.5, **f32)
+    cores = _randn(gen, k, r, r, std=r**-0.5, **f32)
+    inputs = (x, U, V, cores) if train else ()
+    grad_out = _randn(gen, tokens, d_out, device=device, dtype=dtype) if train else None
+    fused = lambda: kk.fact_linear(x, weight, bias, U, V, cores, 1.0, p, split=split, seed=1)  # noqa: E731
+    extra: Dict[str, Any] = {}
+    if variant in ("fused", "cublas"):
+        op = fused
+        if variant == "cublas":
+            op = _on_backend(fused, "dense")
+            extra["note"] = "the dense composition (backend 'dense': cuBLAS GEMMs in the activations' dtype, x @ U once)"
+        return Bench(_step(op, inputs, grad_out), extra=extra)
+    if variant == "reference":
+        def forward():
+            xs = x.chunk(k, dim=-1) if split == "cols" else [x] * k
+            incs = [ref_fact.fact_apply(xj, U.to(dtype), V.to(dtype), cores[j].to(dtype), 1.0, p)
+                    for j, xj in enumerate(xs)]
+            inc = torch.cat(incs, dim=-1) if split == "rows" else sum(incs)
+            return F.linear(x, weight, bias) + inc
+
+        return Bench(_step(forward, inputs, grad_out), extra=extra)
+    if variant == "floor":
+        forward = lambda: F.linear(x, weight, bias)  # noqa: E731
+        extra["floor"] = "frozen F.linear(x, W, b): forward (+ input gradient)"
+        return Bench(_step(forward, (x,) if train else (), grad_out), extra=extra)
     raise ValueError(f"unknown variant {variant!r}")
 
 

@@ -265,9 +265,11 @@ def fwht_targets(rows: List[Row], cfg: RunConfig) -> List[Target]:
 
 
 FWHT_NOTES = (
-    "- **fused**: `kk.fwht` on the default backend (the compiled extension: CUDA kernels on GPU, the "
-    "cache-blocked C++ kernel on CPU); the notes column names the backend each dispatch took.",
-    "- **triton**: `kk.fwht` on the Triton backend (GPU only).",
+    "- **fused**: `kk.fwht` on the default backend (its choice table: on GPU the CUDA kernel, or Triton "
+    "for 16-bit rows of 2^10..2^13; the cache-blocked C++ kernel on CPU); the notes column names the "
+    "backend each dispatch took.",
+    "- **triton**: `kk.fwht` on the Triton backend (GPU only). **cuda**: on the compiled extension's "
+    "CUDA C++ kernel (GPU only); both are timed beside `fused` (auto) so that a run decides its table.",
     "- **reference**: the torch butterfly (kron_kernels' torch backend, one vectorised stage per bit).",
     "- **floor**: `torch.clone(x)`, the memcpy roofline: the transform reads and writes x once.",
     "- **fast_hadamard_transform**: Dao's package, where it is installed (GPU only).",
@@ -380,8 +382,14 @@ FASTFOOD_NOTES = (
 
 BOTTLENECK_NOTES = (
     "- **fused**: `kk.fact_tt_delta` / `kk.fact_tk_delta` (torch matmul/bmm on every backend), "
-    "`kk.arc`, `kk.losa_mixer` on the default backend (Triton on CUDA); the notes column names "
-    "the backend each dispatch took.",
+    "`kk.fact_linear`, `kk.arc`, `kk.losa_mixer` on the default backend (`auto`: its CUDA choice "
+    "table); the notes column names the backend each dispatch took. **triton**: the same on the "
+    "Triton kernels; **cublas**: `kk.fact_linear` on backend `dense` (cuBLAS GEMMs in the activations' dtype) -- "
+    "measured beside `fused` so that a GPU run decides the choice tables.",
+    "- **fact_linear** rows: a ViT-B FacT layer at r=8, dropout 0.1: `rows3` the fused qkv (3 slots "
+    "reading x), `cols4` fc2 (4 chunks of x); frozen bf16 weight and bias, fp32 U, V, cores; "
+    "reference: FacT's chain per slot (x @ U recomputed per slot) plus `F.linear`; floor: the "
+    "frozen `F.linear` (forward + input gradient).",
     "- **reference**: `kron_kernels.reference.fact` (the paper's einsum), `.arc` (two matmuls, "
     "F.dropout), `.losa` (plain torch; token mixing through transposes).",
     "- **floor**: the memcpy roofline: `torch.clone` of the activation (of the (S, d, d) increments "

@@ -105,19 +105,29 @@ def process_constant(fn):
     return fn
 
 
+def cached_constant(fn):
+    """``fn`` computed once per argument tuple (``functools.lru_cache``) and marked with
+    :func:`process_constant`. The mark sits on a plain Python function calling the cache:
+    Dynamo honours it on Python functions, not on the cache's C wrapper."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    def probe(*args):
+        return cached(*args)
+
+    probe.__name__, probe.__qualname__, probe.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    probe.__module__ = fn.__module__
+    probe.cache_clear = cached.cache_clear
+    return process_constant(probe)
+
+
 # The probes below are constant for the life of the process (cached): see process_constant.
-@functools.lru_cache(maxsize=None)
-def _import_triton() -> Optional[str]:
+@cached_constant
+def _triton_import_error() -> Optional[str]:
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising something else
         return f"triton is not importable ({type(exc).__name__}: {exc})"
     return None
-
-
-@process_constant
-def _triton_import_error() -> Optional[str]:
-    return _import_triton()
 
 
 def triton_status(device: torch.device) -> Tuple[bool, str]:

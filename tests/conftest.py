@@ -6,6 +6,7 @@
   machine) the kernels are compiled for real and the interpreter tests are skipped.
 * Every ``torch.empty``-family allocation made *by the package* returns NaN-filled memory,
   so an unwritten output tile fails the comparison instead of passing by luck.
+* ``KRON_KERNELS_FAILURE_LOG=<file>`` appends each failure's report to the file as it happens.
 """
 import os
 import sys
@@ -19,6 +20,16 @@ if not HAS_CUDA:
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_runtest_logreport(report):
+    """With ``KRON_KERNELS_FAILURE_LOG`` set (benchmarks/gpu_session.sh), each failure's report
+    is appended to that file as it happens: a GPU call killed at its time limit still leaves
+    the reasons (pytest prints them only at the end of the session)."""
+    path = os.environ.get("KRON_KERNELS_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
 
 def pytest_collection_modifyitems(config, items):

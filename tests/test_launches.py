@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kron_kernels as kk
 from kron_kernels.reference import arc as ref_arc
+from kron_kernels.reference import fact as ref_fact
 from kron_kernels.reference import kadaptation as ref_kadaptation
 from kron_kernels.reference import losa as ref_losa
 
@@ -136,3 +137,34 @@ def test_dense_launch_budget(case, budget):
     assert len(got) <= budget, f"{len(got)} launches > the budget {budget}: {got}"
     want = launches(reference, inputs, "torch")
     assert len(got) <= len(want), f"the fused composition launches more than the reference's {len(want)}: {got}"
+
+
+def fact_case(split, dropout):
+    d, r, k = 64, 8, 3
+    d_in, d_out = (d, k * d) if split == "rows" else (k * d, d)
+    inputs = [rnd(2, 5, d_in), rnd(d_out, d_in, grad=False), rnd(d_out, grad=False), rnd(d, r), rnd(d, r),
+              rnd(k, r, r)]
+
+    def fused(x, W, b, U, V, cores):
+        return kk.fact_linear(x, W, b, U, V, cores, 0.7, dropout, split=split, seed=1)
+
+    def reference(x, W, b, U, V, cores):  # FacT's chain per slot, x @ U recomputed for each
+        xs = x.chunk(k, dim=-1) if split == "cols" else [x] * k
+        keep = None if not dropout else torch.rand(*x.shape[:-1], r) >= dropout
+        incs = [ref_fact.fact_apply(xj, U, V, cores[j], 0.7, dropout, keep) for j, xj in enumerate(xs)]
+        inc = torch.cat(incs, dim=-1) if split == "rows" else sum(incs)
+        return torch.nn.functional.linear(x, W, b) + inc
+
+    return fused, reference, inputs
+
+
+FACT_CASES = [
+    pytest.param(lambda: fact_case("rows", 0.0), 26, id="fact_linear-rows3"),  # the reference: 67
+    pytest.param(lambda: fact_case("rows", 0.1), 30, id="fact_linear-rows3-dropout"),  # 81
+    pytest.param(lambda: fact_case("cols", 0.0), 29, id="fact_linear-cols3"),  # 74
+]
+
+
+@pytest.mark.parametrize("case, budget", FACT_CASES)
+def test_dense_fact_launch_budget(case, budget):
+    test_dense_launch_budget(case, budget)

@@ -286,9 +286,15 @@ def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
 # * losa_mixer: 26.5 ms against 17.5 ms (0.66x), forward 6-15% of clone -> dense;
 # * fact_apply / fact_linear: Triton 83.8 / 120 ms against the reference's 112 / 152 ms
 #   (1.34x / 1.26x faster) -> triton.
+# The H200 run of commit 93d8659 (benchmarks/results/NVIDIA-H200) kept the order (FacT-TT/TK
+# fused 130 / 120 ms, references 152 / 162; ARC dense 63.6 ms against 51.6 -- its dense path
+# then ran fp32 FFMA GEMMs under autocast, fixed since) but found FacT's Triton backward at
+# 0.45 ms a call, 48% of the step's kernel time. FacT's dense composition (_dense_fact: bf16
+# cuBLAS GEMMs, x @ U once) is new and unmeasured: the bottleneck suite's fact_linear rows time
+# it (variant cublas) beside the Triton kernels, and that measurement decides here.
 # A new GPU measurement of these rows (models and bottleneck reports) replaces these lines.
 _CUDA_AUTO = {"arc": "dense", "losa_mixer": "dense", "fact_apply": "triton", "fact_linear": "triton"}
-_DENSE_OPS = ("arc", "losa_mixer")  # the ops with a dense composition (FacT's cuBLAS path is its torch backend)
+_DENSE_OPS = ("arc", "losa_mixer", "fact_apply", "fact_linear")  # the ops with a dense composition
 
 
 class _ScaleBy(torch.autograd.Function):
@@ -638,6 +644,39 @@ def _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec: _FacTSpec, i
     ]
 
 
+def _dense_fact(x2, weight, bias, U, V, cores, spec: _FacTSpec):
+    """FacT as cuBLAS GEMMs in plain autograd, in the activations' dtype (bf16 tensor cores
+    under autocast; the factors cast to it, their gradients back to fp32 by autograd): ``x @ U``
+    once for every slot (rows) or one GEMM over the ``k`` chunks (cols), the cores side by side
+    (rows) or batched (cols), dropout with the torch backend's mask (its scale and ``s`` folded
+    into the tiny cores), ``@ V^T``, and the frozen GEMM last with the increments as cuBLAS's
+    ``beta = 1`` input (``addmm``): ~11 launches forward, no activation ever in fp32 (the torch
+    backend's structured code accumulates in fp32 and runs the frozen GEMM there too: fine on a
+    CPU, FFMA on a GPU)."""
+    dt = x2.dtype
+    n, (k, r) = x2.shape[0], cores.shape[:2]
+    d = U.shape[0]
+    s = spec.scale * (1.0 / (1.0 - spec.p_drop) if spec.p_drop > 0.0 else 1.0)
+    Ud, Vd, Cd = U.to(dt), V.to(dt), (cores * s).to(dt)
+    if spec.split == "rows":
+        pre = x2 @ Ud  # (N, r), once for the k slots
+        a = (pre @ Cd.permute(1, 0, 2).reshape(r, k * r)).view(n * k, r)  # rows (n, j)
+    else:
+        pre = (x2.reshape(n * k, d) @ Ud).view(n, k, r)
+        a = torch.bmm(pre.transpose(0, 1), Cd).transpose(0, 1).reshape(n * k, r)  # a copy: (n, j) rows
+    if spec.p_drop > 0.0:
+        a = a * _torch_keep_mask(n * k, r, spec.p_drop, spec.seed, x2.device)
+    if spec.split == "rows":
+        inc = (a @ Vd.t()).view(n, k * d)
+    else:
+        inc = a.view(n, k, r).sum(1) @ Vd.t()  # the slots' outputs are summed: sum before the shared V
+    if bias is not None:
+        inc = inc + bias
+    if weight is None:
+        return inc
+    return torch.addmm(inc, x2, weight.t())
+
+
 class FacTFunction(torch.autograd.Function):
     """``[x2 @ weight^T + bias +]`` the FacT increments of the slots of ``cores`` on a 2-D
     ``x2`` (:func:`fact_linear`); ``weight``/``bias`` may be None (:func:`fact_apply`)."""
@@ -757,7 +796,9 @@ def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, se
     impl = _activation_backend(op, x)
     spec = _FacTSpec(split, scale, p_drop, seed, x.dtype in LOW_PRECISION)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if compiling():
+        if impl == "dense":
+            out = _dense_fact(x2, weight, bias, U, V, cores, spec)
+        elif compiling():
             out = _fact_op(x2, weight, bias, U, V, cores, split, scale, p_drop, _seed_tensor(seed),
                            spec.reduced_precision, impl)
         else:
@@ -789,7 +830,8 @@ def fact_apply(
     ``N * k`` rows, viewed as ``(N, k, r)``).
 
     Triton on CUDA (one kernel forward, one persistent kernel backward; the r-dim
-    intermediate never leaves the chip), structured torch code elsewhere; ``x`` of any
+    intermediate never leaves the chip), structured torch code elsewhere; backend ``"dense"``
+    runs cuBLAS GEMMs in the activations' dtype in plain autograd (``_dense_fact``); ``x`` of any
     strides, fp16/bf16/fp32 (fp64 on the torch backend), fp32 accumulation, the result in
     ``x``'s dtype (the autocast dtype under autocast), factor gradients in the factors' dtypes.
     """

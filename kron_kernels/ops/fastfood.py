@@ -75,7 +75,6 @@ opaque to Dynamo and Inductor (``ops._common.compiling``).
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -239,15 +238,10 @@ def _triton_refusal(dtype) -> Optional[str]:
 # The two probes below are process constants (the extension, a device's shared memory), so
 # torch.compile takes their results as constants (backend.process_constant) instead of tracing
 # the cached probes; tuples, not frozensets: Dynamo cannot guard a frozenset constant.
-@functools.lru_cache(maxsize=None)
-def _probe_extension_devices() -> Tuple[str, ...]:
+@backend.cached_constant
+def _extension_device_types() -> Tuple[str, ...]:
     ok, _ = backend.extension_status()
     return tuple(sorted(backend.extension().kernels().get("fastfood", ()))) if ok else ("cpu", "cuda")
-
-
-@backend.process_constant
-def _extension_device_types() -> Tuple[str, ...]:
-    return _probe_extension_devices()
 
 
 def _extension_devices() -> frozenset:
@@ -256,16 +250,11 @@ def _extension_devices() -> frozenset:
     return frozenset(_extension_device_types())
 
 
-@functools.lru_cache(maxsize=None)
-def _probe_cuda_max_log_lb(index: int) -> int:
-    return backend.extension().fastfood_cuda_max_log_lb(index)
-
-
-@backend.process_constant
+@backend.cached_constant
 def _cuda_max_log_lb(index: int) -> int:
     """log2 of the largest block the CUDA kernel takes on device ``index`` (its opt-in shared
     memory); asked once per device, only for calls that already hold a CUDA tensor."""
-    return _probe_cuda_max_log_lb(index)
+    return backend.extension().fastfood_cuda_max_log_lb(index)
 
 
 def _extension_refusal(theta: torch.Tensor, Lb: int, params) -> Optional[str]:

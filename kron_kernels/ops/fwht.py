@@ -15,7 +15,6 @@ same op), opaque to Dynamo and Inductor (``ops._common.compiling``).
 """
 from __future__ import annotations
 
-import functools
 from typing import Tuple
 
 import torch
@@ -26,18 +25,13 @@ from ._common import FLOAT_DTYPES, check_scale, check_tensor, compiling, compute
 __all__ = ["fwht", "FwhtFunction"]
 
 
-@functools.lru_cache(maxsize=None)
-def _probe_extension_devices(fp64: bool) -> Tuple[str, ...]:
+# A process constant, so torch.compile takes it as one instead of tracing the probe; a tuple,
+# not a frozenset: Dynamo cannot guard a frozenset constant (`in` on one fails to trace).
+@backend.cached_constant
+def _extension_device_types(fp64: bool) -> Tuple[str, ...]:
     ok, _ = backend.extension_status()
     devices = set(backend.extension().kernels()["fwht"]) if ok else {"cuda", "cpu"}
     return tuple(sorted(devices & {"cpu"} if fp64 else devices))
-
-
-# A process constant, so torch.compile takes it as one instead of tracing the probe; a tuple,
-# not a frozenset: Dynamo cannot guard a frozenset constant (`in` on one fails to trace).
-@backend.process_constant
-def _extension_device_types(fp64: bool) -> Tuple[str, ...]:
-    return _probe_extension_devices(fp64)
 
 
 def _extension_devices(fp64: bool) -> frozenset:

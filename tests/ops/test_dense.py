@@ -200,8 +200,25 @@ def test_bottleneck_choice_tables():
     assert seen == [("arc", True, "dense"), ("losa_mixer", True, "dense"), ("bottleneck_adapter", True, "dense")]
 
 
-def test_explicit_dense_on_fact_raises():
-    x = torch.randn(3, 8)
+def test_explicit_dense_on_fact_takes_the_dense_composition():
+    """FacT has a dense composition (measured against its Triton kernels on the next GPU run;
+    auto stays on Triton on CUDA): an explicit dense backend takes it, with no autograd Function."""
+    from kron_kernels.ops import bottleneck as bottleneck_ops
+
+    x = torch.randn(3, 8, requires_grad=True)
     U, V, cores = torch.randn(8, 2), torch.randn(8, 2), torch.randn(1, 2, 2)
-    with kk.use_backend("dense"), pytest.raises(kk.BackendUnavailableError, match="no dense composition for fact_apply"):
-        kk.fact_apply(x, U, V, cores)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = bottleneck_ops._dense_fact
+        mp.setattr(bottleneck_ops, "_dense_fact", lambda *args: calls.append(1) or real(*args))
+        with kk.use_backend("dense"):
+            out = kk.fact_apply(x, U, V, cores)
+        with kk.use_backend("torch"):
+            want = kk.fact_apply(x, U, V, cores)
+    assert calls == [1]
+    torch.testing.assert_close(out, want)
+
+
+def test_explicit_dense_without_a_composition_raises():
+    with kk.use_backend("dense"), pytest.raises(kk.BackendUnavailableError, match="no dense composition for fwht"):
+        kk.fwht(torch.randn(3, 8))

@@ -163,11 +163,14 @@ def test_triton_cuda_tiles(split, device):
 # dropout: one mask per (seed, row, slot, rank index), in forward and backward
 # ----------------------------------------------------------------------------------------
 # (implementation, dtype, device): the torch backend in float64 on the CPU, the Triton kernels
-# (auto's choice on CUDA) in fp32 under the interpreter and on CUDA
+# (auto's choice on CUDA) in fp32 under the interpreter and on CUDA, the dense composition
+# (measured against them on the next GPU run) in float64 on the CPU and fp32 on CUDA
 BACKENDS = [
     pytest.param("torch", torch.float64, "cpu", id="torch-fp64"),
     pytest.param("triton", torch.float32, "cpu", id="triton-fp32-interpreter", marks=needs_interpreter),
     pytest.param("triton", torch.float32, "cuda", id="triton-fp32-cuda", marks=pytest.mark.gpu),
+    pytest.param("dense", torch.float64, "cpu", id="dense-fp64"),
+    pytest.param("dense", torch.float32, "cuda", id="dense-fp32-cuda", marks=pytest.mark.gpu),
 ]
 IMPL_DEVICES = [pytest.param(p.values[0], p.values[2], id=p.id.replace("-fp64", "").replace("-fp32", ""), marks=p.marks)
                 for p in BACKENDS]
@@ -398,16 +401,29 @@ VIT_B = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "dense"])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("r, k, split", VIT_B)
-def test_cuda_vit_b(r, k, split, dtype):
-    """The Triton kernels (auto's choice for FacT on CUDA, ops/bottleneck.py _CUDA_AUTO), named."""
+def test_cuda_vit_b(r, k, split, dtype, impl):
+    """The Triton kernels (auto's choice for FacT on CUDA, ops/bottleneck.py _CUDA_AUTO) and the
+    dense composition they are measured against, named."""
     inputs = fact_inputs((8, 197), 768, r, k, split, linear=True, dtype=torch.float32, device="cuda")
     fused, ref = fns(split, True)
     if dtype == torch.float32:
-        compare_with_reference(on_backend("triton", fused), ref, inputs, RTOL[torch.float32], ref_dtype=torch.float64)
+        compare_with_reference(on_backend(impl, fused), ref, inputs, RTOL[torch.float32], ref_dtype=torch.float64)
     else:
-        compare_low_precision(on_backend("triton", fused), ref, inputs, dtype, activations=(0, 1, 2))
+        compare_low_precision(on_backend(impl, fused), ref, inputs, dtype, activations=(0, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("r, k, split", [pytest.param(8, 3, "rows", id="rows-r8-k3"),
+                                         pytest.param(4, 4, "cols", id="cols-r4-k4")])
+def test_dense_low_precision(r, k, split, dtype):
+    """The dense composition with 16-bit activations and frozen Linear, fp32 factors, on the
+    CPU: the low-precision rule against the naive reference run in that dtype."""
+    inputs = fact_inputs((4, 37), 48, r, k, split, linear=True, dtype=torch.float32)
+    fused, ref = fns(split, True)
+    compare_low_precision(on_backend("dense", fused), ref, inputs, dtype, activations=(0, 1, 2))
 
 
 @pytest.mark.gpu
