@@ -73,6 +73,10 @@ ANCHOR_TITLE = {
     "floor": "floor: no adapter, input gradients only",
 }
 IMPLS = ("fused", "reference")
+# on CUDA, the methods whose auto choice (Triton) is measured beside their dense composition:
+# variant "dense" is the fused model stepped under kk.use_backend("dense") (the H200 run of
+# 93d8659 put 48% of a FacT step's kernel time in the Triton backward)
+DENSE_ALTERNATIVE = ("fact_tt", "fact_tk")
 
 # targets (issue 5): named methods that are not in kk.METHODS when the suite runs get no row
 AS_FAST_AS_LORA = ("kadaptation", "fact_tt", "fact_tk")
@@ -116,10 +120,12 @@ def model_cases(
         names = [n for n in names if n in methods]
     shape = f"{model}-b{batch}-img{img}" + (f"-depth{depth}" if depth else "")
     params = (("model", model), ("batch", batch), ("img", img)) + ((("depth", depth),) if depth else ())
-    return [
-        Case(name, shape, MODE, (ANCHOR_VARIANT[name],) if name in ANCHORS else IMPLS, params)
-        for name in names
-    ]
+    def variants(name):
+        if name in ANCHORS:
+            return (ANCHOR_VARIANT[name],)
+        return IMPLS + (("dense",) if device.type == "cuda" and name in DENSE_ALTERNATIVE else ())
+
+    return [Case(name, shape, MODE, variants(name), params) for name in names]
 
 
 def cases(quick: bool = False) -> List[Case]:
@@ -164,11 +170,13 @@ class ModelBench:
     trainable: List[torch.Tensor]
     autocast: Callable[[], Any]
     extra: Dict[str, Any] = field(default_factory=dict)
+    backend: Optional[str] = None  # a kron_kernels backend the whole step runs under (variant dense)
 
     def fwd_bwd(self) -> None:
-        with self.autocast():
-            loss = F.cross_entropy(self.model(self.images), self.labels)
-        loss.backward()
+        with kk.use_backend(self.backend) if self.backend else contextlib.nullcontext():
+            with self.autocast():
+                loss = F.cross_entropy(self.model(self.images), self.labels)
+            loss.backward()
 
     def update(self) -> None:
         if self.optimizer is not None:
@@ -245,7 +253,7 @@ def build(case: Case, variant: str, device: torch.device) -> ModelBench:
     if name in kk.METHODS:
         config = method_config(name, model)
         torch.manual_seed(SEED + 1)
-        model = kk.adapt(model, name, impl=variant, **config)  # may return a wrapper (LoSA)
+        model = kk.adapt(model, name, impl="fused" if variant == "dense" else variant, **config)  # LoSA: a wrapper
         extra["config"] = {k: v for k, v in config.items()}
     elif name == "full_finetune":
         model.requires_grad_(True)
@@ -267,7 +275,8 @@ def build(case: Case, variant: str, device: torch.device) -> ModelBench:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     autocast = functools.partial(common.training_autocast, device)
-    return ModelBench(name, variant, model, images, labels, optimizer, trainable, autocast, extra)
+    return ModelBench(name, variant, model, images, labels, optimizer, trainable, autocast, extra,
+                      backend="dense" if variant == "dense" else None)
 
 
 def warm(bench: ModelBench, device: torch.device, steps: int = 1) -> None:
@@ -628,7 +637,7 @@ def measure_case(suite: str, case: Case, cfg) -> List[Row]:
             base = torch.cuda.memory_allocated() if device.type == "cuda" else None
             try:
                 bench = build(case, variant, device)
-                row.backend = common.variant_backend(variant, bench.step) if variant in IMPLS else (
+                row.backend = common.variant_backend(variant, bench.step) if variant in IMPLS + ("dense",) else (
                     "peft" if variant == "peft" else "torch")
                 warm(bench, device, steps=1)  # after variant_backend's step: AdamW's state exists
                 _fill(row, bench, memory_split(bench, device, base))
@@ -668,7 +677,7 @@ def _ok(rows: Sequence[Row], op: str, variant: Optional[str] = None) -> Optional
 def derived(row: Row, rows: Sequence[Row]) -> Dict[str, Optional[float]]:
     """Fused over reference (speed-up, memory ratio) and the step's overhead over the floor row."""
     ok = row.status == "ok"
-    ref = _ok(rows, row.op, "reference") if row.variant == "fused" else None
+    ref = _ok(rows, row.op, "reference") if row.variant in ("fused", "dense") else None
     floor = _ok(rows, "floor")
     overhead = common.ratio(row.median_ms, floor and floor.median_ms) if ok and row.op != "floor" else None
     return {
@@ -892,7 +901,7 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
         overhead = d["overhead_vs_floor"]
         params = row.extra.get("trainable_params")
         note = row.reason.replace("|", "\\|").replace("\n", " ") if not ok else (
-            row.backend if row.variant == "fused" else "")
+            row.backend if row.variant in ("fused", "dense") else "")
         lines.append(
             f"| {_label(row)} | {row.variant} | {'-' if params is None else f'{params:,}'} | {times} "
             f"| {_num(row.extra.get('images_per_s')) if ok else '-'} | {_mib(row.peak_extra_bytes) if ok else '-'} "
@@ -934,7 +943,9 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
         "",
         "- **fused** / **reference**: `kk.adapt(model, method, impl=...)` with the method's default config"
         " (the `config` in the JSON rows says where a small model needed another); the backbone frozen, "
-        "the head trainable. The notes column names the kron_kernels dispatches a fused step made.",
+        "the head trainable. The notes column names the kron_kernels dispatches a fused step made. "
+        "**dense** (GPU, FacT): the fused model stepped under `kk.use_backend(\"dense\")`, its cuBLAS "
+        "composition measured beside auto's Triton kernels (its speed-up column is against the reference).",
         "- **full fine-tuning**: every weight trainable. **linear probing**: the head alone (the backward "
         "stops at the head). **PEFT LoRA**: peft's LoRA on every block's fused `qkv`, r = lora_alpha = 8, "
         "no dropout, the head trainable (`modules_to_save`).",
@@ -984,7 +995,7 @@ def plot(suite, rows: List[Row], cfg, prov: Dict[str, Any], folder: Path) -> Lis
     ok = [r for r in rows if r.status == "ok"]
     if not ok:
         return []
-    markers = {"fused": "o", "reference": "s", "torch": "^", "peft": "D"}
+    markers = {"fused": "o", "dense": "v", "reference": "s", "torch": "^", "peft": "D"}
     shape = ", ".join(sorted({r.shape for r in ok}))
     dtype = "bf16 autocast" if cfg.device.type == "cuda" else "fp32"
     paths = []
