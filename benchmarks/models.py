@@ -783,6 +783,21 @@ def _mib(nbytes: Optional[int]) -> str:
     return "n/a" if nbytes is None else _num(nbytes / MIB)
 
 
+def _busy(row: Row) -> str:
+    """The profiled step's device (kernel) time over the timed step median: well under 100%
+    means the device waits on the host (the H200 run of 93d8659: 35-48% for most fused steps)."""
+    profile = row.extra.get("profile") or {}
+    total = profile.get("total") or {}
+    if row.status != "ok" or profile.get("kind") != CUDA_KERNELS or not total.get("ms_per_step") or not row.median_ms:
+        return "-"  # on CPU the ops' times nest: no busy share
+    return f"{total['ms_per_step'] / row.median_ms:.0%}"
+
+
+def _launches(row: Row) -> str:
+    total = (row.extra.get("profile") or {}).get("total") or {}
+    return "-" if row.status != "ok" or total.get("calls_per_step") is None else f"{total['calls_per_step']:,.0f}"
+
+
 def _label(row: Row) -> str:
     return ANCHOR_TITLE.get(row.op, f"`{row.op}`")
 
@@ -891,8 +906,8 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
         + (" **Quick run** (small sizes, few repeats): indicative only." if cfg.quick else ""),
         "",
         "| method | impl | trainable params | step ms median (p20–p80) | images/s | peak MiB "
-        "| fused vs reference: speed-up | memory ratio | overhead over floor | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fused vs reference: speed-up | memory ratio | overhead over floor | device busy | launches | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         d = derived(row, rows)
@@ -907,7 +922,7 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
             f"| {_num(row.extra.get('images_per_s')) if ok else '-'} | {_mib(row.peak_extra_bytes) if ok else '-'} "
             f"| {'-' if d['speedup_vs_reference'] is None else _num(d['speedup_vs_reference']) + '×'} "
             f"| {'-' if d['memory_ratio_vs_reference'] is None else _num(d['memory_ratio_vs_reference']) + '×'} "
-            f"| {'-' if overhead is None else f'{overhead * 100:+.0f}%'} | {note} |"
+            f"| {'-' if overhead is None else f'{overhead * 100:+.0f}%'} | {_busy(row)} | {_launches(row)} | {note} |"
         )
     lines += [
         "",
@@ -941,6 +956,9 @@ def markdown(suite, rows: List[Row], target_rows: List[Target], cfg, prov: Dict[
         "",
         "## Notes",
         "",
+        "- **device busy** (GPU): the profiled step's CUDA kernel time over the step median; **launches**: "
+        "kernels per step (on CPU: profiled ops) -- a busy share well under 100% means the step waits on the "
+        "host, and fewer launches is then what speeds it up.",
         "- **fused** / **reference**: `kk.adapt(model, method, impl=...)` with the method's default config"
         " (the `config` in the JSON rows says where a small model needed another); the backbone frozen, "
         "the head trainable. The notes column names the kron_kernels dispatches a fused step made. "
