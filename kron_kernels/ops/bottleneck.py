@@ -649,32 +649,40 @@ def _dense_fact(x2, weight, bias, U, V, cores, spec: _FacTSpec):
     under autocast; the factors cast to it, their gradients back to fp32 by autograd): ``x @ U``
     once for every slot (rows) or one GEMM over the ``k`` chunks (cols), the cores side by side
     (rows) or batched (cols), dropout with the torch backend's mask (its scale and ``s`` folded
-    into the tiny cores), ``@ V^T``, and the frozen GEMM last with the increments as cuBLAS's
-    ``beta = 1`` input (``addmm``): ~11 launches forward, no activation ever in fp32 (the torch
+    into the tiny cores), the frozen GEMM with its bias, then ``@ V^T`` adding onto it through
+    cuBLAS's ``beta = 1`` epilogue (``addmm``): ~10 launches forward, no activation ever in fp32 (the torch
     backend's structured code accumulates in fp32 and runs the frozen GEMM there too: fine on a
     CPU, FFMA on a GPU)."""
     dt = x2.dtype
     n, (k, r) = x2.shape[0], cores.shape[:2]
     d = U.shape[0]
     s = spec.scale * (1.0 / (1.0 - spec.p_drop) if spec.p_drop > 0.0 else 1.0)
-    Ud, Vd, Cd = U.to(dt), V.to(dt), (cores * s).to(dt)
+    Ud, Vd = U.to(dt), V.to(dt)
     if spec.split == "rows":
+        # the cores side by side, (r, k r): scaled, converted and laid out in two launches
+        side = (cores.permute(1, 0, 2) * s).to(dt, memory_format=torch.contiguous_format).reshape(r, k * r)
         pre = x2 @ Ud  # (N, r), once for the k slots
-        a = (pre @ Cd.permute(1, 0, 2).reshape(r, k * r)).view(n * k, r)  # rows (n, j)
+        a = (pre @ side).view(n * k, r)  # rows (n, j)
     else:
         pre = (x2.reshape(n * k, d) @ Ud).view(n, k, r)
-        a = torch.bmm(pre.transpose(0, 1), Cd).transpose(0, 1).reshape(n * k, r)  # a copy: (n, j) rows
+        a = torch.bmm(pre.transpose(0, 1), (cores * s).to(dt)).transpose(0, 1).reshape(n * k, r)  # (n, j) rows
     if spec.p_drop > 0.0:
         a = a * _torch_keep_mask(n * k, r, spec.p_drop, spec.seed, x2.device)
-    if spec.split == "rows":
-        inc = (a @ Vd.t()).view(n, k * d)
+    if spec.split == "cols":
+        a = a.view(n, k, r).sum(1)  # the slots' outputs are summed: sum before the shared V
+    # the frozen GEMM (with the bias) first, the increments added in the V GEMM's epilogue
+    if weight is not None:
+        base = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    elif bias is not None:
+        base = bias.expand(n, bias.shape[0])
     else:
-        inc = a.view(n, k, r).sum(1) @ Vd.t()  # the slots' outputs are summed: sum before the shared V
-    if bias is not None:
-        inc = inc + bias
-    if weight is None:
-        return inc
-    return torch.addmm(inc, x2, weight.t())
+        base = None
+    rows = n * k if spec.split == "rows" else n
+    if base is None:
+        out = a @ Vd.t()
+    else:
+        out = torch.addmm(base.reshape(rows, d), a, Vd.t())
+    return out.view(n, k * d if spec.split == "rows" else d)  # sizes named: n may be 0
 
 
 class FacTFunction(torch.autograd.Function):
