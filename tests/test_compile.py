@@ -217,7 +217,8 @@ def _kron_cases():
                _leaf(2, 2, 4, seed=6), _leaf(2, 5, 3, seed=7), _leaf(2, 6, 3, seed=8)]
     yield kron_ops._kron_linear_op, (x, W, b, factors, [0, 30], 40, 0.5)
     yield kron_ops._kron_linear_op, (x, None, None, factors[:3], [0], 10, 1.5)
-    yield kron_ops._kron_delta_op, (*factors[:3], 0.5)
+    yield kron_ops._kron_delta_op, (*factors[:3], 0.5, ..., torch.float32)
+    yield kron_ops._kron_delta_op, (*factors[:3], 0.5, ..., torch.bfloat16)  # delivered converted
     dy = _leaf(7, 40, seed=9, grad=False)
     yield kron_ops._kron_linear_backward_op, (dy, x.detach(), W, [f.detach() for f in factors], [0, 30], 0.5,
                                               ..., [True, False, True] + [True, False, True] * 2)
@@ -270,7 +271,7 @@ def test_opcheck(op, args, impl):
         args = list(args)
     else:
         args = list(args)
-        if ... in args:  # backward ops: the impl sits before the needs flags
+        if ... in args:  # backward ops and kron_delta: the impl sits before the last arguments
             args[args.index(...)] = impl
         else:
             args.append(impl)

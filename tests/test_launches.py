@@ -168,3 +168,34 @@ FACT_CASES = [
 @pytest.mark.parametrize("case, budget", FACT_CASES)
 def test_dense_fact_launch_budget(case, budget):
     test_dense_launch_budget(case, budget)
+
+
+def compacter_case():
+    """A Compacter adapter (kk.nn / its reference twin, same state): the PHM weights are built
+    from the shared A and the per-layer s, t every step; every parameter gets its gradient."""
+    from kron_kernels.nn import CompacterAdapter
+    from kron_kernels.reference import compacter as ref_compacter
+
+    torch.manual_seed(0)
+    fused = CompacterAdapter(64, 8, 4)
+    with torch.no_grad():
+        fused.up.s.normal_()  # up.s starts at zero
+    reference = ref_compacter.CompacterAdapter(64, 8, 4)
+    reference.load_state_dict(fused.state_dict())
+    h = rnd(2, 5, 64)
+
+    def with_params(module):
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+
+        def fn(h, *params):
+            return torch.func.functional_call(module, dict(zip(names, params)), (h,))
+
+        return fn, [p.detach() for n, p in module.named_parameters() if p.requires_grad]
+
+    (fused_fn, params), (ref_fn, _) = with_params(fused), with_params(reference)
+    return fused_fn, ref_fn, [h, *(p.clone().requires_grad_() for p in params)]
+
+
+@pytest.mark.parametrize("case, budget", [pytest.param(compacter_case, 38, id="compacter_adapter")])  # the reference: 52
+def test_compacter_launch_budget(case, budget):
+    test_dense_launch_budget(case, budget)

@@ -171,12 +171,14 @@ def _kron_product(A, U, V, scale=1.0):
     return _scaled_mm(A.reshape(m, a_out * a_in).t(), B.reshape(m, p * q), scale)
 
 
-def _torch_delta(A, U, V, scale):
-    """``scale * sum_i kron(A[i], U[i] @ V[i].T)`` in the factors' dtype, rows ``(o, p)``,
-    columns ``(a, q)``: two GEMMs and the permuting copy."""
+def _torch_delta(A, U, V, scale, out_dtype=None):
+    """``scale * sum_i kron(A[i], U[i] @ V[i].T)`` in ``out_dtype`` (default the factors'),
+    rows ``(o, p)``, columns ``(a, q)``: two GEMMs and the permuting copy (which converts)."""
     m, a_out, a_in = A.shape
     p, q = U.shape[1], V.shape[1]
     delta = _kron_product(A, U, V, scale).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
+    if out_dtype is not None and out_dtype != delta.dtype:
+        delta = delta.to(out_dtype, memory_format=torch.contiguous_format)
     return delta.reshape(a_out * p, a_in * q)
 
 
@@ -390,17 +392,19 @@ def _kron_linear_autograd(ctx, dy2):
 _kron_linear_op.register_autograd(_kron_linear_autograd, setup_context=_kron_linear_setup)
 
 
-def _delta_forward(A, U, V, scale, impl):
-    """The increment by the Triton kernel, or (torch and dense backends) by two torch GEMMs."""
+def _delta_forward(A, U, V, scale, impl, out_dtype):
+    """The increment in ``out_dtype`` by the Triton kernel (which stores it so), or (torch and
+    dense backends) by two torch GEMMs and the converting permute."""
     if impl == "triton":
-        return _triton_kron().kron_delta_forward(A, U, V, scale)
+        return _triton_kron().kron_delta_forward(A, U, V, scale, out_dtype)
     acc = compute_dtype(A.dtype)
-    return _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale).to(A.dtype)
+    return _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale, out_dtype)
 
 
 def _delta_backward(grad, A, U, V, scale):
+    """The factors' gradients (``_delta_grads`` converts ``grad`` of any dtype in its copy)."""
     acc = compute_dtype(A.dtype)
-    dA, dU, dV = _delta_grads(grad.to(acc), A.to(acc), U.to(acc), V.to(acc), scale)
+    dA, dU, dV = _delta_grads(grad, A.to(acc), U.to(acc), V.to(acc), scale)
     return grad_like(dA, A), grad_like(dU, U), grad_like(dV, V)
 
 
@@ -409,29 +413,31 @@ class KronDeltaFunction(torch.autograd.Function):
     O(m * d_out * d_in) and independent of the token count, so it runs in torch everywhere."""
 
     @staticmethod
-    def forward(ctx, A, U, V, scale, impl):
+    def forward(ctx, A, U, V, scale, impl, out_dtype):
         ctx.save_for_backward(A, U, V)
         ctx.scale = scale
-        return _delta_forward(A, U, V, scale, impl)
+        return _delta_forward(A, U, V, scale, impl, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         A, U, V = ctx.saved_tensors
-        return (*_delta_backward(grad, A, U, V, ctx.scale), None, None)
+        return (*_delta_backward(grad, A, U, V, ctx.scale), None, None, None)
 
 
 @torch.library.custom_op("kron_kernels::kron_delta", mutates_args=())
-def _kron_delta_op(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float, impl: str) -> torch.Tensor:
-    return _delta_forward(A, U, V, scale, impl)
+def _kron_delta_op(
+    A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float, impl: str, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _delta_forward(A, U, V, scale, impl, out_dtype)
 
 
 @_kron_delta_op.register_fake
-def _(A, U, V, scale, impl):
-    return A.new_empty((A.shape[1] * U.shape[1], A.shape[2] * V.shape[1]))
+def _(A, U, V, scale, impl, out_dtype):
+    return A.new_empty((A.shape[1] * U.shape[1], A.shape[2] * V.shape[1]), dtype=out_dtype)
 
 
 def _kron_delta_setup(ctx, inputs, output):
-    A, U, V, scale, impl = inputs
+    A, U, V, scale, impl, out_dtype = inputs
     ctx.save_for_backward(A, U, V)
     ctx.scale = scale
 
@@ -439,7 +445,7 @@ def _kron_delta_setup(ctx, inputs, output):
 def _kron_delta_autograd(ctx, grad):
     # plain torch GEMMs: traced into the compiled backward graph, where Inductor may fuse them
     A, U, V = ctx.saved_tensors
-    return (*_delta_backward(grad, A, U, V, ctx.scale), None, None)
+    return (*_delta_backward(grad, A, U, V, ctx.scale), None, None, None)
 
 
 _kron_delta_op.register_autograd(_kron_delta_autograd, setup_context=_kron_delta_setup)
@@ -455,6 +461,16 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     Use it to merge an increment into a frozen weight or to inspect it; to *apply* an
     increment to activations use :func:`kron_matmul` / :func:`kron_linear`, which never build it.
     """
+    return kron_delta_as(A, U, V, scale, None)
+
+
+def kron_delta_as(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`kron_delta` delivered in ``dtype`` (None: A's), computed in the factors' precision
+    and rounded once as it is stored -- for a consumer that would convert it anyway (the
+    Compacter modules pass the autocast dtype, saving a conversion launch each way)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     _check_factors(A, U, V)
     scale = check_scale(scale)
     refuses = None
@@ -466,10 +482,11 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
     A, U, V = (as_kernel_operand(t) for t in (A, U, V))
     # the increment is built in the factors' precision even under autocast: it is small, and
     # the projection that consumes it runs at autocast precision anyway
+    out_dtype = A.dtype if dtype is None else dtype
     with torch.autocast(device_type=A.device.type, enabled=False):
         if compiling():
-            return _kron_delta_op(A, U, V, scale, impl)
-        return KronDeltaFunction.apply(A, U, V, scale, impl)
+            return _kron_delta_op(A, U, V, scale, impl, out_dtype)
+        return KronDeltaFunction.apply(A, U, V, scale, impl, out_dtype)
 
 
 def _autocast_dtype(x) -> Optional[torch.dtype]:

@@ -370,13 +370,14 @@ def kron_linear_backward(dy2, x2, weight, targets, scale, need_dx):
 
 
 @on_device
-def kron_delta_forward(A, U, V, scale):
-    """The materialised ``(a_out*p, a_in*q)`` increment, in A's dtype. ``A``, ``U``, ``V`` are
-    indexed as contiguous: the op hands them over so (``ops._common.as_kernel_operand``)."""
+def kron_delta_forward(A, U, V, scale, out_dtype=None):
+    """The materialised ``(a_out*p, a_in*q)`` increment, in ``out_dtype`` (default A's: the
+    kernel's store converts). ``A``, ``U``, ``V`` are indexed as contiguous: the op hands them
+    over so (``ops._common.as_kernel_operand``)."""
     m, a_out, a_in = A.shape
     p, r = U.shape[1], U.shape[2]
     q = V.shape[1]
-    out = torch.empty((a_out * p, a_in * q), device=A.device, dtype=A.dtype)
+    out = torch.empty((a_out * p, a_in * q), device=A.device, dtype=out_dtype or A.dtype)
     block_r, block_c = 32, 64
     grid = (triton.cdiv(a_out * p, block_r), triton.cdiv(a_in * q, block_c))
     _kron_delta_kernel[grid](
