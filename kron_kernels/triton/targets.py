@@ -346,6 +346,15 @@ def _kron_workloads():
 
             yield f"kron_delta {label} {_dtype_id(dtype)}", delta
 
+            if dtype != torch.float32:
+                # the Compacter modules' PHM weights under autocast: fp32 factors, stored 16-bit
+                def delta_as(dtype=dtype, m=m, a_out=a_out, a_in=a_in, p=p, q=q, r=r):
+                    from ..ops.kron import kron_delta_as
+
+                    return kron_delta_as(_param(m, a_out, a_in), _param(m, p, r), _param(m, q, r), 1.0, dtype)
+
+                yield f"kron_delta_as {label} {_dtype_id(dtype)}", delta_as
+
 
 def _adapter_workloads():
     from .. import ops
