@@ -145,3 +145,42 @@ def test_report_lists_the_tunings():
     from kron_kernels import triton as kk_triton
 
     assert kk_triton.tunings() == _autotune.tunings()
+
+
+# ----------------------------------------------------------------------------------------
+# the fwht row pass (kron_kernels/triton/fwht.py): tiles of 2^11..2^13 elements, 4 or 8 warps
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("log_a", range(8, 14))
+@pytest.mark.parametrize("n_vectors", [1, 3, 32768])
+def test_fwht_tiles_hold_a_row_and_no_more_rows_than_there_are(log_a, n_vectors):
+    from kron_kernels.triton import fwht as triton_fwht
+
+    a = 1 << log_a
+    configs = triton_fwht._tile_configs()
+    kept = triton_fwht._prune_tiles(configs, {"n_vectors": n_vectors, "A": a})
+    assert kept, "never nothing"
+    fits = [c for c in configs if a <= c.kwargs["TILE"] and c.kwargs["TILE"] // a <= triton.next_power_of_2(n_vectors)]
+    if not fits:  # fewer rows than the smallest tile holds: that tile, its rows masked
+        assert [c.kwargs["TILE"] for c in kept] == [min(t for t in triton_fwht.TILES if t >= a)]
+    for config in kept if fits else ():
+        tile = config.kwargs["TILE"]
+        assert tile >= a and tile % a == 0, "a program holds whole rows"
+        assert tile // a == 1 or tile // a <= triton.next_power_of_2(n_vectors), "no program wider than the work"
+    if n_vectors == 32768:  # every tile that holds a row, with both warp counts
+        assert {(c.kwargs["TILE"], c.num_warps) for c in kept} == {
+            (t, w) for t in triton_fwht.TILES for w in triton_fwht.WARPS if t >= a}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fwht_autotuned_row_pass_equals_the_fixed_tile(dtype, monkeypatch):
+    """The butterfly's order does not depend on the tile: the autotuned row pass is bit for bit
+    the fixed tile's, and the tuning is logged."""
+    from kron_kernels.triton import fwht as triton_fwht
+
+    x = torch.randn(3000, 1024, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).to(dtype)
+    tuned = triton_fwht.fwht_forward(x, 0.5)
+    assert triton_fwht._fwht_autotuned.cache, "the row pass went through the autotuner"
+    assert any(t.kernel == "_fwht_kernel" for t in _autotune.tunings()), "and its tuning is logged"
+    monkeypatch.setattr(triton_fwht, "AUTOTUNE_MIN_LOG", 99)
+    assert torch.equal(tuned, triton_fwht.fwht_forward(x, 0.5))

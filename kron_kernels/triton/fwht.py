@@ -15,6 +15,12 @@ been transformed once and the order is back where it started. Arithmetic is fp32
 Sizes: the row pass takes up to 2^13 elements per program (32 KiB of fp32, which the layout
 changes of the join may stage through shared memory); strided passes take up to 2^7 points
 per vector so that a program still covers >= 64 consecutive j (coalesced accesses).
+
+Tiles: on CUDA the row pass of rows of 2^8 and more autotunes its tile (``TILE`` elements, i.e.
+``TILE / A`` rows, per program: 2^11, 2^12 or 2^13) and warps per (row length, row-count class,
+dtypes) -- the H200 run of commit 93d8659 measured the fixed 2^13-element tile at 1.46x
+``torch.clone`` for 32768 bf16 rows of 2^10 (1.08x at 2^13); shorter rows, the strided passes
+and the interpreter keep the fixed tile.
 """
 from __future__ import annotations
 
@@ -22,18 +28,24 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
+
 __all__ = ["fwht_forward", "MAX_ROW_LOG"]
 
 MAX_ROW_LOG = 13
 MAX_STRIDED_LOG = 7
-_TILE = 1 << 13  # elements per program
+_TILE = 1 << 13  # elements per program (the fixed tile)
+AUTOTUNE_MIN_LOG = 8  # row passes of rows of 2^8 and more autotune on CUDA
+TILES = (1 << 11, 1 << 12, 1 << 13)
+WARPS = (4, 8)
 
 
 @triton.jit
 def _fwht_kernel(
-    x_ptr, y_ptr, n_vectors, stride, scale,
-    A: tl.constexpr, LOG_A: tl.constexpr, BLOCK_V: tl.constexpr, ROW_PASS: tl.constexpr,
+    x_ptr, y_ptr, n_vectors, stride, scale, N_BUCKET,
+    A: tl.constexpr, LOG_A: tl.constexpr, TILE: tl.constexpr, ROW_PASS: tl.constexpr,
 ):
+    BLOCK_V: tl.constexpr = TILE // A  # vectors per program
     offs_v = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < n_vectors
     offs_k = tl.arange(0, A).to(tl.int64)
@@ -50,15 +62,43 @@ def _fwht_kernel(
     tl.store(y_ptr + offs, (x * scale).to(y_ptr.dtype.element_ty), mask=mask_v[:, None])
 
 
-def _launch(src, dst, n_vectors, stride, scale, log_a, row_pass):
-    a = 1 << log_a
+def _tile_configs():
+    return [triton.Config({"TILE": tile}, num_warps=warps) for tile in TILES for warps in WARPS]
+
+
+def _prune_tiles(configs, nargs, **kwargs):
+    """The tiles that hold at least one vector and no more vectors than there are (a program
+    wider than the work idles); never none (the smallest tile that holds a vector)."""
+    a = kwargs["A"] if "A" in kwargs else nargs["A"]
+    most = triton.next_power_of_2(max(int(nargs["n_vectors"]), 1)) * a
+    kept = [c for c in configs if a <= c.kwargs["TILE"] <= max(most, a)]
+    return kept or [min((c for c in configs if c.kwargs["TILE"] >= a), key=lambda c: c.kwargs["TILE"])]
+
+
+_fwht_autotuned = triton.autotune(
+    configs=_tile_configs(), key=["A", "ROW_PASS", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_tiles},
+)(_fwht_kernel)
+
+
+def _fixed_tile(n_vectors: int, a: int) -> int:
     block_v = max(1, _TILE // a)
     if n_vectors < block_v:  # few vectors: no program wider than the work
         block_v = triton.next_power_of_2(max(n_vectors, 1))
-    warps = (8 if block_v * a >= 4096 else 4) if src.is_cuda else 1
-    grid = (triton.cdiv(n_vectors, block_v),)
-    _fwht_kernel[grid](src, dst, n_vectors, stride, scale, A=a, LOG_A=log_a, BLOCK_V=block_v,
-                       ROW_PASS=row_pass, num_warps=warps)
+    return block_v * a
+
+
+def _launch(src, dst, n_vectors, stride, scale, log_a, row_pass):
+    a = 1 << log_a
+    args = (src, dst, n_vectors, stride, scale, _autotune.n_bucket(n_vectors))
+    if src.is_cuda and row_pass and log_a >= AUTOTUNE_MIN_LOG:
+        _autotune.launch(_fwht_autotuned, lambda meta: (triton.cdiv(n_vectors, meta["TILE"] // a),), *args,
+                         A=a, LOG_A=log_a, ROW_PASS=row_pass)
+        return
+    tile = _fixed_tile(n_vectors, a)
+    warps = (8 if tile >= 4096 else 4) if src.is_cuda else 1
+    _fwht_kernel[(triton.cdiv(n_vectors, tile // a),)](*args, A=a, LOG_A=log_a, TILE=tile, ROW_PASS=row_pass,
+                                                      num_warps=warps)
 
 
 def fwht_forward(x2: torch.Tensor, scale: float, max_row_log: int = MAX_ROW_LOG,
