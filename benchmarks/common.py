@@ -240,7 +240,8 @@ def bottleneck_cases(quick: bool = False) -> List[Case]:
     # backward (0.45 ms a call)
     for split, k in (("rows", 3), ("cols", 4)):
         for mode in (FWD_BWD, FWD):
-            cases.append(Case("fact_linear", f"d{d}-r{FACT_R}-{split}{k}", mode, ("fused", "cublas", "reference", "floor"),
+            cases.append(Case("fact_linear", f"d{d}-r{FACT_R}-{split}{k}", mode,
+                              ("fused", "cublas", "reference", "floor"),
                               (("model", "ViT-B"), ("d", d), ("r", FACT_R), ("split", split), ("k", k),
                                ("dropout", FACT_DROPOUT))))
     for method in BLOCK_METHODS:
@@ -660,7 +661,8 @@ def _build_fact_linear(case, variant, device, tokens, gen) -> Bench:
         op = fused
         if variant == "cublas":
             op = _on_backend(fused, "dense")
-            extra["note"] = "the dense composition (backend 'dense': cuBLAS GEMMs in the activations' dtype, x @ U once)"
+            extra["note"] = ("the dense composition (backend 'dense': cuBLAS GEMMs in the activations' dtype, "
+                             "x @ U once)")
         return Bench(_step(op, inputs, grad_out), extra=extra)
     if variant == "reference":
         def forward():

@@ -196,6 +196,7 @@ def compacter_case():
     return fused_fn, ref_fn, [h, *(p.clone().requires_grad_() for p in params)]
 
 
-@pytest.mark.parametrize("case, budget", [pytest.param(compacter_case, 38, id="compacter_adapter")])  # the reference: 52
+# the reference: 52
+@pytest.mark.parametrize("case, budget", [pytest.param(compacter_case, 38, id="compacter_adapter")])
 def test_compacter_launch_budget(case, budget):
     test_dense_launch_budget(case, budget)

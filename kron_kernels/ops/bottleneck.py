@@ -650,9 +650,9 @@ def _dense_fact(x2, weight, bias, U, V, cores, spec: _FacTSpec):
     once for every slot (rows) or one GEMM over the ``k`` chunks (cols), the cores side by side
     (rows) or batched (cols), dropout with the torch backend's mask (its scale and ``s`` folded
     into the tiny cores), the frozen GEMM with its bias, then ``@ V^T`` adding onto it through
-    cuBLAS's ``beta = 1`` epilogue (``addmm``): ~10 launches forward, no activation ever in fp32 (the torch
-    backend's structured code accumulates in fp32 and runs the frozen GEMM there too: fine on a
-    CPU, FFMA on a GPU)."""
+    cuBLAS's ``beta = 1`` epilogue (``addmm``): ~10 launches forward, no activation ever in
+    fp32 (the torch backend's structured code accumulates in fp32 and runs the frozen GEMM
+    there too: fine on a CPU, FFMA on a GPU)."""
     dt = x2.dtype
     n, (k, r) = x2.shape[0], cores.shape[:2]
     d = U.shape[0]

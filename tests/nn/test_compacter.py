@@ -37,7 +37,8 @@ def outputs_and_grads(module, x, seed=0, autocast=None):
     x = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = module(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device, out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.to(out.device, out.dtype)
     grads = torch.autograd.grad(out, [x, *params.values()], g)
     return {"out": out, "x": grads[0], **dict(zip(params, grads[1:]))}
 
