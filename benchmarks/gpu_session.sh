@@ -9,16 +9,17 @@
 # Profiles -- a lent GPU's 15 minutes hold two calls back to back on the warm machine (the
 # build survives between them); issue the second as soon as the first returns (the machine
 # goes back after 30 s idle):
-# * `check` (call 1, <= 7 minutes): build the extension for the local GPU only (~110 s); the
+# * `check` (call 1, <= 7.5 minutes): build the extension for the local GPU only (~110 s); the
 #   model-level report at --reps 10 with one profiled step per row (~100 s); the kron_ops and
 #   bottleneck suites (every case; fused = auto beside the Triton kernels and, for FacT, the
 #   dense composition: what the `_CUDA_AUTO` choices are made from); the transform target rows
 #   (fwht at n = 2^10 / 2^13, fastfood d = 2^14 into D = 86e6).
-# * `check-tests` (call 2, <= 7 minutes): the extension's Lb refusal that segfaulted on the H200
-#   of 93d8659, under gdb where present; `pytest -m gpu -n 14 -v`, the Inductor end-to-end cases
-#   last (that run needed more than 300 s at -n 14, most of it in
-#   test_compile.py::test_inductor_cuda; -v keeps every verdict in the log if the box closes,
-#   failures.log every failure's report); compute-sanitizer memcheck on a CUDA-kernel subset.
+# * `check-tests` (call 2, <= 5 minutes; with call 1 and the machine's start inside the 15):
+#   the extension's Lb refusal that segfaulted on the H200 of 93d8659, under gdb where present;
+#   `pytest -m gpu -n 14 -v`, the Inductor end-to-end cases last (that run needed more than
+#   300 s at -n 14, most of it in test_compile.py::test_inductor_cuda; -v keeps every verdict
+#   in the log if the box closes, failures.log every failure's report); compute-sanitizer
+#   memcheck on a CUDA-kernel subset.
 # * the full profile (no step named; for users with time): build, tests, resources (ptxas report),
 #   report (kron ops, bottleneck), transforms (fwht, fastfood), models (ViT-B/16, batch 64, bf16,
 #   with a torch.cuda.memory snapshot of a KAdaptation step). Name fewer steps to fit a call's
@@ -76,19 +77,19 @@ try:
 except ValueError as e:
     print("refused:", e)'
     if command -v gdb > /dev/null; then
-        step refusal 60 gdb -batch -ex run -ex bt --args $py -X faulthandler -c "$refusal"
+        step refusal 30 gdb -batch -ex run -ex bt --args $py -X faulthandler -c "$refusal"
     else
-        step refusal 60 $py -X faulthandler -c "$refusal"
+        step refusal 30 $py -X faulthandler -c "$refusal"
     fi
     # -v: xdist prints each test's verdict as it lands, so a time box still leaves them in the log
-    step quicktests 170 env KRON_KERNELS_FAILURE_LOG="$work/failures.log" $py -m pytest -m gpu -k "not test_inductor_cuda" -v --tb=short --durations=15 \
+    step quicktests 150 env KRON_KERNELS_FAILURE_LOG="$work/failures.log" $py -m pytest -m gpu -k "not test_inductor_cuda" -v --tb=short --durations=15 \
         -p no:cacheprovider -n 14 tests
-    step inductor 110 env KRON_KERNELS_FAILURE_LOG="$work/failures.log" $py -m pytest -m gpu -k test_inductor_cuda -v --tb=short -p no:cacheprovider -n 14 tests
+    step inductor 80 env KRON_KERNELS_FAILURE_LOG="$work/failures.log" $py -m pytest -m gpu -k test_inductor_cuda -v --tb=short -p no:cacheprovider -n 14 tests
     # issue 14 part 5: the CUDA C++ kernels under compute-sanitizer memcheck (a subset that fits)
-    step sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest -m gpu -q -x \
+    step sanitize 40 compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest -m gpu -q -x \
         -p no:cacheprovider tests/ops/test_fwht.py tests/ops/test_fastfood.py -k "gpu_matches_scipy and n1024 or gpu_extension_matches_cpu_extension"
     step models 130 $py -m benchmarks.report --suite models --reps 10 --profile-steps 1 --out "$work/results"
-    step ops 150 $py -m benchmarks.report --suite kron_ops bottleneck --rep-ms 60 --out "$work/results"
+    step ops 120 $py -m benchmarks.report --suite kron_ops bottleneck --rep-ms 60 --out "$work/results"
     step targets 35 $py -m benchmarks.report --suite fwht fastfood --reps 10 --cases \
         fwht-n1024-bfloat16 fwht-n8192-bfloat16 fastfood-d16384-D86000000 --out "$work/results"
     exit 0
