@@ -27,7 +27,8 @@ def pytest_runtest_logreport(report):
     is appended to that file as it happens: a GPU call killed at its time limit still leaves
     the reasons (pytest prints them only at the end of the session)."""
     path = os.environ.get("KRON_KERNELS_FAILURE_LOG")
-    if path and report.failed:
+    # under xdist the worker writes; the controller's replay of its report (``report.node``) not
+    if path and report.failed and getattr(report, "node", None) is None:
         with open(path, "a") as log:
             log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
