@@ -10,6 +10,9 @@ composition makes on CUDA. Each budget is the count this commit makes, pinned so
 that adds launches has to say why; each must also stay below what the reference composition
 (``kron_kernels.reference``, the papers' way, under the same autocast) makes.
 """
+import os
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,6 +22,7 @@ from kron_kernels.reference import arc as ref_arc
 from kron_kernels.reference import fact as ref_fact
 from kron_kernels.reference import kadaptation as ref_kadaptation
 from kron_kernels.reference import losa as ref_losa
+from utils import needs_interpreter
 
 # operators that launch no kernel (metadata, views, allocation)
 NO_LAUNCH = {
@@ -200,3 +204,30 @@ def compacter_case():
 @pytest.mark.parametrize("case, budget", [pytest.param(compacter_case, 38, id="compacter_adapter")])
 def test_compacter_launch_budget(case, budget):
     test_dense_launch_budget(case, budget)
+
+
+class LauncherOps(Launches):
+    """The ATen launches a Triton launcher makes around its kernels, under the interpreter (whose
+    own tensor traffic -- the interpreted kernel's loads and stores -- is not counted)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in NO_LAUNCH:
+            frame = sys._getframe(1)
+            while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+                frame = frame.f_back
+            where = frame.f_code.co_filename if frame is not None else ""
+            if f"{os.sep}triton{os.sep}" not in where or "kron_kernels" in where:
+                self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_interpreter
+def test_fact_triton_launcher_budget(monkeypatch):
+    """FacT on the Triton kernels (auto's CUDA choice): the ATen launches around its two kernels
+    (forward, persistent backward), a FacT qkv layer with dropout -- 22 (28 before the backward
+    reused the forward's zero-padded factors; the dense composition makes 28 in all, the
+    reference 81)."""
+    monkeypatch.setattr(sys.modules[__name__], "Launches", LauncherOps)
+    fused, _, inputs = fact_case("rows", 0.1)
+    got = launches(fused, inputs, "triton")
+    assert len(got) <= 22, f"{len(got)} launches > 22: {got}"

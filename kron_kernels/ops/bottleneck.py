@@ -612,17 +612,18 @@ class _TorchFacT:
         return grads
 
 
-def _fact_forward(x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str):
-    """The forward of :class:`FacTFunction` and of the custom op."""
+def _fact_forward(x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str, keep_padded: bool = False):
+    """The forward of :class:`FacTFunction` and of the custom op (``keep_padded``, Triton only:
+    ``(out, the padded factors)`` for the backward)."""
     if impl == "triton":
         return _triton_bottleneck().fact_forward(
             x2, weight, bias, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
-            seed=spec.seed, reduced_precision=spec.reduced_precision,
+            seed=spec.seed, reduced_precision=spec.reduced_precision, keep_padded=keep_padded,
         )
     return _TorchFacT(spec, x2, U, V, cores).forward(x2, weight, bias)
 
 
-def _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec: _FacTSpec, impl: str, needs):
+def _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec: _FacTSpec, impl: str, needs, padded=None):
     """``[dx, dweight, dbias, dU, dV, dcores]`` (None where ``needs`` is False); parameter
     gradients in their parameter's dtype and strides (see grad_like)."""
     need_dx, need_dw = needs[0], any(needs[3:6])
@@ -630,6 +631,7 @@ def _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec: _FacTSpec, i
         grads = _triton_bottleneck().fact_backward(
             dout, x2, weight, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
             seed=spec.seed, reduced_precision=spec.reduced_precision, need_dx=need_dx, need_dw=need_dw,
+            padded=padded,
         )
     else:
         grads = _TorchFacT(spec, x2, U, V, cores).backward(dout, x2, weight, need_dx, need_dw)
@@ -691,16 +693,22 @@ class FacTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str):
-        ctx.save_for_backward(x2, weight, U, V, cores)
         ctx.spec, ctx.impl = spec, impl
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _fact_forward(x2, weight, bias, U, V, cores, spec, impl)
+        if impl != "triton":
+            ctx.save_for_backward(x2, weight, U, V, cores)
+            return _fact_forward(x2, weight, bias, U, V, cores, spec, impl)
+        # the Triton backward reuses the forward's zero-padded factors (six launches a call: on
+        # the H200 the FacT steps were host-bound at 2,281 launches, commit 93d8659)
+        out, padded = _fact_forward(x2, weight, bias, U, V, cores, spec, impl, keep_padded=True)
+        ctx.save_for_backward(x2, weight, U, V, cores, *padded)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        x2, weight, U, V, cores = ctx.saved_tensors
+        x2, weight, U, V, cores, *padded = ctx.saved_tensors
         grads = _fact_backward(dout, x2, weight, U, V, cores, ctx.bias_dtype, ctx.spec, ctx.impl,
-                               ctx.needs_input_grad[:6])
+                               ctx.needs_input_grad[:6], padded or None)
         return (*grads, None, None)
 
 

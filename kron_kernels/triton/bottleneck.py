@@ -743,19 +743,23 @@ def _fact_padded(U, V, cores, r_pad: int):
 def fact_forward(
     x, weight, bias, U, V, cores, *, split: str, scale: float, p_drop: float, seed: Optional[int],
     reduced_precision: bool, block_n: Optional[int] = None, block_d: Optional[int] = None,
-) -> torch.Tensor:
+    keep_padded: bool = False,
+):
     """``[x @ weight^T + bias +]`` the FacT increments of ``k = cores.shape[0]`` slots (module
     docstring), in ``x``'s dtype, ``(N, k d)`` for ``split="rows"`` and ``(N, d)`` for
     ``"cols"``. ``x: (N, d | k d)`` of any strides. The kernel writes the increments and the
     bias into the output first; cuBLAS then adds the frozen GEMM through its ``beta = 1``
-    epilogue (as ``triton/kron.py``), so the memory-bound kernel never re-reads ``out``."""
+    epilogue (as ``triton/kron.py``), so the memory-bound kernel never re-reads ``out``. With
+    ``keep_padded`` returns ``(out, padded factors)`` for :func:`fact_backward` to reuse (six
+    launches fewer there)."""
     n = x.shape[0]
     d, r = U.shape
     k = cores.shape[0]
     out = torch.empty((n, k * d if split == "rows" else d), dtype=x.dtype, device=x.device)
+    r_pad = _r_pad(r)
+    padded = _fact_padded(U, V, cores, r_pad) if n > 0 or keep_padded else None
     if n > 0:
-        r_pad = _r_pad(r)
-        u_t, v_t, core_p = _fact_padded(U, V, cores, r_pad)
+        u_t, v_t, core_p = padded
         has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
         args = (
             x, u_t, v_t, core_p, u_t if bias is None else bias.detach().to(torch.float32).contiguous(), out,
@@ -768,7 +772,7 @@ def fact_forward(
                               _fixed_tile(x, r_pad, block_n, block_d))
     if weight is not None:
         out.addmm_(x, weight.t())
-    return out
+    return (out, padded) if keep_padded else out
 
 
 @on_device
@@ -776,10 +780,12 @@ def fact_backward(
     dout, x, weight, U, V, cores, *, split: str, scale: float, p_drop: float, seed: Optional[int],
     reduced_precision: bool, need_dx: bool, need_dw: bool,
     block_n: Optional[int] = None, block_d: Optional[int] = None, num_programs: Optional[int] = None,
+    padded=None,
 ):
     """``dict``: ``dx`` (contiguous, ``x``'s dtype, including ``dout @ weight``, added by
     cuBLAS onto the kernel's output) when ``need_dx``; with ``need_dw`` the fp32 ``dU``,
-    ``dV (d, r)`` and ``dcores (k, r, r)``. ``dout`` may have any strides (also 0)."""
+    ``dV (d, r)`` and ``dcores (k, r, r)``. ``dout`` may have any strides (also 0); ``padded``:
+    the forward's padded factors (``fact_forward(keep_padded=True)``), else made again."""
     n = x.shape[0]
     d, r = U.shape
     k = cores.shape[0]
@@ -791,7 +797,7 @@ def fact_backward(
             grads.update(dU=torch.zeros((d, r), **f32), dV=torch.zeros((d, r), **f32),
                          dcores=torch.zeros((k, r, r), **f32))
         return grads
-    u_t, v_t, core_p = _fact_padded(U, V, cores, r_pad)
+    u_t, v_t, core_p = padded if padded is not None else _fact_padded(U, V, cores, r_pad)
     cfg_n, cfg_d, num_warps, num_stages, max_programs = _config(x, r_pad, backward=True)
     block_n, block_d = block_n or cfg_n, block_d or cfg_d
     num_blocks = triton.cdiv(n, block_n)
