@@ -162,12 +162,14 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=scale)
 
 
-def _kron_product(A, U, V, scale=1.0):
+def _kron_product(A, U, V, scale=1.0, B=None):
     """``scale * sum_i A[i] (x) (U[i] V[i]^T)`` as ``(a_out*a_in, p*q)`` with rows ``(o, a)``
-    and columns ``(p, q)``: ``m`` contracted by two GEMMs (``B = U V^T``, then ``A^T B``)."""
+    and columns ``(p, q)``: ``m`` contracted by two GEMMs (``B = U V^T`` unless given, then
+    ``A^T B``)."""
     m, a_out, a_in = A.shape
     p, q = U.shape[1], V.shape[1]
-    B = torch.bmm(U, V.transpose(1, 2))  # (m, p, q)
+    if B is None:
+        B = torch.bmm(U, V.transpose(1, 2))  # (m, p, q)
     return _scaled_mm(A.reshape(m, a_out * a_in).t(), B.reshape(m, p * q), scale)
 
 
@@ -182,25 +184,28 @@ def _torch_delta(A, U, V, scale, out_dtype=None):
     return delta.reshape(a_out * p, a_in * q)
 
 
-def _add_delta(w_rows, A, U, V, scale) -> None:
+def _add_delta(w_rows, A, U, V, scale) -> torch.Tensor:
     """``w_rows += scale * delta`` in place, for contiguous rows ``(a_out*p, a_in*q)`` of a
-    weight: the permutation and the scale ride on the one strided add (3 launches in all)."""
+    weight: the permutation and the scale ride on the one strided add (3 launches in all).
+    Returns ``B = U V^T`` (``(m, p, q)``), which the backward reuses."""
     a_out, a_in = A.shape[1], A.shape[2]
     p, q = U.shape[1], V.shape[1]
-    prod = _kron_product(A, U, V).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
+    B = torch.bmm(U, V.transpose(1, 2))
+    prod = _kron_product(A, U, V, B=B).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
     w_rows.view(a_out, p, a_in, q).add_(prod, alpha=scale)
+    return B
 
 
-def _delta_grads(G, A, U, V, scale):
+def _delta_grads(G, A, U, V, scale, B=None):
     """``(dA, dU, dV)`` in the factors' dtype from ``G``, the gradient of the materialised
     increment ``(a_out*p, a_in*q)`` (any float dtype): one copy that permutes G to ``(o, a,
-    p, q)`` and converts it, then five GEMMs over ``m`` (the scale in cuBLAS's alpha),
-    O(m * d_out * d_in)."""
+    p, q)`` and converts it, then five GEMMs over ``m`` (four with the forward's ``B = U V^T``;
+    the scale in cuBLAS's alpha), O(m * d_out * d_in)."""
     m, a_out, a_in = A.shape
     p, q = U.shape[1], V.shape[1]
     Gc = torch.empty((a_out, a_in, p, q), dtype=A.dtype, device=A.device)
     G = Gc.copy_(G.reshape(a_out, p, a_in, q).permute(0, 2, 1, 3)).view(a_out * a_in, p * q)
-    B = torch.bmm(U, V.transpose(1, 2)).view(m, p * q)
+    B = (torch.bmm(U, V.transpose(1, 2)) if B is None else B).view(m, p * q)
     dA = _scaled_mm(B, G.t(), scale).view(m, a_out, a_in)
     dB = _scaled_mm(A.reshape(m, a_out * a_in), G, scale).view(m, p, q)
     return dA, torch.bmm(dB, V), torch.bmm(dB.transpose(1, 2), U)
@@ -221,11 +226,12 @@ def _delta_grads(G, A, U, V, scale):
 _CUDA_AUTO = "dense"
 
 
-def _dense_weight(x2, weight, targets, d_out, scale):
+def _dense_weight(x2, weight, targets, d_out, scale, products=None):
     """``weight`` (or zeros) plus every target's increment on its rows, in x2's dtype -- what
     the papers' code multiplies by, formed from the small factors in the accumulation dtype
     and rounded once to x2's dtype (as the reference under autocast). Launches: one copy of
-    the weight, three per target (``_add_delta``), one conversion."""
+    the weight, three per target (``_add_delta``), one conversion. ``products``: a list that
+    receives each target's ``B = U V^T`` (for the backward)."""
     acc = compute_dtype(x2.dtype)
     if weight is None and len(targets) == 1 and targets[0][0] == 0:
         _, A, U, V = targets[0]
@@ -235,19 +241,23 @@ def _dense_weight(x2, weight, targets, d_out, scale):
          else weight.to(acc, copy=True))
     for start, A, U, V in targets:
         rows = A.shape[1] * U.shape[1]
-        _add_delta(w[start:start + rows], A.to(acc), U.to(acc), V.to(acc), scale)
+        B = _add_delta(w[start:start + rows], A.to(acc), U.to(acc), V.to(acc), scale)
+        if products is not None:
+            products.append(B)
     return w.to(x2.dtype)
 
 
 def _dense_forward(x2, weight, bias, targets, d_out, scale, keep_weight=False):
     """One GEMM on ``W + delta``: as cheap as the frozen layer's forward plus an O(d^2) build.
-    With ``keep_weight`` returns ``(y, W + delta)`` for the backward to reuse."""
-    w = _dense_weight(x2, weight, targets, d_out, scale)
+    With ``keep_weight`` returns ``(y, W + delta, [B = U V^T per target])`` for the backward
+    to reuse (the list empty where the increment was formed whole: kron_matmul)."""
+    products = [] if keep_weight else None
+    w = _dense_weight(x2, weight, targets, d_out, scale, products)
     y = F.linear(x2, w, bias)
-    return (y, w) if keep_weight else y
+    return (y, w, products) if keep_weight else y
 
 
-def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None):
+def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None, products=()):
     """``dx = dy (W + delta)`` (with ``w``, the forward's ``W + delta``; else rebuilt: O(d^2)
     work), and per target the weight-gradient GEMM of *its rows only* (``dy[:, rows]^T x``, in
     x's dtype as a Linear's weight gradient under autocast), contracted onto A, U, V in the
@@ -257,10 +267,11 @@ def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None):
     if need_dx:
         dx = dy2 @ (w if w is not None else _dense_weight(x2, weight, targets, dy2.shape[1], scale))
     grads = []
-    for start, A, U, V in targets:
+    for i, (start, A, U, V) in enumerate(targets):
         rows = A.shape[1] * U.shape[1]
         G = dy2[:, start:start + rows].t() @ x2
-        grads.append(_delta_grads(G, A.to(acc), U.to(acc), V.to(acc), scale))
+        B = products[i] if i < len(products) else None
+        grads.append(_delta_grads(G, A.to(acc), U.to(acc), V.to(acc), scale, B))
     return dx, grads
 
 
@@ -275,7 +286,7 @@ def _triton_kron():
 
 def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=False):
     """The forward of :class:`KronLinearFunction` and of the ``kron_kernels::kron_linear``
-    custom op; with ``keep_weight`` (dense only) ``(y, W + delta)``."""
+    custom op; with ``keep_weight`` (dense only) ``(y, W + delta, products)`` (_dense_forward)."""
     targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
     if keep_weight:
         return _dense_forward(x2, weight, bias, targets, d_out, scale, keep_weight=True)
@@ -286,7 +297,7 @@ def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_
     return forward(x2, weight, bias, targets, d_out, scale)
 
 
-def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs, dense_weight=None):
+def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs, dense_weight=None, products=()):
     """``[dx, dweight, dbias, *dfactors]`` (None where ``needs``, one bool per input, is False):
     the backward of :class:`KronLinearFunction` and of the custom op (``dense_weight``: the
     dense forward's ``W + delta``, reused)."""
@@ -296,7 +307,7 @@ def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs, dense
     if impl == "triton":
         dx, grads = _triton_kron().kron_linear_backward(dy2, x2, weight, targets, scale, needs[0])
     elif impl == "dense":
-        dx, grads = _dense_backward(dy2, x2, weight, targets, scale, needs[0], dense_weight)
+        dx, grads = _dense_backward(dy2, x2, weight, targets, scale, needs[0], dense_weight, products)
     else:
         dx, grads = _torch_backward(dy2, x2, weight, targets, scale, needs[0])
     dweight = dbias = None
@@ -327,19 +338,23 @@ class KronLinearFunction(torch.autograd.Function):
         # the dense path keeps its W + delta (x's dtype, as autograd keeps a Linear's weight
         # under autocast, and as the reference does) instead of rebuilding it for dx: on the
         # H200 the fused steps were bound by the host's launches (commit 93d8659)
-        y, w = _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=True)
-        ctx.save_for_backward(x2, weight, w, *factors)
+        y, w, products = _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=True)
+        ctx.save_for_backward(x2, weight, w, *factors, *products)
         return y
 
     @staticmethod
     def backward(ctx, dy2):
+        products = ()
         if ctx.impl == "dense":
-            x2, weight, w, *factors = ctx.saved_tensors
+            x2, weight, w, *rest = ctx.saved_tensors
+            n_factors = 3 * len(ctx.starts)
+            factors, products = rest[:n_factors], rest[n_factors:]
         else:
             (x2, weight, *factors), w = ctx.saved_tensors, None
         need = ctx.needs_input_grad
         dx, dweight, dbias, *dfactors = _linear_backward(
-            dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, need[:3] + need[7:], dense_weight=w
+            dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, need[:3] + need[7:], dense_weight=w,
+            products=products,
         )
         return (dx, dweight, dbias, None, None, None, None, *dfactors)
 
