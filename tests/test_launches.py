@@ -7,8 +7,9 @@ the gap at ~35 us of host time per launch. A launch is one ATen operator that ru
 (views, reshapes and allocations do not), so the count of such operators in a forward and
 backward, taken on CPU tensors with a ``TorchDispatchMode``, is the launch count the same
 composition makes on CUDA. Each budget is the count this commit makes, pinned so that a change
-that adds launches has to say why; each must also stay below what the reference composition
-(``kron_kernels.reference``, the papers' way, under the same autocast) makes.
+that adds launches has to say why; each must also be at most what the reference composition
+(``kron_kernels.reference``, the papers' way, under the same autocast) makes. FacT's Triton
+path is counted under the interpreter: the ATen launches its launchers make around the kernels.
 """
 import os
 import sys
