@@ -154,15 +154,17 @@ def record_launches(props: GPUProperties) -> Iterator[Recording]:
     def autotuned_run(self, *args, grid=None, warmup=False, **kwargs):
         # every configuration the autotuner may pick on this device -- its pruning (by the
         # simulated GPU's shared memory) runs as on the real one -- once per kernel, tensor
-        # dtypes and factor width (the tile's dot shapes and shared memory follow from them);
-        # the kernel's other launches of that class (flags, precisions) with its first one
+        # dtypes, factor width and dot precision (the tile's dot shapes and shared memory follow
+        # from them); the kernel's other launches of that class (flags) with its first one
         self.nargs = dict(zip(self.arg_names, args))
         try:
             configs = self.prune_configs(kwargs)
         finally:
             self.nargs = None
+        # (the dot precision too: 3xTF32 splits the dot operands, so its tiles need more
+        # shared memory than the same tile with TF32 or IEEE dots)
         tile_class = (self.base_fn.__name__, tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
-                      tuple(sorted((k, v) for k, v in kwargs.items() if k in ("K_PAD", "R_PAD"))))
+                      tuple(sorted((k, v) for k, v in kwargs.items() if k in ("K_PAD", "R_PAD", "DOT_PRECISION"))))
         if tile_class in recording.tiled:
             configs = configs[:1]
         recording.tiled.add(tile_class)
@@ -418,6 +420,54 @@ def _bottleneck_workloads():
                                    _fwd_bwd(lambda fact=fact: fact(linear=False)))
 
 
+@contextlib.contextmanager
+def _as_under_autocast(dtype):
+    """The adapter and bottleneck ops as they run inside ``torch.autocast("cuda", dtype)`` on
+    fp32 activations (a timm ViT's residual stream): their dots take ``dtype``'s precision
+    (TF32 for bf16, 3xTF32 for fp16) on fp32 tiles. A machine without CUDA cannot enter a CUDA
+    autocast region, so the ops' autocast probe answers ``dtype`` instead."""
+    modules = [importlib.import_module(f"kron_kernels.ops.{name}") for name in ("adapter", "bottleneck")]
+    saved = [module.autocast_dtype for module in modules]
+    for module in modules:
+        module.autocast_dtype = lambda device, dtype=dtype: dtype
+    try:
+        yield
+    finally:
+        for module, probe in zip(modules, saved):
+            module.autocast_dtype = probe
+
+
+def _autocast_workloads():
+    from .. import ops
+
+    d = WIDTHS["ViT-B"]
+    for dtype in (torch.bfloat16, torch.float16):
+        tag = f"fp32 autocast-{_dtype_id(dtype)}"
+
+        def adapter(d=d):
+            h = _act(TOKENS, d, dtype=torch.float32)
+            return ops.bottleneck_adapter(h, _param(d // 32, d), _param(d // 32), _param(d, d // 32), _param(d))
+
+        def arc(d=d):
+            return ops.arc(_act(TOKENS, d, dtype=torch.float32), _param(d, 50), _param(50), _param(d), dropout=0.1,
+                           seed=1)
+
+        def losa(axis, d=d):
+            h, z = _act(2, 197, d, dtype=torch.float32), _act(2, 197, d, dtype=torch.float32, grad=False)
+            n = d if axis == "channel" else 197
+            return ops.losa_mixer(h, z, _param(n, 64), _param(64, n), _param(1), axis=axis)
+
+        calls = [(f"bottleneck_adapter ViT-B-k{d // 32}", adapter), ("arc ViT-B r50 p0.1", arc),
+                 ("losa_mixer ViT-B channel T197", lambda: losa("channel")),
+                 ("losa_mixer ViT-B token T197", lambda: losa("token"))]
+        for label, call in calls:
+            def run(call=call, dtype=dtype):
+                with _as_under_autocast(dtype):
+                    _fwd_bwd(call)()
+
+            yield f"{label} {tag}", run
+
+
 def _transform_workloads():
     from .. import ops
     bottleneck_ops = importlib.import_module("kron_kernels.ops.bottleneck")
@@ -460,7 +510,8 @@ def _transform_workloads():
 
 def workloads() -> List[Tuple[str, Callable[[], Any]]]:
     """``(label, call)`` pairs; run each inside :func:`record_launches`."""
-    return [*_kron_workloads(), *_adapter_workloads(), *_bottleneck_workloads(), *_transform_workloads()]
+    return [*_kron_workloads(), *_adapter_workloads(), *_bottleneck_workloads(), *_autocast_workloads(),
+            *_transform_workloads()]
 
 
 # ----------------------------------------------------------------------------------------

@@ -41,7 +41,12 @@ _BASE = [
     "fact_apply ViT-B r8 cols4 p0.1 fp32", "fact_apply ViT-B r8 cols4 p0.1 bf16",
 ]
 WORKLOADS = _BASE + [w[: -len("bf16")] + "fp16" for w in _BASE if w.endswith("bf16")]
-WANT = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32x3"}
+# fp32 activations inside a 16-bit autocast region (the residual stream of a timm ViT): the
+# dots take the autocast dtype's precision on the fp32 tiles
+WORKLOADS += [f"{w} fp32 autocast-{dt}" for w in ("bottleneck_adapter ViT-B-k24", "arc ViT-B r50 p0.1",
+                                                  "losa_mixer ViT-B channel T197", "losa_mixer ViT-B token T197")
+              for dt in ("bf16", "fp16")]
+WANT = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32x3", "autocast-bf16": "tf32", "autocast-fp16": "tf32x3"}
 
 _RECORD = """
     import json, sys
