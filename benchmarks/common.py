@@ -347,6 +347,15 @@ def _step(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], g
     return fwd_bwd
 
 
+def _on_backend(op: Callable[[], Any], name: str) -> Callable[[], Any]:
+    """``op`` run on kron_kernels backend ``name``."""
+    def run():
+        with kk.use_backend(name):
+            return op()
+
+    return run
+
+
 def _on_triton(op: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     """``op`` on the structured Triton kernels (variant ``triton``: measured beside ``fused``,
     i.e. ``auto``, so that a GPU run can decide the choice tables); Unavailable where Triton
@@ -354,12 +363,7 @@ def _on_triton(op: Callable[[], Any], device: torch.device) -> Callable[[], Any]
     ok, reason = kk.backend.triton_status(device)
     if not ok:
         raise Unavailable(f"Triton cannot run here: {reason}")
-
-    def run():
-        with kk.use_backend("triton"):
-            return op()
-
-    return run
+    return _on_backend(op, "triton")
 
 
 def build(case: Case, variant: str, device: torch.device, tokens: int, seed: int = 0) -> Bench:
@@ -629,14 +633,6 @@ def _build_fact_delta(case, variant, device, gen) -> Bench:
         return Bench(_step(forward, (delta,), grad_out),
                      extra={"floor": "memcpy roofline: clone forward + clone backward of the (S, d, d) increments"})
     raise ValueError(f"unknown variant {variant!r}")
-
-
-def _on_backend(op: Callable[[], Any], name: str) -> Callable[[], Any]:
-    def run():
-        with kk.use_backend(name):
-            return op()
-
-    return run
 
 
 def _build_fact_linear(case, variant, device, tokens, gen) -> Bench:

@@ -240,16 +240,16 @@ def _bottleneck_cases():
     U, lam, bias = _leaf(16, 3, seed=1), _leaf(3, seed=2), _leaf(16, seed=3)
     one = torch.ones(())
     yield bottleneck_ops._bottleneck_op, (x, None, U, None, lam, one, bias, "channel", "diag", True, 0.25, seed,
-                                          False)
+                                          torch.float32)
     h, z = _leaf(2, 6, 8, seed=4), _leaf(2, 6, 8, seed=5, grad=False)
     W_down, W_up, alpha = _leaf(6, 3, seed=6), _leaf(3, 6, seed=7), _leaf(1, seed=8)
     yield bottleneck_ops._bottleneck_op, (h, z, W_down, W_up, None, alpha, None, "token", "gelu", True, 0.0, seed,
-                                          False)
+                                          torch.float32)
     cores = _leaf(3, 3, 3, seed=9)
     V = _leaf(16, 3, seed=10)
     W = _leaf(48, 16, seed=11, grad=False)
-    yield bottleneck_ops._fact_op, (x, W, None, U, V, cores, "rows", 0.5, 0.2, seed, False)
-    yield bottleneck_ops._fact_op, (_leaf(5, 48, seed=12), None, None, U, V, cores, "cols", 2.0, 0.0, seed, False)
+    yield bottleneck_ops._fact_op, (x, W, None, U, V, cores, "rows", 0.5, 0.2, seed)
+    yield bottleneck_ops._fact_op, (_leaf(5, 48, seed=12), None, None, U, V, cores, "cols", 2.0, 0.0, seed)
     yield bottleneck_ops._keep_mask_op, (10, 3, 0.4, seed, torch.device("cpu"))
 
 

@@ -27,16 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._common import autocast_dtype, check_bool, check_int
-from ..ops.kron import kron_delta_as
+from ..ops._common import autocast_target, check_bool, check_int
 from .kadaptation import init_shared_factor
-
-
-def _applied_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a PHM weight is applied in: the autocast dtype for x's device under autocast
-    (float64 activations excepted), else x's."""
-    cast = autocast_dtype(x.device)
-    return x.dtype if cast is None or x.dtype == torch.float64 else cast
 
 __all__ = ["PHMLinear", "CompacterAdapter", "AdapterWrapper"]
 
@@ -133,9 +125,9 @@ class PHMLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the weight is built in the factors' precision and delivered in the dtype it is applied
         # in (the autocast dtype under autocast, else x's): rounded once, no conversion launch
-        dtype = _applied_dtype(x)
+        dtype = autocast_target(x) or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, kron_delta_as(self.phm_rule, self.s, self.t, 1.0, dtype), bias)
+        return F.linear(x, ops.kron_delta(self.phm_rule, self.s, self.t, dtype=dtype), bias)
 
     def extra_repr(self) -> str:
         return (
@@ -186,9 +178,9 @@ class CompacterAdapter(nn.Module):
         A = self.down.phm_rule
         # the PHM weights delivered in the dtype the adapter's GEMMs run in (autocast's; on the
         # H200 the Compacter step was host-bound at 1,664 launches: these save four per adapter)
-        dtype = _applied_dtype(h) if autocast_dtype(h.device) is not None else None
-        w_down = kron_delta_as(A, self.down.s, self.down.t, 1.0, dtype)  # (k, d), kk.kron_delta
-        w_up = kron_delta_as(A, self.up.s, self.up.t, 1.0, dtype)  # (d, k)
+        dtype = autocast_target(h)
+        w_down = ops.kron_delta(A, self.down.s, self.down.t, dtype=dtype)  # (k, d)
+        w_up = ops.kron_delta(A, self.up.s, self.up.t, dtype=dtype)  # (d, k)
         return ops.bottleneck_adapter(h, w_down, self.down.bias, w_up, self.up.bias)
 
     def merge(self) -> None:

@@ -184,6 +184,13 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def autocast_target(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype an op on activations ``x`` runs its projections in under autocast (as an
+    ``nn.Linear`` would), or None: autocast off, or float64 ``x`` (left as it is)."""
+    cast = autocast_dtype(x.device)
+    return None if cast is None or x.dtype == torch.float64 else cast
+
+
 def compiling() -> bool:
     """Whether ``torch.compile`` (Dynamo) is tracing this call.
 

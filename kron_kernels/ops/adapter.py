@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import autocast_dtype, check_tensor, compiling, compute_dtype, grad_like
+from ._common import autocast_target, check_tensor, compiling, compute_dtype, grad_like
 
 __all__ = ["bottleneck_adapter", "BottleneckAdapterFunction"]
 
@@ -245,8 +245,7 @@ def bottleneck_adapter(
     ``h + up(...)`` does.
     """
     _check_inputs(h, w_down, b_down, w_up, b_up)
-    cast = autocast_dtype(h.device)
-    autocast_to = None if cast is None or h.dtype == torch.float64 else cast
+    autocast_to = autocast_target(h)
     impl = backend.select("bottleneck_adapter", h.device, dense=True, cuda_auto=_CUDA_AUTO)
     lead, d = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, d)  # a view whenever the batch dims collapse; the kernels take any 2-D strides

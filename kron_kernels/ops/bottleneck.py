@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._common import (
-    FLOAT_DTYPES, LOW_PRECISION, autocast_dtype, check_int, check_probability, check_scale, check_tensor,
+    FLOAT_DTYPES, LOW_PRECISION, autocast_target, check_int, check_probability, check_scale, check_tensor,
     compiling, compute_dtype, grad_like,
 )
 
@@ -323,10 +323,8 @@ def _data_dtype(x: torch.Tensor) -> torch.dtype:
     dtype when it is narrower (fp32 activations in an autocast region: the residual stream of
     a timm ViT). The GEMMs of the dense composition and the Triton kernels' dots run at it,
     as the references' ``matmul`` do under autocast; the result keeps ``x``'s dtype."""
-    cast = autocast_dtype(x.device)
-    if cast is not None and x.dtype == torch.float32 and cast in LOW_PRECISION:
-        return cast
-    return x.dtype
+    cast = autocast_target(x)
+    return cast if x.dtype == torch.float32 and cast in LOW_PRECISION else x.dtype
 
 
 def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
@@ -348,15 +346,13 @@ def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
     # bf16: over the low-precision rule on an H200 at ViT sizes (commit 93d8659), not on CPU.
     pre = (x.transpose(-1, -2) if token else x) @ D  # (B, C, r) | (N, r)
     # each launch counts: on the H200 the fused steps were bound by the host (commit 93d8659),
-    # so dropout's 1 / (1 - p) rides on the diagonal and the mask multiplies as a bool
-    inv_keep = 1.0 / (1.0 - spec.p_drop)
+    # so dropout's 1 / (1 - p) rides on ARC's diagonal and the mask multiplies as a bool
+    inv_keep = 1.0 / (1.0 - spec.p_drop) if spec.p_drop > 0.0 else None
     if spec.middle == "diag":
-        a = pre * (diag * inv_keep if spec.p_drop > 0.0 else diag).to(dt)
+        a = pre * (diag if inv_keep is None else diag * inv_keep).to(dt)
     else:
-        a = F.gelu(pre)
-        if spec.p_drop > 0.0:
-            a = a * inv_keep
-    if spec.p_drop > 0.0:
+        a = F.gelu(pre) if inv_keep is None else F.gelu(pre) * inv_keep  # (LoSA has no dropout)
+    if inv_keep is not None:
         r = down.shape[1]
         n_rows = x1.shape[0] * x1.shape[2] if token else x1.shape[0]
         keep = _torch_keep_mask(n_rows, r, spec.p_drop, spec.seed, x1.device)  # rows (b, c) | n
@@ -526,8 +522,7 @@ class _FacTSpec:
     split: str  # "rows" | "cols"
     scale: float
     p_drop: float
-    seed: int
-    reduced_precision: bool  # fp16/bf16 activations: TF32 dots in the kernels
+    seed: int  # (the kernels' dot precision follows from x's dtype, the autocast dtype under autocast)
 
 
 def _torch_fact_keep(spec: _FacTSpec, n: int, k: int, r: int, device, acc) -> Optional[torch.Tensor]:
@@ -618,7 +613,7 @@ def _fact_forward(x2, weight, bias, U, V, cores, spec: _FacTSpec, impl: str, kee
     if impl == "triton":
         return _triton_bottleneck().fact_forward(
             x2, weight, bias, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
-            seed=spec.seed, reduced_precision=spec.reduced_precision, keep_padded=keep_padded,
+            seed=spec.seed, keep_padded=keep_padded,
         )
     return _TorchFacT(spec, x2, U, V, cores).forward(x2, weight, bias)
 
@@ -630,7 +625,7 @@ def _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec: _FacTSpec, i
     if impl == "triton":
         grads = _triton_bottleneck().fact_backward(
             dout, x2, weight, U, V, cores, split=spec.split, scale=spec.scale, p_drop=spec.p_drop,
-            seed=spec.seed, reduced_precision=spec.reduced_precision, need_dx=need_dx, need_dw=need_dw,
+            seed=spec.seed, need_dx=need_dx, need_dw=need_dw,
             padded=padded,
         )
     else:
@@ -715,10 +710,9 @@ class FacTFunction(torch.autograd.Function):
 @torch.library.custom_op("kron_kernels::fact", mutates_args=())
 def _fact_op(
     x2: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], U: torch.Tensor,
-    V: torch.Tensor, cores: torch.Tensor, split: str, scale: float, p_drop: float, seed: torch.Tensor,
-    reduced_precision: bool, impl: str,
+    V: torch.Tensor, cores: torch.Tensor, split: str, scale: float, p_drop: float, seed: torch.Tensor, impl: str,
 ) -> torch.Tensor:
-    spec = _FacTSpec(split, scale, p_drop, int(seed), reduced_precision)
+    spec = _FacTSpec(split, scale, p_drop, int(seed))
     return _fact_forward(x2, weight, bias, U, V, cores, spec, impl)
 
 
@@ -727,7 +721,7 @@ def _fact_width(x2, U, cores, split):
 
 
 @_fact_op.register_fake
-def _(x2, weight, bias, U, V, cores, split, scale, p_drop, seed, reduced_precision, impl):
+def _(x2, weight, bias, U, V, cores, split, scale, p_drop, seed, impl):
     return x2.new_empty((x2.shape[0], _fact_width(x2, U, cores, split)))
 
 
@@ -735,16 +729,16 @@ def _(x2, weight, bias, U, V, cores, split, scale, p_drop, seed, reduced_precisi
 def _fact_backward_op(
     dout: torch.Tensor, x2: torch.Tensor, weight: Optional[torch.Tensor], U: torch.Tensor, V: torch.Tensor,
     cores: torch.Tensor, bias_dtype: Optional[torch.dtype], split: str, scale: float, p_drop: float,
-    seed: torch.Tensor, reduced_precision: bool, impl: str, needs: List[bool],
+    seed: torch.Tensor, impl: str, needs: List[bool],
 ) -> List[torch.Tensor]:
     """The gradients ``needs`` asks for, in the order ``[dx, dweight, dbias, dU, dV, dcores]``."""
-    spec = _FacTSpec(split, scale, p_drop, int(seed), reduced_precision)
+    spec = _FacTSpec(split, scale, p_drop, int(seed))
     grads = _fact_backward(dout, x2, weight, U, V, cores, bias_dtype, spec, impl, needs)
     return [g for g in grads if g is not None]
 
 
 @_fact_backward_op.register_fake
-def _(dout, x2, weight, U, V, cores, bias_dtype, split, scale, p_drop, seed, reduced_precision, impl, needs):
+def _(dout, x2, weight, U, V, cores, bias_dtype, split, scale, p_drop, seed, impl, needs):
     dbias = x2.new_empty((_fact_width(x2, U, cores, split),), dtype=bias_dtype)
     likes = [x2.new_empty(x2.shape), weight, dbias, U, V, cores]
     return [torch.empty_like(like) for like, needed in zip(likes, needs) if needed]
@@ -762,10 +756,10 @@ def _fact_autograd(ctx, dout):
     need = ctx.needs_input_grad
     present = (True, weight is not None, ctx.bias_dtype is not None, True, True, True)
     needs = [p and bool(n) for p, n in zip(present, need[:6])]
-    split, scale, p_drop, _, reduced = ctx.spec
+    split, scale, p_drop, _ = ctx.spec
     grads = iter(_fact_backward_op(dout, x2, weight, U, V, cores, ctx.bias_dtype, split, scale, p_drop, seed,
-                                   reduced, ctx.impl, needs))
-    return (*[next(grads) if needed else None for needed in needs], *[None] * 6)
+                                   ctx.impl, needs))
+    return (*[next(grads) if needed else None for needed in needs], *[None] * 5)
 
 
 _fact_op.register_autograd(_fact_autograd, setup_context=_fact_setup)
@@ -800,8 +794,8 @@ def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, se
         p_drop = 0.0
     # under autocast the activations and the frozen Linear run in the autocast dtype, as an
     # nn.Linear's would; the factors stay in their own dtype (fp32 accumulation throughout)
-    cast = autocast_dtype(x.device)
-    if cast is not None and x.dtype != torch.float64:
+    cast = autocast_target(x)
+    if cast is not None:
         x, weight, bias = (None if t is None else t.to(cast) for t in (x, weight, bias))
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
@@ -810,13 +804,12 @@ def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, se
     x2 = x.reshape(-1, width)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
     seed = _resolve_seed(seed, p_drop, x2.shape[0] * k * r)
     impl = _activation_backend(op, x)
-    spec = _FacTSpec(split, scale, p_drop, seed, x.dtype in LOW_PRECISION)
+    spec = _FacTSpec(split, scale, p_drop, seed)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if impl == "dense":
             out = _dense_fact(x2, weight, bias, U, V, cores, spec)
         elif compiling():
-            out = _fact_op(x2, weight, bias, U, V, cores, split, scale, p_drop, _seed_tensor(seed),
-                           spec.reduced_precision, impl)
+            out = _fact_op(x2, weight, bias, U, V, cores, split, scale, p_drop, _seed_tensor(seed), impl)
         else:
             out = FacTFunction.apply(x2, weight, bias, U, V, cores, spec, impl)
     return out.reshape(*lead, d_out)

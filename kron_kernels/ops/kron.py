@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._common import (
-    as_kernel_operand, autocast_dtype, check_scale, check_tensor, compiling, compute_dtype, grad_flags, grad_like,
+    as_kernel_operand, autocast_target, check_scale, check_tensor, compiling, compute_dtype, grad_flags, grad_like,
 )
 
 __all__ = [
@@ -469,21 +469,16 @@ _kron_delta_op.register_autograd(_kron_delta_autograd, setup_context=_kron_delta
 # ----------------------------------------------------------------------------------------
 # public functional API
 # ----------------------------------------------------------------------------------------
-def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``scale * sum_i kron(A[i], U[i] @ V[i].T)``, shape ``(a_out*p, a_in*q)``, in A's dtype
-    (also under autocast).
+def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0, *,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``scale * sum_i kron(A[i], U[i] @ V[i].T)``, shape ``(a_out*p, a_in*q)``, in ``dtype``
+    (None: A's, also under autocast), computed in the factors' precision and rounded once as
+    it is stored -- a consumer that would convert it anyway passes its dtype (the Compacter
+    modules pass the autocast dtype, saving a conversion launch each way).
 
     Use it to merge an increment into a frozen weight or to inspect it; to *apply* an
     increment to activations use :func:`kron_matmul` / :func:`kron_linear`, which never build it.
     """
-    return kron_delta_as(A, U, V, scale, None)
-
-
-def kron_delta_as(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float = 1.0,
-                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """:func:`kron_delta` delivered in ``dtype`` (None: A's), computed in the factors' precision
-    and rounded once as it is stored -- for a consumer that would convert it anyway (the
-    Compacter modules pass the autocast dtype, saving a conversion launch each way)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     _check_factors(A, U, V)
@@ -502,13 +497,6 @@ def kron_delta_as(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: floa
         if compiling():
             return _kron_delta_op(A, U, V, scale, impl, out_dtype)
         return KronDeltaFunction.apply(A, U, V, scale, impl, out_dtype)
-
-
-def _autocast_dtype(x) -> Optional[torch.dtype]:
-    """Under autocast, x, weight and bias run in the autocast dtype, as nn.Linear's would
-    (float64 activations excepted)."""
-    cast = autocast_dtype(x.device)
-    return None if x.dtype == torch.float64 else cast
 
 
 def _kron_apply(x, weight, bias, targets, d_out, scale, op):
@@ -555,7 +543,7 @@ def _kron_apply(x, weight, bias, targets, d_out, scale, op):
         if bias.shape[0] != d_out:
             raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
     scale = check_scale(scale)
-    cast = _autocast_dtype(x)
+    cast = autocast_target(x)  # x, bias (and, but for the dense path, weight) run in it
     for name, t in (("weight", weight), ("bias", bias)):
         if cast is None and t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")

@@ -211,10 +211,6 @@ def _accumulation_dtype(h2: torch.Tensor) -> torch.dtype:
     return torch.float64 if h2.dtype == torch.float64 else torch.float32
 
 
-def _dot_precision(acc: torch.dtype, data_dtype: torch.dtype) -> str:
-    return dot_precision(data_dtype) if acc == torch.float32 else "ieee"
-
-
 def _k_pad(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
@@ -295,7 +291,7 @@ def bottleneck_adapter_forward(
         h2.stride(0), h2.stride(1), out.stride(0),
     )
     meta = dict(HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-                ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, data_dtype), K_PAD=k_pad)
+                ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=dot_precision(data_dtype), K_PAD=k_pad)
     fixed = _autotune.fixed_tile(h2, block_n, block_d, lambda: _config(h2, k_pad, backward=False)[:4])
     _autotune.launch_rows(_bottleneck_adapter_fwd_autotuned, _bottleneck_adapter_fwd_kernel, n, args, meta, fixed)
     return out
@@ -349,7 +345,7 @@ def bottleneck_adapter_backward(
         n, d,
         h2.stride(0), h2.stride(1), dout2.stride(0), dout2.stride(1), d,
         HAS_B_DOWN=b_down is not None, NEED_DH=need_dh, NEED_DW=need_dw,
-        ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(acc, data_dtype),
+        ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=dot_precision(data_dtype),
         BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad,
         num_warps=num_warps, num_stages=num_stages,
     )

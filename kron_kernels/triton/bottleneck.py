@@ -541,12 +541,6 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _dot_precision(reduced_precision: bool, dtype: torch.dtype) -> str:
-    """FacT's: ``reduced_precision`` when its activations (of ``dtype``, the autocast dtype
-    under autocast) are fp16/bf16."""
-    return dot_precision(dtype) if reduced_precision else "ieee"
-
-
 def _config(x: torch.Tensor, r_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
@@ -742,7 +736,7 @@ def _fact_padded(U, V, cores, r_pad: int):
 @on_device
 def fact_forward(
     x, weight, bias, U, V, cores, *, split: str, scale: float, p_drop: float, seed: Optional[int],
-    reduced_precision: bool, block_n: Optional[int] = None, block_d: Optional[int] = None,
+    block_n: Optional[int] = None, block_d: Optional[int] = None,
     keep_padded: bool = False,
 ):
     """``[x @ weight^T + bias +]`` the FacT increments of ``k = cores.shape[0]`` slots (module
@@ -767,7 +761,7 @@ def fact_forward(
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         )
         meta = dict(SPLIT_ROWS=split == "rows", HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                    DOT_PRECISION=_dot_precision(reduced_precision, x.dtype), R_PAD=r_pad)
+                    DOT_PRECISION=dot_precision(x.dtype), R_PAD=r_pad)
         _autotune.launch_rows(_fact_fwd_autotuned, _fact_fwd_kernel, n, args, meta,
                               _fixed_tile(x, r_pad, block_n, block_d))
     if weight is not None:
@@ -778,7 +772,7 @@ def fact_forward(
 @on_device
 def fact_backward(
     dout, x, weight, U, V, cores, *, split: str, scale: float, p_drop: float, seed: Optional[int],
-    reduced_precision: bool, need_dx: bool, need_dw: bool,
+    need_dx: bool, need_dw: bool,
     block_n: Optional[int] = None, block_d: Optional[int] = None, num_programs: Optional[int] = None,
     padded=None,
 ):
@@ -816,7 +810,7 @@ def fact_backward(
         n, d, k, r, seed, p_drop, drop_scale, float(scale),
         x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx_arg.stride(0), dx_arg.stride(1),
         SPLIT_ROWS=split == "rows", HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DW=need_dw,
-        DOT_PRECISION=_dot_precision(reduced_precision, x.dtype), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
         num_warps=num_warps, num_stages=num_stages,
     )
     if dx is not None and weight is not None:

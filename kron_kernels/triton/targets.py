@@ -351,11 +351,9 @@ def _kron_workloads():
             if dtype != torch.float32:
                 # the Compacter modules' PHM weights under autocast: fp32 factors, stored 16-bit
                 def delta_as(dtype=dtype, m=m, a_out=a_out, a_in=a_in, p=p, q=q, r=r):
-                    from ..ops.kron import kron_delta_as
+                    return ops.kron_delta(_param(m, a_out, a_in), _param(m, p, r), _param(m, q, r), dtype=dtype)
 
-                    return kron_delta_as(_param(m, a_out, a_in), _param(m, p, r), _param(m, q, r), 1.0, dtype)
-
-                yield f"kron_delta_as {label} {_dtype_id(dtype)}", delta_as
+                yield f"kron_delta fp32-as-{_dtype_id(dtype)} {label}", delta_as
 
 
 def _adapter_workloads():
@@ -425,16 +423,15 @@ def _as_under_autocast(dtype):
     """The adapter and bottleneck ops as they run inside ``torch.autocast("cuda", dtype)`` on
     fp32 activations (a timm ViT's residual stream): their dots take ``dtype``'s precision
     (TF32 for bf16, 3xTF32 for fp16) on fp32 tiles. A machine without CUDA cannot enter a CUDA
-    autocast region, so the ops' autocast probe answers ``dtype`` instead."""
-    modules = [importlib.import_module(f"kron_kernels.ops.{name}") for name in ("adapter", "bottleneck")]
-    saved = [module.autocast_dtype for module in modules]
-    for module in modules:
-        module.autocast_dtype = lambda device, dtype=dtype: dtype
+    autocast region, so the ops' autocast probe (``ops._common.autocast_dtype``, read through
+    ``autocast_target``) answers ``dtype`` instead."""
+    common = importlib.import_module("kron_kernels.ops._common")
+    saved = common.autocast_dtype
+    common.autocast_dtype = lambda device: dtype
     try:
         yield
     finally:
-        for module, probe in zip(modules, saved):
-            module.autocast_dtype = probe
+        common.autocast_dtype = saved
 
 
 def _autocast_workloads():

@@ -149,7 +149,7 @@ def test_triton_cuda_tiles(split, device):
     keep = dropout_keep_mask(197 * k, r, p, 5, device, "triton").cpu().view(197, k, r)
     dout = randn(torch.Generator().manual_seed(1), 197, k * d if split == "rows" else d)
     f32 = [t.detach().float().to(device) for t in (x, U, V, cores, dout)]
-    kw = dict(split=split, scale=SCALE, p_drop=p, seed=5, reduced_precision=False, block_n=64, block_d=64)
+    kw = dict(split=split, scale=SCALE, p_drop=p, seed=5, block_n=64, block_d=64)
     out = tb.fact_forward(f32[0], None, None, *f32[1:4], **kw)
     grads = tb.fact_backward(f32[4], f32[0], None, *f32[1:4], **kw, need_dx=True, need_dw=True, num_programs=2)
     want = reference(x, U, V, cores, split, p, keep.double())

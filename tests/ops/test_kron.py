@@ -170,18 +170,16 @@ def test_kron_delta_triton_fp32(shape, device):
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"])
-def test_kron_delta_as_delivers_the_dtype_rounded_once(dtype, impl, device):
-    """kron_delta_as (the Compacter modules' PHM weights under autocast): the fp32 increment
+def test_kron_delta_delivers_the_dtype_rounded_once(dtype, impl, device):
+    """kron_delta(..., dtype=) (the Compacter modules' PHM weights under autocast): the fp32 increment
     rounded once to ``dtype`` as it is stored -- the torch paths bit for bit what converting
     kron_delta's result gives, the Triton kernel within one unit of the last place (the
     interpreter converts toward zero) -- and the factors' gradients those of that conversion."""
-    from kron_kernels.ops.kron import kron_delta_as
-
     _, _, _, A, U, V = to_device(make_inputs(SHAPES[3].values[0], dtype=torch.float32), device)
     grad = torch.randn(A.shape[1] * U.shape[1], A.shape[2] * V.shape[1], generator=torch.Generator().manual_seed(4))
     grad = grad.to(device=device, dtype=dtype)
     with kk.use_backend(impl):
-        got = kron_delta_as(A, U, V, 0.5, dtype)
+        got = kk.kron_delta(A, U, V, 0.5, dtype=dtype)
         want = kk.kron_delta(A, U, V, 0.5).to(dtype)
     assert got.dtype == dtype and got.shape == want.shape
     if impl == "triton" and dtype != torch.float64:
@@ -194,6 +192,13 @@ def test_kron_delta_as_delivers_the_dtype_rounded_once(dtype, impl, device):
     for name, g, w in zip("AUV", g_got, g_want):
         assert g.dtype == torch.float32, name
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "bfloat16", torch.bool, 2])
+def test_kron_delta_bad_dtype_names_it(dtype):
+    _, _, _, A, U, V = make_inputs(SHAPES[2].values[0], dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating torch.dtype or None"):
+        kk.kron_delta(A, U, V, dtype=dtype)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
