@@ -23,7 +23,7 @@ GPU measurement decides per shape (``_CUDA_AUTO``); on CPU the structured torch 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -154,61 +154,114 @@ def _torch_backward(dy2, x2, weight, targets, scale, need_dx: bool):
 
 
 # ----------------------------------------------------------------------------------------
-# the materialised increment and its gradient (kron_delta's torch path, the dense backend)
+# the materialised increment and its gradient (kron_delta's torch path, the dense backend),
+# for groups of targets: one launch per step for every target of a group
 # ----------------------------------------------------------------------------------------
-def _scaled_mm(a, b, scale):
-    """``scale * (a @ b)`` in one launch: cuBLAS's alpha (``beta = 0`` ignores the
+class _Group(NamedTuple):
+    """Targets of one factor shape and dtype whose row slices start at ``start + k * step``
+    (``k < K``; KAdaptation's q and v rows of a fused qkv: ``0`` and ``2d``), with their
+    factors stacked on a leading K (views for ``K = 1``) in the accumulation dtype: every
+    step of the dense composition is then one (batched) launch for all of them. On the H200
+    (commit 93d8659) the fused steps were bound by the host's launches, not by their kernels:
+    a q+v call forward + backward makes 19 launches grouped, 25 target by target
+    (``tests/test_launches.py``)."""
+
+    start: int
+    step: int
+    A: torch.Tensor  # (K, m, a_out, a_in)
+    U: torch.Tensor  # (K, m, p, r)
+    V: torch.Tensor  # (K, m, q, r)
+
+    @property
+    def rows(self) -> int:
+        return self.A.shape[2] * self.U.shape[2]
+
+
+def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``(K, ...)`` from K tensors of one shape, in ``dtype``: a view for one tensor already in it."""
+    tensors = [t.to(dtype) for t in tensors]
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _group(targets, acc: torch.dtype) -> "_Group":
+    step = targets[1][0] - targets[0][0] if len(targets) > 1 else 0
+    return _Group(targets[0][0], step, *(_stack([t[i] for t in targets], acc) for i in (1, 2, 3)))
+
+
+def _groups(targets, acc: torch.dtype) -> List["_Group"]:
+    """``targets`` (``(start, A, U, V)``, validated and non-overlapping) as one group when they
+    share their factors' shapes and dtypes and their starts rise by a constant step, else one
+    group per target (the order of ``targets`` is kept: gradients come back in it)."""
+    first = targets[0]
+    key = [(tuple(t.shape), t.dtype) for t in first[1:]]
+    starts = [t[0] for t in targets]
+    step = starts[1] - starts[0] if len(starts) > 1 else 0
+    if len(targets) > 1 and step > 0 and all(
+        [(tuple(t.shape), t.dtype) for t in target[1:]] == key for target in targets
+    ) and all(b - a == step for a, b in zip(starts, starts[1:])):
+        return [_group(targets, acc)]
+    return [_group([t], acc) for t in targets]
+
+
+def _rows_view(w: torch.Tensor, g: "_Group") -> torch.Tensor:
+    """The K row slices of ``w`` (any 2-D strides) that ``g`` adapts, as one ``(K, a_out, p,
+    a_in, q)`` view: rows ``(o, p)``, columns ``(a, q)``."""
+    K, _, a_out, a_in = g.A.shape
+    p, q = g.U.shape[2], g.V.shape[2]
+    s0, s1 = w.stride()
+    rows = w.as_strided((K, g.rows, w.shape[1]), (g.step * s0, s0, s1), w.storage_offset() + g.start * s0)
+    return rows.unflatten(2, (a_in, q)).unflatten(1, (a_out, p))
+
+
+def _scaled_bmm(a, b, scale):
+    """``scale * (a @ b)`` batched, in one launch: cuBLAS's alpha (``beta = 0`` ignores the
     uninitialised input, NaNs included)."""
-    return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=scale)
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+    return torch.baddbmm(out, a, b, beta=0, alpha=scale)
 
 
-def _kron_product(A, U, V, scale=1.0, B=None):
-    """``scale * sum_i A[i] (x) (U[i] V[i]^T)`` as ``(a_out*a_in, p*q)`` with rows ``(o, a)``
-    and columns ``(p, q)``: ``m`` contracted by two GEMMs (``B = U V^T`` unless given, then
-    ``A^T B``)."""
-    m, a_out, a_in = A.shape
-    p, q = U.shape[1], V.shape[1]
-    if B is None:
-        B = torch.bmm(U, V.transpose(1, 2))  # (m, p, q)
-    return _scaled_mm(A.reshape(m, a_out * a_in).t(), B.reshape(m, p * q), scale)
+def _outer(g: "_Group") -> torch.Tensor:
+    """``B = U V^T`` per term of every target of ``g``, ``(K, m, p*q)``: one batched GEMM."""
+    K, m, p, r = g.U.shape
+    q = g.V.shape[2]
+    return torch.bmm(g.U.reshape(K * m, p, r), g.V.reshape(K * m, q, r).transpose(1, 2)).view(K, m, p * q)
+
+
+def _products(g: "_Group", scale: float = 1.0):
+    """``(B, P)``: ``B = U V^T`` (:func:`_outer`) and ``P = scale * A^T B``, the increments as
+    ``(K, a_out, a_in, p, q)`` (rows ``(o, a)``, columns ``(p, q)``; m contracted by one
+    batched GEMM)."""
+    K, m, a_out, a_in = g.A.shape
+    B = _outer(g)
+    P = _scaled_bmm(g.A.reshape(K, m, a_out * a_in).transpose(1, 2), B, scale)
+    return B, P.view(K, a_out, a_in, g.U.shape[2], g.V.shape[2])
 
 
 def _torch_delta(A, U, V, scale, out_dtype=None):
     """``scale * sum_i kron(A[i], U[i] @ V[i].T)`` in ``out_dtype`` (default the factors'),
     rows ``(o, p)``, columns ``(a, q)``: two GEMMs and the permuting copy (which converts)."""
-    m, a_out, a_in = A.shape
-    p, q = U.shape[1], V.shape[1]
-    delta = _kron_product(A, U, V, scale).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
+    _, P = _products(_group([(0, A, U, V)], A.dtype), scale)
+    delta = P[0].permute(0, 2, 1, 3)
     if out_dtype is not None and out_dtype != delta.dtype:
         delta = delta.to(out_dtype, memory_format=torch.contiguous_format)
-    return delta.reshape(a_out * p, a_in * q)
+    return delta.reshape(A.shape[1] * U.shape[1], A.shape[2] * V.shape[1])
 
 
-def _add_delta(w_rows, A, U, V, scale) -> torch.Tensor:
-    """``w_rows += scale * delta`` in place, for contiguous rows ``(a_out*p, a_in*q)`` of a
-    weight: the permutation and the scale ride on the one strided add (3 launches in all).
-    Returns ``B = U V^T`` (``(m, p, q)``), which the backward reuses."""
-    a_out, a_in = A.shape[1], A.shape[2]
-    p, q = U.shape[1], V.shape[1]
-    B = torch.bmm(U, V.transpose(1, 2))
-    prod = _kron_product(A, U, V, B=B).view(a_out, a_in, p, q).permute(0, 2, 1, 3)
-    w_rows.view(a_out, p, a_in, q).add_(prod, alpha=scale)
-    return B
-
-
-def _delta_grads(G, A, U, V, scale, B=None):
-    """``(dA, dU, dV)`` in the factors' dtype from ``G``, the gradient of the materialised
-    increment ``(a_out*p, a_in*q)`` (any float dtype): one copy that permutes G to ``(o, a,
-    p, q)`` and converts it, then five GEMMs over ``m`` (four with the forward's ``B = U V^T``;
-    the scale in cuBLAS's alpha), O(m * d_out * d_in)."""
-    m, a_out, a_in = A.shape
-    p, q = U.shape[1], V.shape[1]
-    Gc = torch.empty((a_out, a_in, p, q), dtype=A.dtype, device=A.device)
-    G = Gc.copy_(G.reshape(a_out, p, a_in, q).permute(0, 2, 1, 3)).view(a_out * a_in, p * q)
-    B = (torch.bmm(U, V.transpose(1, 2)) if B is None else B).view(m, p * q)
-    dA = _scaled_mm(B, G.t(), scale).view(m, a_out, a_in)
-    dB = _scaled_mm(A.reshape(m, a_out * a_in), G, scale).view(m, p, q)
-    return dA, torch.bmm(dB, V), torch.bmm(dB.transpose(1, 2), U)
+def _group_grads(G, g: "_Group", scale, B=None):
+    """``[(dA, dU, dV) per target of g]`` in the accumulation dtype from ``G: (K, rows,
+    d_in)``, the gradient of the materialised increments (any float dtype): one copy that
+    permutes G to ``(o, a, p, q)`` and converts it, then four batched GEMMs over ``m`` (five
+    without the forward's ``B``; the scale in cuBLAS's alpha), O(K * m * d_out * d_in)."""
+    K, m, a_out, a_in = g.A.shape
+    p, r, q = g.U.shape[2], g.U.shape[3], g.V.shape[2]
+    Gc = torch.empty((K, a_out, a_in, p, q), dtype=g.A.dtype, device=g.A.device)
+    Gc = Gc.copy_(G.reshape(K, a_out, p, a_in, q).permute(0, 1, 3, 2, 4)).view(K, a_out * a_in, p * q)
+    B = _outer(g) if B is None else B
+    dA = _scaled_bmm(B, Gc.transpose(1, 2), scale).view(K, m, a_out, a_in)
+    dB = _scaled_bmm(g.A.reshape(K, m, a_out * a_in), Gc, scale).view(K * m, p, q)
+    dU = torch.bmm(dB, g.V.reshape(K * m, q, r)).view(K, m, p, r)
+    dV = torch.bmm(dB.transpose(1, 2), g.U.reshape(K * m, p, r)).view(K, m, q, r)
+    return [(dA[k], dU[k], dV[k]) for k in range(K)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,54 +279,64 @@ def _delta_grads(G, A, U, V, scale, B=None):
 _CUDA_AUTO = "dense"
 
 
-def _dense_weight(x2, weight, targets, d_out, scale, products=None):
-    """``weight`` (or zeros) plus every target's increment on its rows, in x2's dtype -- what
-    the papers' code multiplies by, formed from the small factors in the accumulation dtype
-    and rounded once to x2's dtype (as the reference under autocast). Launches: one copy of
-    the weight, three per target (``_add_delta``), one conversion. ``products``: a list that
-    receives each target's ``B = U V^T`` (for the backward)."""
-    acc = compute_dtype(x2.dtype)
-    if weight is None and len(targets) == 1 and targets[0][0] == 0:
-        _, A, U, V = targets[0]
-        if A.shape[1] * U.shape[1] == d_out:  # kron_matmul: the increment is the whole weight
-            return _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale).to(x2.dtype)
-    w = (torch.zeros((d_out, x2.shape[1]), device=x2.device, dtype=acc) if weight is None
-         else weight.to(acc, copy=True))
-    for start, A, U, V in targets:
-        rows = A.shape[1] * U.shape[1]
-        B = _add_delta(w[start:start + rows], A.to(acc), U.to(acc), V.to(acc), scale)
-        if products is not None:
-            products.append(B)
-    return w.to(x2.dtype)
+def _dense_weight(x2, weight, groups, d_out, scale):
+    """``(W + delta, [B = U V^T per group])``: ``weight`` (or zeros) plus every target's
+    increment on its rows, in x2's dtype -- what the papers' code multiplies by, the
+    increments formed from the small factors in the accumulation dtype and each sum ``W +
+    delta`` rounded once to x2's dtype (as the reference under autocast). Launches: the
+    weight's copy in x2's dtype (the cast a frozen Linear makes under autocast), then per
+    group two batched GEMMs and one add that writes the rounded sums over the adapted rows."""
+    if weight is None and len(groups) == 1 and groups[0].A.shape[0] == 1 and groups[0].rows == d_out:
+        g = groups[0]  # kron_matmul: the increment is the whole weight
+        B, P = _products(g, scale)
+        delta = P[0].permute(0, 2, 1, 3).to(x2.dtype, memory_format=torch.contiguous_format)
+        return delta.reshape(d_out, x2.shape[1]), [B]
+    w = (torch.zeros((d_out, x2.shape[1]), device=x2.device, dtype=x2.dtype) if weight is None
+         else weight.to(x2.dtype, copy=True))
+    src = w if weight is None else weight
+    products = []
+    for g in groups:
+        B, P = _products(g)
+        # computed in the accumulation dtype (the inputs' common dtype), rounded once as stored
+        torch.add(_rows_view(src, g), P.permute(0, 1, 3, 2, 4), alpha=scale, out=_rows_view(w, g))
+        products.append(B)
+    return w, products
 
 
 def _dense_forward(x2, weight, bias, targets, d_out, scale, keep_weight=False):
     """One GEMM on ``W + delta``: as cheap as the frozen layer's forward plus an O(d^2) build.
-    With ``keep_weight`` returns ``(y, W + delta, [B = U V^T per target])`` for the backward
-    to reuse (the list empty where the increment was formed whole: kron_matmul)."""
-    products = [] if keep_weight else None
-    w = _dense_weight(x2, weight, targets, d_out, scale, products)
+    With ``keep_weight`` returns ``(y, W + delta, groups, [B per group])`` for the backward."""
+    groups = _groups(targets, compute_dtype(x2.dtype))
+    w, products = _dense_weight(x2, weight, groups, d_out, scale)
     y = F.linear(x2, w, bias)
-    return (y, w, products) if keep_weight else y
+    return (y, w, groups, products) if keep_weight else y
 
 
-def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None, products=()):
+def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None, groups=None, products=()):
     """``dx = dy (W + delta)`` (with ``w``, the forward's ``W + delta``; else rebuilt: O(d^2)
-    work), and per target the weight-gradient GEMM of *its rows only* (``dy[:, rows]^T x``, in
-    x's dtype as a Linear's weight gradient under autocast), contracted onto A, U, V in the
-    accumulation dtype (``_delta_grads``)."""
-    acc = compute_dtype(x2.dtype)
+    work), and per group the weight-gradient GEMMs of *its rows only* (``dy[:, rows]^T x``, in
+    x's dtype as a Linear's weight gradient under autocast, into one buffer), contracted onto
+    A, U, V in the accumulation dtype (``_group_grads``). ``groups``/``products``: the
+    forward's (else formed again)."""
+    if groups is None:
+        groups = _groups(targets, compute_dtype(x2.dtype))
     dx = None
     if need_dx:
-        dx = dy2 @ (w if w is not None else _dense_weight(x2, weight, targets, dy2.shape[1], scale))
+        if w is None:
+            w, products = _dense_weight(x2, weight, groups, dy2.shape[1], scale)
+        dx = dy2 @ w
     grads = []
-    for i, (start, A, U, V) in enumerate(targets):
-        rows = A.shape[1] * U.shape[1]
-        G = dy2[:, start:start + rows].t() @ x2
-        B = products[i] if i < len(products) else None
-        grads.append(_delta_grads(G, A.to(acc), U.to(acc), V.to(acc), scale, B))
+    for i, g in enumerate(groups):
+        K = g.A.shape[0]
+        if K == 1:
+            G = (dy2[:, g.start:g.start + g.rows].t() @ x2).unsqueeze(0)
+        else:
+            G = x2.new_empty((K, g.rows, x2.shape[1]))
+            for k in range(K):
+                start = g.start + k * g.step
+                torch.mm(dy2[:, start:start + g.rows].t(), x2, out=G[k])
+        grads += _group_grads(G, g, scale, products[i] if i < len(products) else None)
     return dx, grads
-
 
 # ----------------------------------------------------------------------------------------
 # autograd Functions (thin: dispatch to a backend's forward/backward)
@@ -286,7 +349,8 @@ def _triton_kron():
 
 def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=False):
     """The forward of :class:`KronLinearFunction` and of the ``kron_kernels::kron_linear``
-    custom op; with ``keep_weight`` (dense only) ``(y, W + delta, products)`` (_dense_forward)."""
+    custom op; with ``keep_weight`` (dense only) ``(y, W + delta, groups, products)``
+    (_dense_forward)."""
     targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
     if keep_weight:
         return _dense_forward(x2, weight, bias, targets, d_out, scale, keep_weight=True)
@@ -297,17 +361,19 @@ def _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_
     return forward(x2, weight, bias, targets, d_out, scale)
 
 
-def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs, dense_weight=None, products=()):
+def _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs, dense_weight=None, groups=None,
+                     products=()):
     """``[dx, dweight, dbias, *dfactors]`` (None where ``needs``, one bool per input, is False):
-    the backward of :class:`KronLinearFunction` and of the custom op (``dense_weight``: the
-    dense forward's ``W + delta``, reused)."""
+    the backward of :class:`KronLinearFunction` and of the custom op (``dense_weight``,
+    ``groups``, ``products``: the dense forward's ``W + delta``, stacked factors and ``B``s,
+    reused)."""
     targets = list(zip(starts, factors[0::3], factors[1::3], factors[2::3]))
     acc = compute_dtype(x2.dtype)
     dy2 = dy2.contiguous()
     if impl == "triton":
         dx, grads = _triton_kron().kron_linear_backward(dy2, x2, weight, targets, scale, needs[0])
     elif impl == "dense":
-        dx, grads = _dense_backward(dy2, x2, weight, targets, scale, needs[0], dense_weight, products)
+        dx, grads = _dense_backward(dy2, x2, weight, targets, scale, needs[0], dense_weight, groups, products)
     else:
         dx, grads = _torch_backward(dy2, x2, weight, targets, scale, needs[0])
     dweight = dbias = None
@@ -336,25 +402,31 @@ class KronLinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x2, weight, *factors)
             return _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl)
         # the dense path keeps its W + delta (x's dtype, as autograd keeps a Linear's weight
-        # under autocast, and as the reference does) instead of rebuilding it for dx: on the
-        # H200 the fused steps were bound by the host's launches (commit 93d8659)
-        y, w, products = _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl, keep_weight=True)
-        ctx.save_for_backward(x2, weight, w, *factors, *products)
+        # under autocast, and as the reference does), its stacked factors and B = U V^T instead
+        # of rebuilding them: on the H200 the fused steps were bound by the host's launches
+        # (commit 93d8659)
+        y, w, groups, products = _linear_forward(x2, weight, bias, factors, starts, d_out, scale, impl,
+                                                 keep_weight=True)
+        ctx.group_starts = [(g.start, g.step) for g in groups]
+        kept = [t for g, B in zip(groups, products) for t in (g.A, g.U, g.V, B)]
+        ctx.save_for_backward(x2, weight, w, *factors, *kept)
         return y
 
     @staticmethod
     def backward(ctx, dy2):
-        products = ()
+        groups = products = None
         if ctx.impl == "dense":
             x2, weight, w, *rest = ctx.saved_tensors
             n_factors = 3 * len(ctx.starts)
-            factors, products = rest[:n_factors], rest[n_factors:]
+            factors, kept = rest[:n_factors], rest[n_factors:]
+            groups = [_Group(start, step, *kept[4 * i:4 * i + 3]) for i, (start, step) in enumerate(ctx.group_starts)]
+            products = kept[3::4]
         else:
             (x2, weight, *factors), w = ctx.saved_tensors, None
         need = ctx.needs_input_grad
         dx, dweight, dbias, *dfactors = _linear_backward(
             dy2, x2, weight, factors, ctx.starts, ctx.scale, ctx.impl, need[:3] + need[7:], dense_weight=w,
-            products=products,
+            groups=groups, products=products or (),
         )
         return (dx, dweight, dbias, None, None, None, None, *dfactors)
 
@@ -378,8 +450,17 @@ def _kron_linear_backward_op(
     dy2: torch.Tensor, x2: torch.Tensor, weight: Optional[torch.Tensor], factors: List[torch.Tensor],
     starts: List[int], scale: float, impl: str, needs: List[bool],
 ) -> List[torch.Tensor]:
-    """The gradients ``needs`` asks for, in the order ``[dx, dweight, dbias, *dfactors]``."""
-    return [g for g in _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs) if g is not None]
+    """The gradients ``needs`` asks for, in the order ``[dx, dweight, dbias, *dfactors]``. A
+    custom op's outputs may not alias one another: the dense path's grouped targets get their
+    factors' gradients as views of one stacked buffer, so all but the first of a buffer are
+    copied here (eager autograd keeps the views)."""
+    grads, seen = [], set()
+    for g in _linear_backward(dy2, x2, weight, factors, starts, scale, impl, needs):
+        if g is not None:
+            storage = g.untyped_storage().data_ptr()
+            grads.append(g.clone() if storage in seen else g)
+            seen.add(storage)
+    return grads
 
 
 @_kron_linear_backward_op.register_fake
@@ -417,9 +498,9 @@ def _delta_forward(A, U, V, scale, impl, out_dtype):
 
 
 def _delta_backward(grad, A, U, V, scale):
-    """The factors' gradients (``_delta_grads`` converts ``grad`` of any dtype in its copy)."""
+    """The factors' gradients (``_group_grads`` converts ``grad`` of any dtype in its copy)."""
     acc = compute_dtype(A.dtype)
-    dA, dU, dV = _delta_grads(grad, A.to(acc), U.to(acc), V.to(acc), scale)
+    (dA, dU, dV), = _group_grads(grad.unsqueeze(0), _group([(0, A, U, V)], acc), scale)
     return grad_like(dA, A), grad_like(dU, U), grad_like(dV, V)
 
 

@@ -20,6 +20,8 @@ from test_adapter import adapter_fns, make_inputs as adapter_inputs
 from test_bottleneck import ARC_SHAPES, LOSA_SHAPES_TORCH, arc_fns, arc_inputs, losa_fns, losa_inputs, on_backend
 from test_kron import (SHAPES, SMALL_SHAPES, fused_linear, fused_matmul, fused_slices, make_inputs, make_slice_inputs,
                        ref_linear, ref_matmul, ref_slices)
+from kron_kernels.reference.kadaptation import kron_delta as ref_kron_delta
+from test_kron import SCALE
 from utils import RTOL, compare_low_precision, compare_with_reference
 
 
@@ -66,6 +68,97 @@ def test_dense_zero_tokens(lead):
         gA, gU, gV = torch.autograd.grad(y.sum(), (A, U, V))
     for g in (gA, gU, gV):
         assert torch.equal(g, torch.zeros_like(g))
+
+
+# ------------------------------------------------ grouped targets (one launch per step for all)
+def grouped_inputs(starts, rows_shape=(3, 5), dtype=torch.float64, layout="contiguous", d_out=None):
+    """A layer of d_in = 4*6 = 24 with one increment of one shape (m=3, a_out=rows_shape[0],
+    p=rows_shape[1], r=2) at each of ``starts``; ``layout="transposed"`` gives the frozen
+    weight column-major strides (the rows views must honour any strides)."""
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*size, grad=True):
+        return torch.randn(*size, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(grad)
+
+    rows = rows_shape[0] * rows_shape[1]
+    d_out = d_out or max(starts) + rows + 7
+    W = rnd(24, d_out, grad=False).t() if layout == "transposed" else rnd(d_out, 24, grad=False)
+    x, b = rnd(2, 9, 24), rnd(d_out, grad=False)
+    factors = [t for _ in starts for t in (rnd(3, rows_shape[0], 4), rnd(3, rows_shape[1], 2), rnd(3, 6, 2))]
+    return x, W.requires_grad_(True), b.requires_grad_(True), factors
+
+
+def grouped_fns(starts):
+    def fused(x, W, b, *f):
+        return kk.kron_linear_slices(x, W, b, [(s, *f[3 * k:3 * k + 3]) for k, s in enumerate(starts)], SCALE)
+
+    def reference(x, W, b, *f):
+        full = torch.zeros_like(W)
+        for k, s in enumerate(starts):
+            delta = ref_kron_delta(*f[3 * k:3 * k + 3], SCALE).to(W.dtype)
+            full = full.index_add(0, torch.arange(s, s + delta.shape[0], device=W.device), delta)
+        return torch.nn.functional.linear(x, W + full, b)
+
+    return fused, reference
+
+
+# q and v of a fused qkv (one group of 2, a gap between), adjacent slices (step = rows), three
+# slices in a progression; not a progression, and out of order (one group per target)
+GROUPINGS = [
+    pytest.param((0, 30), 1, id="qv-gap"),
+    pytest.param((0, 15), 1, id="adjacent"),
+    pytest.param((4, 24, 44), 1, id="three"),
+    pytest.param((0, 15, 45), 3, id="not-a-progression"),
+    pytest.param((30, 0), 2, id="descending"),
+]
+
+
+@pytest.mark.parametrize("starts, n_groups", GROUPINGS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_dense_grouped_targets_float64(starts, n_groups, layout):
+    """Targets of one shape whose starts rise by a constant step share every launch of the
+    dense composition (``_groups``); any other set runs target by target. Both agree with the
+    reference, for every input's gradient (the frozen weight's and bias' too), and for a
+    frozen weight of any strides (the rows views are strided views of it)."""
+    x, W, b, factors = grouped_inputs(starts, layout=layout)
+    acc = torch.float64
+    targets = [(s, *factors[3 * k:3 * k + 3]) for k, s in enumerate(starts)]
+    assert len(kron_ops._groups(targets, acc)) == n_groups
+    fused, reference = grouped_fns(starts)
+    with kk.use_backend("dense"):
+        compare_with_reference(fused, reference, [x, W, b, *factors], RTOL[torch.float64])
+
+
+def test_dense_grouped_targets_of_other_shapes_run_one_by_one():
+    x, W, b, q, v = make_slice_inputs()  # q and v of different shapes at 0 and 60
+    assert len(kron_ops._groups([(0, *q), (60, *v)], torch.float64)) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dense_grouped_targets_low_precision(dtype):
+    """The grouped sums ``W + delta`` are formed in fp32 and rounded once as they are stored
+    into the 16-bit weight: the low-precision rule holds for the output and every gradient."""
+    x, W, b, factors = grouped_inputs((0, 40), rows_shape=(4, 10), dtype=torch.float32)
+    fused, reference = grouped_fns((0, 40))
+    with kk.use_backend("dense"):
+        compare_low_precision(fused, reference, [x, W, b, *factors], dtype, activations=(0, 1, 2))
+
+
+def test_dense_grouped_forward_rounds_each_sum_once():
+    """Under bf16 autocast the dense weight is ``bf16(W + delta)`` on the adapted rows and
+    ``bf16(W)`` elsewhere, bit for bit: the sum is taken in fp32 and rounded as it is stored."""
+    starts = (0, 30)
+    x, W, b, factors = grouped_inputs(starts, dtype=torch.float32)
+    targets = [(s, *(f.detach() for f in factors[3 * k:3 * k + 3])) for k, s in enumerate(starts)]
+    groups = kron_ops._groups(targets, torch.float32)
+    w, _ = kron_ops._dense_weight(x.detach().to(torch.bfloat16).reshape(-1, 24), W.detach(), groups,
+                                  W.shape[0], SCALE)
+    want = W.detach().clone()
+    for s, A, U, V in targets:
+        with kk.use_backend("torch"):
+            delta = kk.kron_delta(A, U, V, SCALE)  # the same fp32 increment: only the rounding is tested
+        want[s:s + delta.shape[0]] += delta
+    assert w.dtype == torch.bfloat16 and torch.equal(w, want.to(torch.bfloat16))
 
 
 class _MatmulShapes(TorchDispatchMode):
