@@ -143,7 +143,8 @@ def _torch_keep_mask(n_rows: int, r: int, p_drop: float, seed, device) -> torch.
     if isinstance(seed, torch.Tensor):  # drawn while torch.compile traces (the dense path)
         return _keep_mask_op(n_rows, r, p_drop, seed, torch.device(device))
     gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand((n_rows, r), generator=gen, device=device) >= p_drop
+    # one launch (a bool Bernoulli draw), where uniforms and a comparison took two
+    return torch.empty((n_rows, r), dtype=torch.bool, device=device).bernoulli_(1.0 - p_drop, generator=gen)
 
 
 @torch.library.custom_op("kron_kernels::torch_keep_mask", mutates_args=())
@@ -338,7 +339,9 @@ def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
     x = x1 if x2 is None else x1 + x2
     x = x.to(dt)
     D = down.to(dt)
-    Up = (down if up_t is None else up_t.t()).to(dt)  # (features, r)
+    # tied (ARC: the up-projection is U^T): one cast serves both GEMMs, and autograd sums the
+    # two gradients before the one cast back, as the reference's autocast weight cache does
+    Up = D if up_t is None else up_t.t().to(dt)  # (features, r)
     token = spec.mode == "token"
     # token mixing through a transpose, as the reference: (B, C, T) @ (T, r) folds into ONE
     # GEMM over every (b, c) row, so D's gradient is one GEMM reducing over B*C in fp32. The
