@@ -29,6 +29,7 @@ lists the backbones it serves and, for the others, why not (LoSA refuses Swin wi
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
@@ -441,7 +442,11 @@ def _build_compacter(model, impl: str, config: Dict[str, Any], shared: SharedFac
             raise ValueError(f"n={n} must divide the hidden size d={d} and the bottleneck size k={k}{where}")
     factory = _factory(model)
     shared.A = nn.Parameter(nn_kadaptation.init_shared_factor(torch.empty(n, n, n, **factory)))
-    adapter_cls = nn_compacter.CompacterAdapter if impl == "fused" else ref_compacter.CompacterAdapter
+    if impl == "fused":  # one bank builds every adapter's PHM weights together (nn.PHMBank)
+        bank = nn_compacter.PHMBank()
+        adapter_cls = functools.partial(nn_compacter.CompacterAdapter, bank=bank)
+    else:
+        adapter_cls = ref_compacter.CompacterAdapter
     replacements = []
     for stage, k in zip(stages, ks):
         for block_name, blk in stage.blocks:

@@ -219,3 +219,21 @@ def test_fact_triton_launcher_budget():
     fused, _, inputs = fact_case("rows", 0.1)
     got = launches(fused, inputs, "triton", mode=LauncherOps)
     assert len(got) <= 22, f"{len(got)} launches > 22: {got}"
+
+
+@pytest.mark.parametrize("K", [2, 24])
+def test_kron_deltas_launches_do_not_grow_with_the_layers(K):
+    """A PHMBank's build of K PHM weights sharing A (kk.kron_deltas), forward and backward to
+    A and every U, V: 12 launches whatever K -- 5 forward (two stacks, two batched GEMMs, the
+    converting copy), 7 backward (the stack of the K gradients, the converting copy, four
+    batched GEMMs, the sum of A's) -- plus the one stack this test joins the outputs with. K
+    layers on their own kron_delta make 6K backward alone (and on CUDA K forward): for a ViT-B
+    Compacter's 48 PHM weights, 2 x 12 launches instead of 336."""
+    A = rnd(4, 4, 4)
+    factors = [rnd(4, 2, 1) for _ in range(K)] + [rnd(4, 16, 1) for _ in range(K)]
+
+    def banked(A, *f):
+        return torch.stack(kk.kron_deltas(A, f[:K], f[K:], dtype=torch.bfloat16))
+
+    got = launches(banked, [A, *factors], "auto")
+    assert len(got) <= 13, f"{len(got)} launches > 12 + the test's stack: {got}"

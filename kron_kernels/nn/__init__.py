@@ -1,6 +1,6 @@
 """Drop-in nn.Modules, one file per method; they call the functional ops of :mod:`kron_kernels.ops`."""
 from .arc import ARCAdapter
-from .compacter import AdapterWrapper, CompacterAdapter, PHMLinear
+from .compacter import AdapterWrapper, CompacterAdapter, PHMBank, PHMLinear
 from .fastfood import FastfoodSubspace
 from .fact import FacTLinear
 from .kadaptation import KAdaptationLinear
@@ -9,6 +9,7 @@ from .losa import LoSAMixer, LoSAModel
 __all__ = [
     "KAdaptationLinear",
     "PHMLinear",
+    "PHMBank",
     "CompacterAdapter",
     "AdapterWrapper",
     "FastfoodSubspace",

@@ -19,18 +19,19 @@ backward reaches ``up.s`` and ``up.bias``; from the second step on every factor 
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..ops._common import autocast_target, check_bool, check_int
+from .. import backend, ops
+from ..ops._common import autocast_target, check_bool, check_int, compiling
 from .kadaptation import init_shared_factor
 
-__all__ = ["PHMLinear", "CompacterAdapter", "AdapterWrapper"]
+__all__ = ["PHMLinear", "PHMBank", "CompacterAdapter", "AdapterWrapper"]
 
 SharedA = Union[None, nn.Parameter, nn.Module]
 
@@ -50,6 +51,103 @@ def _check_phm_dims(in_features: int, out_features: int, n: int, names=("in_feat
         if size % n:
             raise ValueError(f"n={n} must divide {name}={size}")
     return sizes[0], sizes[1], n
+
+# The backends under which a PHMBank builds its layers' weights (kk.kron_deltas: batched torch
+# GEMMs, cuBLAS on a GPU). auto takes it on CUDA too, over the per-layer Triton kron_delta
+# kernel: no GPU has timed the two, and issue 10's rule for an unmeasured choice is the cuBLAS
+# composition; it also makes ~310 fewer launches a ViT-B step, where the H200's Compacter step
+# (commit 93d8659) was bound by its 1,664 launches. An explicit "triton" (or "cuda") keeps
+# every layer on its own kron_delta, so those kernels stay measurable.
+_BANK_BACKENDS = ("auto", "torch", "dense")
+
+
+def _stamp(layer: "PHMLinear") -> Tuple:
+    """What a PHM weight depends on: its A, s and t, each by identity, storage and version
+    (an in-place update -- an optimizer step, ``load_state_dict`` -- bumps the version; ``.to``
+    or ``load_state_dict(assign=True)`` gives new storage or a new tensor)."""
+    return tuple(x for t in (layer.phm_rule, layer.s, layer.t) for x in (id(t), t.data_ptr(), t._version))
+
+
+class PHMBank:
+    """The weights of every PHM layer registered with it -- one model's, sharing one ``A`` --
+    built together: per factor shape and dtype, one :func:`kron_kernels.kron_deltas` call
+    (five launches forward, eight backward, for all of them) where each layer's own
+    :func:`kron_kernels.kron_delta` made one forward and six backward (a ViT-B Compacter has
+    48 PHM layers: 48 + 288 launches a step become 10 + 16; on the H200 the Compacter step was
+    bound by the host's launches, commit 93d8659). ``kk.adapt(model, "compacter")`` makes one
+    per model.
+
+    A built set is reused while it is valid for the layer asking: the same autocast dtype and
+    grad mode, the layer's A, s and t unchanged (:func:`_stamp`), and its autograd graph not yet
+    consumed -- the backward that reaches it drops it (a hook on the stacked weights), so the
+    next forward builds again even when no parameter changed (gradient accumulation). Under
+    ``torch.compile`` the layers build their own weights (the bank is Python state Dynamo should
+    not trace). Never saved: copies and pickles of a model get an empty bank."""
+
+    def __init__(self) -> None:
+        self._A: Optional[torch.Tensor] = None  # the A every layer shares (checked as they join)
+        self._groups: Dict[Tuple, List["PHMLinear"]] = {}
+        self._built: Dict[Tuple, Tuple[Tuple[torch.Tensor, ...], List[Tuple]]] = {}
+
+    def add(self, *layers: "PHMLinear") -> None:
+        """Register ``layers`` (each one's ``s``/``t`` shapes pick its group); all are checked
+        before any is registered."""
+        A = self._A if self._A is not None else (layers[0].phm_rule if layers else None)
+        for layer in layers:
+            if not isinstance(layer, PHMLinear):
+                raise TypeError(f"a PHMBank holds PHMLinear layers, got {type(layer).__name__}")
+            if layer._bank is not None:
+                raise ValueError("this PHMLinear is registered with a PHMBank already")
+            if layer.phm_rule is not A:
+                raise ValueError("every PHM layer of a PHMBank must share one A")
+        self._A = A
+        for layer in layers:
+            key = (tuple(layer.s.shape), tuple(layer.t.shape))
+            group = self._groups.setdefault(key, [])
+            layer._bank = (self, key, len(group))
+            group.append(layer)
+
+    def weight(self, layer: "PHMLinear", dtype: torch.dtype) -> torch.Tensor:
+        """``layer``'s weight in ``dtype``, from the set built for its group (built now if none
+        is valid for it)."""
+        _, key, index = layer._bank
+        slot = (key, dtype, torch.is_grad_enabled())
+        built = self._built.get(slot)
+        if built is None or built[1][index] != _stamp(layer):
+            built = self._build(slot)
+        return built[0][index]
+
+    def _build(self, slot):
+        key, dtype, grad = slot
+        layers = self._groups[key]
+        weights = ops.kron_deltas(layers[0].phm_rule, [l.s for l in layers], [l.t for l in layers], dtype=dtype)
+        built = (weights, [_stamp(l) for l in layers])
+        self._built[slot] = built
+        stacked = getattr(weights[0], "kk_stacked", None)  # the (K, out, in) tensor they are views of
+        if stacked is not None and stacked.requires_grad:
+            def consumed(grad_, slot=slot, built=built):
+                if self._built.get(slot) is built:
+                    del self._built[slot]
+
+            stacked.register_hook(consumed)
+        return built
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self._groups.values())
+
+    def __deepcopy__(self, memo):
+        clone = PHMBank.__new__(PHMBank)
+        memo[id(self)] = clone
+        clone._A = copy.deepcopy(self._A, memo)
+        clone._groups = copy.deepcopy(self._groups, memo)
+        clone._built = {}
+        return clone
+
+    def __getstate__(self):
+        return {"_A": self._A, "_groups": self._groups, "_built": {}}
+
+    def __repr__(self) -> str:
+        return f"PHMBank({len(self)} layers in {len(self._groups)} shape groups)"
 
 
 class PHMLinear(nn.Module):
@@ -97,6 +195,7 @@ class PHMLinear(nn.Module):
         names += ["s", "t"] + (["bias"] if bias else [])
         #: this module's own parameters that are adapter tensors (read by kk.adapter_state_dict)
         self.kk_adapter_params = tuple(names)
+        self._bank = None  # (PHMBank, group key, index) once registered with a bank
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,12 +221,20 @@ class PHMLinear(nn.Module):
         """``sum_i kron(A_i, s_i t_i^T)``, ``(out_features, in_features)``, differentiable."""
         return ops.kron_delta(self.phm_rule, self.s, self.t)
 
+    def phm_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight in ``dtype`` (None: the factors'), built in the factors' precision and
+        rounded once as it is stored: from this layer's :class:`PHMBank` when it has one (every
+        layer of the bank at once), else by :func:`kron_kernels.kron_delta`."""
+        if self._bank is not None and not compiling() and backend.get_backend() in _BANK_BACKENDS:
+            return self._bank[0].weight(self, dtype or self.s.dtype)
+        return ops.kron_delta(self.phm_rule, self.s, self.t, dtype=dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the weight is built in the factors' precision and delivered in the dtype it is applied
         # in (the autocast dtype under autocast, else x's): rounded once, no conversion launch
         dtype = autocast_target(x) or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, ops.kron_delta(self.phm_rule, self.s, self.t, dtype=dtype), bias)
+        return F.linear(x, self.phm_weight(dtype), bias)
 
     def extra_repr(self) -> str:
         return (
@@ -144,12 +251,15 @@ class CompacterAdapter(nn.Module):
         n: Kronecker terms.
         A: None (the adapter owns ``A``, shared by its two layers), a shared Parameter, or
             the module owning it as ``A`` (see :class:`PHMLinear`).
+        bank: a :class:`PHMBank` (one per model, sharing ``A``) that builds this adapter's PHM
+            weights together with every other adapter's; None: each layer builds its own.
 
     Starts as the exact identity (``up.s = 0``, ``up.bias = 0``).
     """
 
     def __init__(
-        self, d: int, k: Optional[int] = None, n: int = 4, A: SharedA = None, device=None, dtype=None
+        self, d: int, k: Optional[int] = None, n: int = 4, A: SharedA = None, device=None, dtype=None,
+        bank: Optional[PHMBank] = None,
     ) -> None:
         super().__init__()
         d = check_int("d", d, min=1)
@@ -161,6 +271,10 @@ class CompacterAdapter(nn.Module):
         else:
             k = check_int("k", k, min=1, desc="a positive int or None (None: d // 32)")
         d, k, n = _check_phm_dims(d, k, n, names=("d", "k"))
+        if bank is not None and not isinstance(bank, PHMBank):
+            raise TypeError(f"bank must be a PHMBank or None, got {type(bank).__name__}")
+        if bank is not None and A is None:
+            raise ValueError("a PHMBank serves adapters that share one A: pass A (the shared Parameter or its owner)")
         factory = dict(device=device, dtype=dtype or torch.float32)
         if A is None:
             self.A = nn.Parameter(init_shared_factor(torch.empty(n, n, n, **factory)))
@@ -173,14 +287,15 @@ class CompacterAdapter(nn.Module):
         self.up = PHMLinear(k, d, n, A=A, **factory)
         with torch.no_grad():
             self.up.s.zero_()
+        if bank is not None:
+            bank.add(self.down, self.up)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        A = self.down.phm_rule
         # the PHM weights delivered in the dtype the adapter's GEMMs run in (autocast's; on the
         # H200 the Compacter step was host-bound at 1,664 launches: these save four per adapter)
         dtype = autocast_target(h)
-        w_down = ops.kron_delta(A, self.down.s, self.down.t, dtype=dtype)  # (k, d)
-        w_up = ops.kron_delta(A, self.up.s, self.up.t, dtype=dtype)  # (d, k)
+        w_down = self.down.phm_weight(dtype)  # (k, d)
+        w_up = self.up.phm_weight(dtype)  # (d, k)
         return ops.bottleneck_adapter(h, w_down, self.down.bias, w_up, self.up.bias)
 
     def merge(self) -> None:

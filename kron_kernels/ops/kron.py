@@ -38,7 +38,9 @@ __all__ = [
     "kron_matmul",
     "kron_linear",
     "kron_linear_slices",
+    "kron_deltas",
     "KronDeltaFunction",
+    "KronDeltasFunction",
     "KronLinearFunction",
 ]
 
@@ -248,7 +250,8 @@ def _torch_delta(A, U, V, scale, out_dtype=None):
 
 
 def _group_grads(G, g: "_Group", scale, B=None):
-    """``[(dA, dU, dV) per target of g]`` in the accumulation dtype from ``G: (K, rows,
+    """``(dA, dU, dV)``, each stacked over the K targets of ``g`` (``(K, m, a_out, a_in)``,
+    ``(K, m, p, r)``, ``(K, m, q, r)``), in the accumulation dtype from ``G: (K, rows,
     d_in)``, the gradient of the materialised increments (any float dtype): one copy that
     permutes G to ``(o, a, p, q)`` and converts it, then four batched GEMMs over ``m`` (five
     without the forward's ``B``; the scale in cuBLAS's alpha), O(K * m * d_out * d_in)."""
@@ -261,7 +264,7 @@ def _group_grads(G, g: "_Group", scale, B=None):
     dB = _scaled_bmm(g.A.reshape(K, m, a_out * a_in), Gc, scale).view(K * m, p, q)
     dU = torch.bmm(dB, g.V.reshape(K * m, q, r)).view(K, m, p, r)
     dV = torch.bmm(dB.transpose(1, 2), g.U.reshape(K * m, p, r)).view(K, m, q, r)
-    return [(dA[k], dU[k], dV[k]) for k in range(K)]
+    return dA, dU, dV
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,7 +338,8 @@ def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None, grou
             for k in range(K):
                 start = g.start + k * g.step
                 torch.mm(dy2[:, start:start + g.rows].t(), x2, out=G[k])
-        grads += _group_grads(G, g, scale, products[i] if i < len(products) else None)
+        dA, dU, dV = _group_grads(G, g, scale, products[i] if i < len(products) else None)
+        grads += [(dA[k], dU[k], dV[k]) for k in range(K)]
     return dx, grads
 
 # ----------------------------------------------------------------------------------------
@@ -500,8 +504,8 @@ def _delta_forward(A, U, V, scale, impl, out_dtype):
 def _delta_backward(grad, A, U, V, scale):
     """The factors' gradients (``_group_grads`` converts ``grad`` of any dtype in its copy)."""
     acc = compute_dtype(A.dtype)
-    (dA, dU, dV), = _group_grads(grad.unsqueeze(0), _group([(0, A, U, V)], acc), scale)
-    return grad_like(dA, A), grad_like(dU, U), grad_like(dV, V)
+    dA, dU, dV = _group_grads(grad.unsqueeze(0), _group([(0, A, U, V)], acc), scale)
+    return grad_like(dA[0], A), grad_like(dU[0], U), grad_like(dV[0], V)
 
 
 class KronDeltaFunction(torch.autograd.Function):
@@ -578,6 +582,83 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float =
         if compiling():
             return _kron_delta_op(A, U, V, scale, impl, out_dtype)
         return KronDeltaFunction.apply(A, U, V, scale, impl, out_dtype)
+
+
+class KronDeltasFunction(torch.autograd.Function):
+    """K increments sharing ``A``, ``(K, a_out*p, a_in*q)``, from U and V stacked inside:
+    one chain of launches for all K (:func:`kron_deltas`)."""
+
+    @staticmethod
+    def forward(ctx, A, scale, out_dtype, *UV):
+        K = len(UV) // 2
+        acc = compute_dtype(A.dtype)
+        U, V = _stack(UV[:K], acc), _stack(UV[K:], acc)
+        a = A.to(acc)
+        g = _Group(0, 0, a.unsqueeze(0).expand(K, *a.shape), U, V)
+        B, P = _products(g, scale)
+        ctx.save_for_backward(A, U, V, B, *UV)
+        ctx.scale = scale
+        m, a_out, a_in = A.shape
+        p, q = U.shape[2], V.shape[2]
+        # the permuting copy converts: every increment rounded once, as it is stored
+        out = torch.empty((K, a_out, p, a_in, q), dtype=out_dtype, device=A.device)
+        return out.copy_(P.permute(0, 1, 3, 2, 4)).view(K, a_out * p, a_in * q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, U, V, B, *UV = ctx.saved_tensors
+        K = U.shape[0]
+        a = A.to(U.dtype)
+        dA, dU, dV = _group_grads(grad, _Group(0, 0, a.unsqueeze(0).expand(K, *a.shape), U, V), ctx.scale, B)
+        # A is shared by all K: its gradient is the sum of theirs; U_k, V_k get views of the stack
+        dUs = [grad_like(dU[k], like) for k, like in enumerate(UV[:K])]
+        dVs = [grad_like(dV[k], like) for k, like in enumerate(UV[K:])]
+        return (grad_like(dA.sum(0), A), None, None, *dUs, *dVs)
+
+
+def kron_deltas(A: torch.Tensor, Us: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor], scale: float = 1.0, *,
+                dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+    """``(kron_delta(A, Us[k], Vs[k], scale, dtype=dtype) for k < K)`` -- K increments that
+    share ``A`` (Compacter's PHM weights of one shape, every layer of a model), built together:
+    U and V stacked, two batched GEMMs and one converting copy forward, seven launches backward,
+    for all K (K of :func:`kron_delta` make K, or 3K in torch, forward and 6K backward). The
+    results are views of one ``(K, a_out*p, a_in*q)`` buffer; gradients reach every factor.
+    Every ``Us[k]`` must have one shape, every ``Vs[k]`` one shape. Plain torch GEMMs on every
+    device (cuBLAS on a GPU): on the H200 (commit 93d8659) the Compacter step was bound by the
+    host's launches, not its kernels."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    for name, seq in (("Us", Us), ("Vs", Vs)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence) or not seq:
+            raise TypeError(f"{name} must be a non-empty sequence of tensors, got {type(seq).__name__}")
+    if len(Us) != len(Vs):
+        raise ValueError(f"Us and Vs must hold one factor per increment: {len(Us)} and {len(Vs)}")
+    for k, (U, V) in enumerate(zip(Us, Vs)):
+        try:
+            _check_factors(A, U, V)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (increment {k})") from None
+        if U.shape != Us[0].shape or V.shape != Vs[0].shape or (U.dtype, V.dtype) != (Us[0].dtype, Vs[0].dtype):
+            raise ValueError(f"every U (and every V) must share one shape and dtype: increment {k} has U "
+                             f"{tuple(U.shape)} {U.dtype}, V {tuple(V.shape)} {V.dtype}, increment 0 U "
+                             f"{tuple(Us[0].shape)} {Us[0].dtype}, V {tuple(Vs[0].shape)} {Vs[0].dtype}")
+    scale = check_scale(scale)
+    # one implementation, plain torch (the dense backend's kind); no Triton or extension kernel
+    impl = backend.select("kron_deltas", A.device, dense=True,
+                          triton_refuses="it has no Triton kernel (its batched GEMMs run in torch)")
+    out_dtype = A.dtype if dtype is None else dtype
+    with torch.autocast(device_type=A.device.type, enabled=False):
+        if compiling():  # one custom op per increment: Dynamo traces no autograd Function here
+            return tuple(_kron_delta_op(A, U, V, scale, impl, out_dtype) for U, V in zip(Us, Vs))
+        return stacked_deltas(KronDeltasFunction.apply(A, scale, out_dtype, *Us, *Vs))
+
+
+def stacked_deltas(stacked: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """:func:`kron_deltas`' results, views of ``stacked`` (whose gradient is theirs, stacked:
+    one launch); ``result[0].kk_stacked`` is ``stacked`` (a consumer can hook its gradient)."""
+    deltas = stacked.unbind(0)
+    deltas[0].kk_stacked = stacked
+    return deltas
 
 
 def _kron_apply(x, weight, bias, targets, d_out, scale, op):

@@ -294,3 +294,162 @@ def test_default_bottleneck_too_small_names_k():
     with pytest.raises(ValueError, match=r"^k must be a positive int or None \(None: d // 32\), got None"):
         CompacterAdapter(16, n=4)
     assert CompacterAdapter(64, n=2).k == 2
+
+
+# ----------------------------------------------------------------------------------------
+# PHMBank: every adapter's PHM weights built together (kk.adapt's Compacter)
+# ----------------------------------------------------------------------------------------
+def banked_vit(depth=3, dtype=torch.float64, seed=0):
+    """A tiny ViT adapted with Compacter (its PHMBank), every adapter tensor nonzero."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4, num_classes=5)
+    model = kk.adapt(vit.to(dtype), "compacter", n=4, k=8).train()
+    perturb(model, seed + 7)
+    return model
+
+
+def bank_of(model):
+    return model.blocks[0].attn.adapter.down._bank[0]
+
+
+def without_bank(model):
+    """The same model with every PHM layer building its own weight (kron_delta)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, PHMLinear):
+            module._bank = None
+    return plain
+
+
+def test_adapt_gives_one_bank_for_every_phm_layer():
+    model = banked_vit(depth=3)
+    bank = bank_of(model)
+    layers = [m for m in model.modules() if isinstance(m, PHMLinear)]
+    assert len(layers) == 12 and len(bank) == 12 and all(m._bank[0] is bank for m in layers)
+    assert repr(bank) == "PHMBank(12 layers in 2 shape groups)"  # the down (8, 64) and up (64, 8) weights
+    assert not any("bank" in key for key in model.state_dict())
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp64", "bf16-autocast"])
+def test_bank_matches_each_layer_building_its_own(autocast):
+    """Output and every gradient: the banked model against the same model without a bank
+    (float64: to rounding). Under bf16 autocast on fp32 the output is bit for bit the same (both
+    round the same fp32 weights once); the gradients agree to fp32 rounding (1e-5 relative: the
+    shared A's gradient sums the layers' contributions in another order, in fp32)."""
+    dtype = torch.float64 if autocast is None else torch.float32
+    model = banked_vit(dtype=dtype)
+    plain = without_bank(model)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    got, want = outputs_and_grads(model, x, autocast=autocast), outputs_and_grads(plain, x, autocast=autocast)
+    assert got.keys() == want.keys()
+    for name in want:
+        if autocast is None:
+            assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
+        elif name == "out":
+            assert torch.equal(got[name], want[name]), name
+        else:
+            assert_rel_close(got[name], want[name], 1e-5, name)
+
+
+def test_bank_builds_once_per_forward_and_is_dropped_by_the_backward():
+    """Gradient accumulation (no parameter changes between two backwards) and two forwards
+    before one backward both work, and give the sums of the single steps' gradients."""
+    model = banked_vit()
+    bank = bank_of(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    single = torch.autograd.grad(model(x).square().sum(), params)
+    assert not bank._built  # the backward consumed the graph: nothing reusable is left
+    for _ in range(2):  # accumulation: the second forward builds again
+        model(x).square().sum().backward()
+    for p, g in zip(params, single):
+        assert_rel_close(p.grad, 2 * g, RTOL[torch.float64])
+        p.grad = None
+    loss = model(x).square().sum()
+    assert len(bank._built) == 2  # one set per shape group, shared by the next forward
+    built = dict(bank._built)
+    loss = loss + model(x).square().sum()
+    assert all(bank._built[key] is built[key] for key in built)
+    for got, g in zip(torch.autograd.grad(loss, params), single):
+        assert_rel_close(got, 2 * g, RTOL[torch.float64])
+
+
+def test_bank_follows_parameter_updates():
+    """An optimizer step, and an in-place change of one layer's factors, are seen by the next
+    forward (the stamps of A, s and t), in and out of no_grad."""
+    model = banked_vit()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        assert_rel_close(model(x), without_bank(model)(x), RTOL[torch.float64])
+        model.blocks[1].mlp.adapter.up.s.mul_(3.0)  # one layer, in place, no optimizer
+        assert_rel_close(model(x), without_bank(model)(x), RTOL[torch.float64])
+    with torch.no_grad():
+        model.blocks[0].attn.adapter.down.t.add_(1.0)
+    assert_rel_close(model(x), without_bank(model)(x), RTOL[torch.float64])
+
+
+def test_bank_survives_copies_and_pickles():
+    import copy
+    import io
+
+    model = banked_vit()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model(x).sum()  # a built set with its graph: copies must not carry it
+    clone = copy.deepcopy(model)
+    assert bank_of(clone) is not bank_of(model) and not bank_of(clone)._built
+    assert all(m._bank[0] is bank_of(clone) for m in clone.modules() if isinstance(m, PHMLinear))
+    with torch.no_grad():
+        clone.blocks[0].attn.adapter.down.s.add_(1.0)
+        assert not torch.equal(clone(x), model(x))  # the copy's layers are its own
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_bank_is_bypassed_where_its_op_does_not_serve(monkeypatch):
+    """Explicit triton or cuda: every layer keeps its own kron_delta (those kernels stay
+    measurable); auto, torch and dense: the bank."""
+    model = banked_vit()
+    calls = []
+    real = kk.ops.kron_deltas
+    monkeypatch.setattr(kk.ops, "kron_deltas", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name, used in (("auto", True), ("torch", True), ("dense", True), ("triton", False), ("cuda", False)):
+        calls.clear()
+        bank_of(model)._built.clear()  # nothing cached: a bank that serves must build
+        with kk.use_backend(name), torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, PHMLinear):
+                    module.phm_weight(torch.float32) if used else None
+        assert bool(calls) == used, name
+    # the reference Compacter and a standalone adapter have no bank
+    assert all(m._bank is None for m in CompacterAdapter(64, 8, 4).modules() if isinstance(m, PHMLinear))
+
+
+def test_bank_arguments():
+    shared = nn.Module()
+    shared.A = nn.Parameter(torch.randn(4, 4, 4))
+    with pytest.raises(TypeError, match="bank must be a PHMBank"):
+        CompacterAdapter(64, 8, 4, A=shared, bank="yes")
+    with pytest.raises(ValueError, match="share one A: pass A"):
+        CompacterAdapter(64, 8, 4, bank=kk.nn.PHMBank())
+    bank = kk.nn.PHMBank()
+    adapter = CompacterAdapter(64, 8, 4, A=shared, bank=bank)
+    with pytest.raises(ValueError, match="registered with a PHMBank already"):
+        bank.add(adapter.down)
+    other = nn.Module()
+    other.A = nn.Parameter(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="share one A"):
+        CompacterAdapter(64, 16, 4, A=other, bank=bank)  # a new shape group: still refused, nothing joins
+    assert len(bank) == 2 and repr(bank) == "PHMBank(2 layers in 2 shape groups)"
+    with pytest.raises(TypeError, match="holds PHMLinear layers"):
+        bank.add(nn.Linear(2, 2))

@@ -521,3 +521,72 @@ def test_torch_compile_fullgraph_torch_backend(fresh_dynamo):
     want = outputs_and_grads(exact, [t.double() for t in (x, *q, *v)])  # the float64 reference
     for name in want:
         assert_rel_close(got[name], want[name], RTOL[torch.float32], name)
+
+
+# ----------------------------------------------------------------------------------------
+# kron_deltas: K increments sharing A, built together
+# ----------------------------------------------------------------------------------------
+def deltas_inputs(K=3, shape=(3, 5, 4, 6, 7, 2), dtype=torch.float64, seed=4):
+    m, a_out, a_in, p, q, r = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+
+    return rnd(m, a_out, a_in), [rnd(m, p, r) for _ in range(K)], [rnd(m, q, r) for _ in range(K)]
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6, 7, 2), (4, 1, 4, 8, 1, 1)], ids=["m3-r2", "phm-down-rank1"])
+def test_kron_deltas_float64(K, shape):
+    """Each of the K increments and every factor's gradient (A's the sum over the K) against
+    the reference's kron_delta, one increment at a time."""
+    A, Us, Vs = deltas_inputs(K, shape)
+
+    def fused(A, *UV):
+        return torch.stack(kk.kron_deltas(A, UV[:K], UV[K:], SCALE))
+
+    def reference(A, *UV):
+        return torch.stack([ref.kron_delta(A, U, V, SCALE) for U, V in zip(UV[:K], UV[K:])])
+
+    compare_with_reference(fused, reference, [A, *Us, *Vs], RTOL[torch.float64])
+
+
+def test_kron_deltas_gradcheck():
+    A, Us, Vs = deltas_inputs(2, (2, 2, 3, 2, 3, 2))
+    assert torch.autograd.gradcheck(lambda A, *UV: torch.stack(kk.kron_deltas(A, UV[:2], UV[2:], SCALE)),
+                                    (A, *Us, *Vs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kron_deltas_round_once_as_stored(dtype):
+    """``dtype=``: the fp32 increments rounded once as they are stored (bit for bit)."""
+    A, Us, Vs = deltas_inputs(3, dtype=torch.float32)
+    got = kk.kron_deltas(A, Us, Vs, SCALE, dtype=dtype)
+    want = kk.kron_deltas(A, Us, Vs, SCALE)
+    assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_kron_deltas_has_no_kernel_backend(backend_name):
+    A, Us, Vs = deltas_inputs(2)
+    with kk.use_backend(backend_name), pytest.raises(kk.BackendUnavailableError, match="kron_deltas"):
+        kk.kron_deltas(A, Us, Vs)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda A, Us, Vs: kk.kron_deltas(A, Us[0], Vs), TypeError, "Us must be a non-empty sequence"),
+    (lambda A, Us, Vs: kk.kron_deltas(A, [], []), TypeError, "Us must be a non-empty sequence"),
+    (lambda A, Us, Vs: kk.kron_deltas(A, Us, Vs[:2]), ValueError, "one factor per increment: 3 and 2"),
+    (lambda A, Us, Vs: kk.kron_deltas(A, Us, [Vs[0], Vs[1], Vs[2][:, :4]]), ValueError,
+     "every U .and every V. must share one shape"),
+    (lambda A, Us, Vs: kk.kron_deltas(A, Us, [Vs[0], Vs[1], Vs[2][:, :, :1]]), ValueError,
+     r"same rank r.*\(increment 2\)"),
+    (lambda A, Us, Vs: kk.kron_deltas(A[:2], Us, Vs), ValueError, r"same number of Kronecker terms.*\(increment 0\)"),
+    (lambda A, Us, Vs: kk.kron_deltas(A, Us, Vs, dtype=torch.int32), TypeError, "dtype must be a floating"),
+    (lambda A, Us, Vs: kk.kron_deltas(A, Us, Vs, scale="2"), TypeError, "scale must be a real number"),
+], ids=["not-a-sequence", "empty", "lengths", "V-shapes", "ranks", "terms", "dtype", "scale"])
+def test_kron_deltas_bad_arguments(call, error, match):
+    A, Us, Vs = deltas_inputs(3)
+    with pytest.raises(error, match=match):
+        call(A, Us, Vs)
