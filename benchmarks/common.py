@@ -53,7 +53,7 @@ from kron_kernels.reference import kadaptation as ref_kadaptation
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VIT_TOKENS = 197  # 14 x 14 patches + the class token at 224 px, patch 16
-VARIANTS = ("fused", "triton", "cuda", "cublas", "reference", "floor", "peft_lokr", "fast_hadamard_transform")
+VARIANTS = ("fused", "fused_v2", "triton", "cuda", "cublas", "reference", "floor", "peft_lokr", "fast_hadamard_transform")
 FWD_BWD, FWD = "fwd+bwd", "fwd"
 
 
@@ -159,8 +159,9 @@ def fastfood_cases(quick: bool = False, device: Optional[torch.device] = None, f
     """kk.fastfood forward (``fwd``, fp32 theta) per (d, D) -- GPU: the target d = 2^14, D = 86e6
     (``full``: d = 2^10..2^15, D = 10^6..10^8); CPU: d = 2^10, 2^14, D = 10^6 (default and full);
     quick: d = 2^14, D = 10^5 -- in the variants ``fused`` (auto: the compiled kernel, stacked
-    mode), ``triton``, ``reference`` and ``floor`` (writing D floats); and a subspace training step
-    of a ViT-B attention module (``subspace_attn``)."""
+    mode, generator 1: the default), ``fused_v2`` (the same with ``generator=2``, timed beside it
+    so that a GPU run decides the default), ``triton``, ``reference`` and ``floor`` (writing D
+    floats); and a subspace training step of a ViT-B attention module (``subspace_attn``)."""
     device = device or default_device()
     if quick:
         pairs = [(d, D) for D in FASTFOOD_QUICK_BIG_DS for d in FASTFOOD_QUICK_DS]
@@ -168,7 +169,7 @@ def fastfood_cases(quick: bool = False, device: Optional[torch.device] = None, f
         pairs = [(d, D) for D in FASTFOOD_GPU_BIG_DS for d in FASTFOOD_GPU_DS] if full else [FASTFOOD_TARGET]
     else:
         pairs = [(d, D) for D in FASTFOOD_CPU_BIG_DS for d in FASTFOOD_CPU_DS]
-    variants = ("fused", "triton", "reference", "floor")
+    variants = ("fused", "fused_v2", "triton", "reference", "floor")
     cases = [Case("fastfood", f"d{d}-D{D}", FWD, variants, (("d", d), ("D", D))) for d, D in pairs]
     cases.append(Case("subspace_attn", f"d{SUBSPACE_D}", FWD_BWD, ("fused", "reference", "floor"),
                       (("model", BLOCK_MODEL), ("d", SUBSPACE_D))))
@@ -744,18 +745,21 @@ def _build_fastfood(case, variant, device, gen) -> Bench:
     d, D = case.p["d"], case.p["D"]
     theta = _randn(gen, d, device=device, dtype=torch.float32)
     extra: Dict[str, Any] = {}
-    if variant in ("fused", "triton"):
+    if variant in ("fused", "fused_v2", "triton"):
         if variant == "triton":
             ok, reason = kk.backend.triton_status(device)
             if not ok:
                 raise Unavailable(f"Triton cannot run here: {reason}")
-        impl = "auto" if variant == "fused" else "triton"
+        impl = "triton" if variant == "triton" else "auto"
+        generator = 2 if variant == "fused_v2" else 1
 
         def forward():
             with kk.use_backend(impl):
-                kk.fastfood(theta, D)
+                kk.fastfood(theta, D, generator=generator)
 
-        extra["note"] = "stacked mode (Lb = 2^ceil(log2 d)), B/Pi/G regenerated from the seed, nothing stored"
+        extra["note"] = (f"stacked mode (Lb = 2^ceil(log2 d)), B/Pi/G regenerated from the seed by generator "
+                         f"{generator}, nothing stored")
+        extra["generator"] = generator
     elif variant == "reference":
         B, Pi, G = _reference_fastfood_params(D, d, device)
         forward = lambda: ref_fastfood.fastfood_reference(theta, D, B, Pi, G)  # noqa: E731
@@ -1320,6 +1324,7 @@ class FastfoodOps:
     Lb: int
     pi_rounds: int
     parts: Dict[str, Dict[str, float]]
+    generator: int = 1  # the generator version (ops/fastfood.py)
 
     ISSUED = ("int32", "fp32", "xu", "shfl", "shared", "global")
     UNITS = ISSUED + ("shared_wavefronts",)
@@ -1337,10 +1342,15 @@ class FastfoodOps:
         """Thread instructions per element, every pipe: what the schedulers issue."""
         return sum(self.total(unit) for unit in self.ISSUED)
 
-    # transcendental functions evaluated per element: one Box-Muller evaluation per element (its
-    # sin half unused); log and cos are libdevice polynomials on the FP32 pipe (the accurate
-    # __nv_logf/__nv_cosf: no MUFU), the sqrt a MUFU.RSQ plus a Newton step (__fsqrt_rn)
-    TRANSCENDENTALS = {"log": 1, "cos": 1, "sqrt": 1}
+    @property
+    def TRANSCENDENTALS(self) -> Dict[str, float]:  # noqa: N802 (read as a constant of the generator)
+        """Transcendental functions evaluated per element. Generator 1: one Box-Muller evaluation
+        per element (its sin half unused); log and cos are libdevice polynomials on the FP32 pipe
+        (the accurate __nv_logf/__nv_cosf: no MUFU), the sqrt a MUFU.RSQ plus a Newton step
+        (__fsqrt_rn). Generator 2: one evaluation per pair, so half of each per element ("cos" is
+        then the pair's __nv_sincosf)."""
+        per = 1 if self.generator == 1 else 0.5
+        return {"log": per, "cos": per, "sqrt": per}
 
 
 # Shared-memory passes of a warp's access (32 lanes): 1 without bank conflict; the gather xs[Pi(k)]
@@ -1355,13 +1365,19 @@ class FastfoodOps:
 _GATHER_PASSES, _TABLE_PASSES, _VEC_PASSES = 3.53, 2.0, 8.0
 
 
-def fastfood_ops_per_element(Lb: int, pi_rounds: Optional[int] = None) -> FastfoodOps:
+def fastfood_ops_per_element(Lb: int, pi_rounds: Optional[int] = None, generator: Optional[int] = None) -> FastfoodOps:
     """:class:`FastfoodOps` of the CUDA forward kernel (csrc/fastfood_cuda.cuh) for a block of
-    ``Lb = 2^n`` (``pi_rounds``: the Feistel rounds, default the generator's PI_ROUNDS)."""
-    from kron_kernels.ops._fastfood_generator import PI_ROUNDS
+    ``Lb = 2^n`` (``pi_rounds``: the Feistel rounds, default the generator's PI_ROUNDS;
+    ``generator``: its version, default DEFAULT_GENERATOR). Version 2's counts are derived from
+    version 1's PTX counts by the kernel's structure (docs/fastfood_roofline.md), not counted in
+    its own PTX."""
+    from kron_kernels.ops._fastfood_generator import DEFAULT_GENERATOR, GENERATORS, PI_ROUNDS
 
     if isinstance(Lb, bool) or not isinstance(Lb, int) or Lb < 1 or Lb & (Lb - 1):
         raise ValueError(f"Lb must be a power of two, got {Lb!r}")
+    generator = DEFAULT_GENERATOR if generator is None else generator
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
     rounds = PI_ROUNDS if pi_rounds is None else pi_rounds
     n = Lb.bit_length() - 1
     h = n // 2
@@ -1404,7 +1420,23 @@ def fastfood_ops_per_element(Lb: int, pi_rounds: Optional[int] = None) -> Fastfo
                                  "shared_wavefronts": spill["shared_wavefronts"] + 2 * exchange["shared_wavefronts"]},
         "scale, 16-byte store": {"fp32": 1, "global": 0.25 if vec else 1},
     }
-    return FastfoodOps(Lb, rounds, parts)
+    if generator == 2:
+        # B: one word per thread's elts consecutive elements (they share word i >> 5): IMAD + the whole
+        # mix (9: every bit is read), and + shift to the thread's first bit; per element the bit test,
+        # the select, i < d; theta * B_j[i]
+        del parts["B: sign hash"]
+        b_part = {"B: sign word (32 signs; one per thread's elements)": {"int32": 3 + 11 / elts, "fp32": 1,
+                                                                          "global": 1}}
+        # G: one Box-Muller evaluation per pair: every part of version 1's evaluation halved, the
+        # sincos as version 1's cosf plus the sine's polynomial (4 fp32 per pair); the product, the
+        # norm and x G_j stay per element
+        half = {name: {u: c / 2 for u, c in parts.pop(name).items()} for name in
+                ("G: two hash words, uniforms", "G: logf (libdevice)", "G: -2 ln u1", "G: sqrt (correctly rounded)")}
+        cos = parts.pop("G: cosf (libdevice, |x| <= pi)")
+        sincos = {"G: sincosf per pair (libdevice, |x| <= pi)": {"int32": cos["int32"] / 2,
+                                                                 "fp32": (cos["fp32"] + 4) / 2, "xu": cos["xu"] / 2}}
+        parts = {**b_part, **half, **sincos, **parts}
+    return FastfoodOps(Lb, rounds, parts, generator)
 
 
 @dataclass(frozen=True)
@@ -1439,6 +1471,7 @@ class Roofline:
             "device": self.device.name, "sms": self.device.sms, "boost_ghz": self.device.boost_ghz,
             "hbm_tb_s": self.device.hbm_tb_s, "source": PEAK_RATES_SOURCE,
             "d": self.d, "D": self.D, "Lb": self.ops.Lb, "pi_rounds": self.ops.pi_rounds,
+            "generator": self.ops.generator,
             "elements": self.elements,
             "ops_per_element": {unit: self.ops.total(unit) for unit in FastfoodOps.UNITS},
             "transform_adds_per_element": self.ops.transform_adds,
@@ -1449,7 +1482,7 @@ class Roofline:
 
 
 def fastfood_roofline(device_name: Optional[str], d: int, D: int, mode: str = "stacked",
-                      pi_rounds: Optional[int] = None) -> Optional[Roofline]:
+                      pi_rounds: Optional[int] = None, generator: Optional[int] = None) -> Optional[Roofline]:
     """The roofline of ``kk.fastfood`` of ``d`` into ``D`` on the named device, or None on a device
     without tabulated rates (:data:`NO_ROOFLINE`). Floors: elements x ops per element / (units per
     clock per SM x SMs x boost clock) for each unit, and 4 D bytes / peak HBM bandwidth."""
@@ -1459,7 +1492,7 @@ def fastfood_roofline(device_name: Optional[str], d: int, D: int, mode: str = "s
     if rates is None:
         return None
     Lb, nb = fastfood_block_size(D, d, mode)
-    ops = fastfood_ops_per_element(Lb, pi_rounds)
+    ops = fastfood_ops_per_element(Lb, pi_rounds, generator)
     elements = nb * Lb
     per_clk = {"int32": rates.int32_per_clk_sm, "fp32": rates.fp32_per_clk_sm, "xu": rates.xu_per_clk_sm,
                "shfl": rates.shfl_per_clk_sm, "shared_wavefronts": rates.shared_wavefronts_per_clk_sm}

@@ -112,6 +112,18 @@ uint64_t fastfood_seed(const py::object& seed) {
   return static_cast<uint64_t>(value);
 }
 
+// the generator version (kron_kernels/ops/_fastfood_generator.py GENERATORS): an int, 1 or 2
+int fastfood_generator(const py::object& generator) {
+  TORCH_CHECK_TYPE(py::isinstance<py::int_>(generator) && !py::isinstance<py::bool_>(generator),
+                   "generator must be one of (1, 2), got ",
+                   std::string(py::str(py::type::handle_of(generator).attr("__name__"))));
+  const long long value = PyLong_AsLongLong(generator.ptr());
+  if (value == -1 && PyErr_Occurred()) PyErr_Clear();
+  TORCH_CHECK_VALUE(value == kron_kernels::fastfood::kGeneratorV1 || value == kron_kernels::fastfood::kGeneratorV2,
+                    "generator must be one of (1, 2), got ", std::string(py::str(generator)));
+  return static_cast<int>(value);
+}
+
 // Lb a power of two >= d, nb = ceil(D / Lb) <= 2^32 (32-bit block counters); returns log2(Lb)
 int fastfood_log_lb(int64_t Lb, int64_t d, int64_t D, int max_log) {
   TORCH_CHECK_VALUE(Lb >= 1 && (Lb & (Lb - 1)) == 0 && Lb <= (int64_t{1} << max_log),
@@ -131,7 +143,8 @@ void check_fastfood_cuda_lb(int log_lb, const at::Tensor& t) {
 #endif
 
 // out (D,) = P theta, the Fastfood projection regenerated from seed (kron_kernels/ops/fastfood.py)
-void fastfood_forward(const at::Tensor& theta, at::Tensor& out, const py::object& seed, int64_t Lb) {
+void fastfood_forward(const at::Tensor& theta, at::Tensor& out, const py::object& seed, int64_t Lb,
+                      const py::object& generator_arg) {
   KK_CHECK_DEVICE(theta);
   KK_CHECK_FLOAT32(theta);
   KK_CHECK_1D(theta);
@@ -141,10 +154,11 @@ void fastfood_forward(const at::Tensor& theta, at::Tensor& out, const py::object
   KK_CHECK_1D(out);
   KK_CHECK_CONTIGUOUS(out);
   const uint64_t s = fastfood_seed(seed);
+  const int generator = fastfood_generator(generator_arg);
   const int64_t d = theta.size(0), D = out.size(0);
   if (theta.device().is_cpu()) {
     const int log_lb = fastfood_log_lb(Lb, d, D, kron_kernels::kFastfoodCpuMaxLog);
-    kron_kernels::fastfood_forward_cpu(theta.data_ptr<float>(), d, out.data_ptr<float>(), D, log_lb, s);
+    kron_kernels::fastfood_forward_cpu(theta.data_ptr<float>(), d, out.data_ptr<float>(), D, log_lb, s, generator);
     return;
   }
 #ifdef KRON_KERNELS_WITH_CUDA
@@ -154,7 +168,7 @@ void fastfood_forward(const at::Tensor& theta, at::Tensor& out, const py::object
   TORCH_CHECK_VALUE(reinterpret_cast<std::uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int err = kron_kernels::fastfood_forward_cuda(theta.data_ptr<float>(), d, out.data_ptr<float>(), D, log_lb, s,
-                                                      stream);
+                                                      generator, stream);
   TORCH_CHECK(err == 0, "kron_kernels fastfood CUDA launch failed: ", kron_kernels::fwht_cuda_error_string(err));
 #else
   TORCH_CHECK_VALUE(false, "kron_kernels._C was built without CUDA: it cannot take theta on ", theta.device());
@@ -162,7 +176,8 @@ void fastfood_forward(const at::Tensor& theta, at::Tensor& out, const py::object
 }
 
 // out (d,) = P^T grad for grad (D,): the backward of fastfood_forward
-void fastfood_backward(const at::Tensor& grad, at::Tensor& out, const py::object& seed, int64_t Lb) {
+void fastfood_backward(const at::Tensor& grad, at::Tensor& out, const py::object& seed, int64_t Lb,
+                       const py::object& generator_arg) {
   KK_CHECK_DEVICE(grad);
   KK_CHECK_FLOAT32(grad);
   KK_CHECK_1D(grad);
@@ -172,10 +187,11 @@ void fastfood_backward(const at::Tensor& grad, at::Tensor& out, const py::object
   KK_CHECK_1D(out);
   KK_CHECK_CONTIGUOUS(out);
   const uint64_t s = fastfood_seed(seed);
+  const int generator = fastfood_generator(generator_arg);
   const int64_t D = grad.size(0), d = out.size(0);
   if (grad.device().is_cpu()) {
     const int log_lb = fastfood_log_lb(Lb, d, D, kron_kernels::kFastfoodCpuMaxLog);
-    kron_kernels::fastfood_backward_cpu(grad.data_ptr<float>(), D, out.data_ptr<float>(), d, log_lb, s);
+    kron_kernels::fastfood_backward_cpu(grad.data_ptr<float>(), D, out.data_ptr<float>(), d, log_lb, s, generator);
     return;
   }
 #ifdef KRON_KERNELS_WITH_CUDA
@@ -184,12 +200,12 @@ void fastfood_backward(const at::Tensor& grad, at::Tensor& out, const py::object
   check_fastfood_cuda_lb(log_lb, grad);
   // 16-byte vector loads: a view with an odd storage offset gets an aligned copy
   const at::Tensor src = reinterpret_cast<std::uintptr_t>(grad.data_ptr()) % 16 == 0 ? grad : grad.clone();
-  const int64_t rows = kron_kernels::fastfood_backward_cuda_rows(D, log_lb, grad.get_device());
+  const int64_t rows = kron_kernels::fastfood_backward_cuda_rows(D, log_lb, grad.get_device(), generator);
   TORCH_CHECK(rows > 0, "kron_kernels fastfood: CUDA occupancy query failed on ", grad.device());
   at::Tensor partial = at::empty({rows, Lb}, grad.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int err = kron_kernels::fastfood_backward_cuda(src.data_ptr<float>(), D, partial.data_ptr<float>(), rows,
-                                                       log_lb, s, stream);
+                                                       log_lb, s, generator, stream);
   TORCH_CHECK(err == 0, "kron_kernels fastfood CUDA launch failed: ", kron_kernels::fwht_cuda_error_string(err));
   // the rows summed by torch's reduction (a fixed order: deterministic, no atomics)
   out.copy_(partial.sum(0).narrow(0, 0, d));
@@ -233,10 +249,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwht_out", &fwht_out, "out = scale * H x along the last dim (Sylvester Walsh-Hadamard)", py::arg("x"),
         py::arg("out"), py::arg("scale") = 1.0);
   m.def("fastfood_forward", &fastfood_forward,
-        "out (D,) = P theta: the Fastfood projection of seed with block size Lb, fp32 (in place on out)",
-        py::arg("theta"), py::arg("out"), py::arg("seed"), py::arg("Lb"));
+        "out (D,) = P theta: the Fastfood projection of seed with block size Lb and generator version "
+        "generator (1 or 2), fp32 (in place on out)",
+        py::arg("theta"), py::arg("out"), py::arg("seed"), py::arg("Lb"),
+        py::arg("generator") = py::int_(kron_kernels::fastfood::kDefaultGenerator));
   m.def("fastfood_backward", &fastfood_backward, "out (d,) = P^T grad (in place on out)", py::arg("grad"),
-        py::arg("out"), py::arg("seed"), py::arg("Lb"));
+        py::arg("out"), py::arg("seed"), py::arg("Lb"),
+        py::arg("generator") = py::int_(kron_kernels::fastfood::kDefaultGenerator));
   m.def("fastfood_cuda_max_log_lb", &fastfood_cuda_max_log_lb,
         "log2 of the largest block the CUDA Fastfood kernel takes on a device (-1 without CUDA)", py::arg("device"));
   m.def("kernels", &kernels, "the kernels and CUDA architectures of this build (never touches CUDA)");

@@ -7,6 +7,9 @@
 // All words are uint32_t, whose + and * wrap mod 2^32 as the definition requires. B and Pi are
 // integer functions, bit-identical with kk.fastfood_params; G is float32 Box--Muller on exact
 // 24-bit uniforms, within a few float32 ulps of fastfood_params' (float64, rounded once) value.
+// Two generator versions (the docstring defines both): 1, one B word and one Box--Muller
+// evaluation per element (sign, gaussian); 2, one B word per 32 elements (sign_bit of
+// sign_word_v2) and one Box--Muller evaluation per pair of elements (gaussian_pair_v2).
 #pragma once
 
 #include <cmath>
@@ -20,6 +23,7 @@
 // ln u1 near u1 = 1 is a large relative error of sqrt(-2 ln u1)); these calls stay accurate.
 extern "C" __device__ float __nv_logf(float);
 extern "C" __device__ float __nv_cosf(float);
+extern "C" __device__ void __nv_sincosf(float, float*, float*);
 #else
 #define KK_HOST_DEVICE inline
 #define KK_UNROLL
@@ -31,7 +35,9 @@ namespace fastfood {
 constexpr uint32_t kWeyl = 0x9E3779B9u;  // 2^32 / golden ratio
 constexpr uint32_t kMixC1 = 0x85EBCA6Bu, kMixC2 = 0xC2B2AE35u;
 constexpr uint32_t kStreamB = 1, kStreamGRadius = 2, kStreamGAngle = 3, kStreamPi = 4;
-constexpr int kPiRounds = 6;
+constexpr int kPiRounds = 6;  // both generator versions
+// generator versions (ops/_fastfood_generator.py: GENERATORS, DEFAULT_GENERATOR)
+constexpr int kGeneratorV1 = 1, kGeneratorV2 = 2, kDefaultGenerator = kGeneratorV1;
 constexpr float kTwoPow24Inv = 5.9604644775390625e-08f;  // 2^-24, exact
 constexpr float kPiF = 3.14159265358979323846f;          // float(pi), as Triton's constant
 
@@ -97,13 +103,51 @@ KK_HOST_DEVICE float rounded_sqrtf(float x) {
 #endif
 }
 
-// G_j[i] = sqrt(-2 ln u1) cos(pi (2 u2 - 1)), u1 in (0, 1] and u2 in [0, 1) from the top 24 bits
-// of the radius and angle words (exact in float32, as is 2 u2 - 1).
-KK_HOST_DEVICE float gaussian(uint32_t key_radius, uint32_t key_angle, uint32_t i) {
+// sin and cos of one angle, both accurate (libdevice's __nv_sincosf on the device)
+KK_HOST_DEVICE void accurate_sincosf(float x, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  __nv_sincosf(x, s, c);
+#else
+  *s = std::sin(x);
+  *c = std::cos(x);
+#endif
+}
+
+// u1 in (0, 1] and u2 in [0, 1) from the top 24 bits of the radius and angle words of counter i
+// (exact in float32, as is 2 u2 - 1); returns sqrt(-2 ln u1) and sets *angle = pi (2 u2 - 1)
+KK_HOST_DEVICE float box_muller_radius(uint32_t key_radius, uint32_t key_angle, uint32_t i, float* angle) {
   const float u1 = static_cast<float>((word(key_radius, i) >> 8) + 1u) * kTwoPow24Inv;
   const float u2 = static_cast<float>(word(key_angle, i) >> 8) * kTwoPow24Inv;
-  const float angle = (2.f * u2 - 1.f) * kPiF;
-  return rounded_sqrtf(-2.f * accurate_logf(u1)) * accurate_cosf(angle);
+  *angle = (2.f * u2 - 1.f) * kPiF;
+  return rounded_sqrtf(-2.f * accurate_logf(u1));
+}
+
+// generator 1: G_j[i] = sqrt(-2 ln u1) cos(pi (2 u2 - 1)) from the words of counter i
+KK_HOST_DEVICE float gaussian(uint32_t key_radius, uint32_t key_angle, uint32_t i) {
+  float angle;
+  const float radius = box_muller_radius(key_radius, key_angle, i, &angle);
+  return radius * accurate_cosf(angle);
+}
+
+// generator 2: G_j[2 i2] = R cos(theta) (*even), G_j[2 i2 + 1] = R sin(theta) (*odd), R and theta
+// from the words of counter i2 (one evaluation for the pair)
+KK_HOST_DEVICE void gaussian_pair_v2(uint32_t key_radius, uint32_t key_angle, uint32_t i2, float* even,
+                                     float* odd) {
+  float angle, s, c;
+  const float radius = box_muller_radius(key_radius, key_angle, i2, &angle);
+  accurate_sincosf(angle, &s, &c);
+  *even = radius * c;
+  *odd = radius * s;
+}
+
+// generator 2: word(B, j, i >> 5) holds the signs of elements 32 (i >> 5) .. 32 (i >> 5) + 31,
+// B_j[i] = 1 - 2 * bit (i & 31) of it
+KK_HOST_DEVICE uint32_t sign_word_v2(uint32_t key_b, uint32_t i) { return word(key_b, i >> 5); }
+KK_HOST_DEVICE float sign_bit(uint32_t w, uint32_t bit) { return ((w >> bit) & 1u) != 0u ? -1.f : 1.f; }
+
+// B_j[i] of either version (for loops that do not share words)
+KK_HOST_DEVICE float sign_of(int generator, uint32_t key_b, uint32_t i) {
+  return generator == kGeneratorV1 ? sign(key_b, i) : sign_bit(sign_word_v2(key_b, i), i & 31u);
 }
 
 // ------------------------------------------------------------------ the permutation Pi_j
@@ -166,10 +210,13 @@ KK_UNROLL
 // blocks; rows j * Lb .. min(D, (j + 1) * Lb) of out are block j. Arithmetic in fp32.
 constexpr int kFastfoodCpuMaxLog = 30;  // the CPU kernel's block sizes (kk.fwht's limit)
 
-void fastfood_forward_cpu(const float* theta, int64_t d, float* out, int64_t D, int log_lb, uint64_t seed);
+// generator: kGeneratorV1 or kGeneratorV2 (the bindings refuse anything else).
+void fastfood_forward_cpu(const float* theta, int64_t d, float* out, int64_t D, int log_lb, uint64_t seed,
+                          int generator);
 // out (d,) = P^T grad for grad (D,): summed over blocks in a fixed order whatever the number of
 // threads (deterministic).
-void fastfood_backward_cpu(const float* grad, int64_t D, float* out, int64_t d, int log_lb, uint64_t seed);
+void fastfood_backward_cpu(const float* grad, int64_t D, float* out, int64_t d, int log_lb, uint64_t seed,
+                           int generator);
 
 #ifdef KRON_KERNELS_WITH_CUDA
 // The CUDA kernels hold one block in shared memory (Lb fp32) and registers: Lb <= 2^15 and
@@ -179,13 +226,13 @@ constexpr int kFastfoodCudaMaxLog = 15;
 int fastfood_cuda_max_log_lb(int device);
 // Forward on the given stream; out 16-byte aligned. Returns a cudaError_t as an int.
 int fastfood_forward_cuda(const float* theta, int64_t d, float* out, int64_t D, int log_lb, uint64_t seed,
-                          void* stream);
+                          int generator, void* stream);
 // Backward: partial (rows, Lb) fp32, rows = fastfood_backward_cuda_rows(...) on this device,
 // every row written (a persistent row group's sum over its blocks); the caller sums the rows
 // (deterministic) and keeps the first d entries. grad 16-byte aligned.
-int64_t fastfood_backward_cuda_rows(int64_t D, int log_lb, int device);
+int64_t fastfood_backward_cuda_rows(int64_t D, int log_lb, int device, int generator);
 int fastfood_backward_cuda(const float* grad, int64_t D, float* partial, int64_t rows, int log_lb, uint64_t seed,
-                           void* stream);
+                           int generator, void* stream);
 #endif
 
 }  // namespace kron_kernels

@@ -43,34 +43,61 @@ struct Launch {
     return (nb + C::kRowsPerBlock - 1) / C::kRowsPerBlock;
   }
 
-  static cudaError_t forward(const float* theta, int64_t d, float* out, int64_t D, uint64_t seed, float inv_sqrt_D,
-                             cudaStream_t stream) {
+  template <int kGen>
+  static cudaError_t forward_gen(const float* theta, int64_t d, float* out, int64_t D, uint64_t seed,
+                                 float inv_sqrt_D, cudaStream_t stream) {
     int grid = 0;
-    cudaError_t err = persistent_grid(fastfood_forward_kernel<kLogN>, C::kThreads, F::kSmemBytes, rounds(D), &grid);
+    cudaError_t err =
+        persistent_grid(fastfood_forward_kernel<kLogN, kGen>, C::kThreads, F::kSmemBytes, rounds(D), &grid);
     if (err != cudaSuccess) return err;
-    fastfood_forward_kernel<kLogN><<<grid, C::kThreads, F::kSmemBytes, stream>>>(
+    fastfood_forward_kernel<kLogN, kGen><<<grid, C::kThreads, F::kSmemBytes, stream>>>(
         theta, d, out, D, (D + C::kN - 1) / C::kN, seed, inv_sqrt_D);
     return cudaGetLastError();
   }
 
-  static int64_t backward_rows(int64_t D) {
+  // generator: kGeneratorV1 or kGeneratorV2 (the bindings refuse anything else)
+  static cudaError_t forward(const float* theta, int64_t d, float* out, int64_t D, uint64_t seed, int generator,
+                             float inv_sqrt_D, cudaStream_t stream) {
+    if (generator == kGeneratorV1) return forward_gen<kGeneratorV1>(theta, d, out, D, seed, inv_sqrt_D, stream);
+    if (generator == kGeneratorV2) return forward_gen<kGeneratorV2>(theta, d, out, D, seed, inv_sqrt_D, stream);
+    return cudaErrorInvalidValue;
+  }
+
+  template <int kGen>
+  static int64_t backward_rows_gen(int64_t D) {
     int grid = 0;
     const cudaError_t err =
-        persistent_grid(fastfood_backward_kernel<kLogN>, C::kThreads, F::kSmemBytes, rounds(D), &grid);
+        persistent_grid(fastfood_backward_kernel<kLogN, kGen>, C::kThreads, F::kSmemBytes, rounds(D), &grid);
     return err == cudaSuccess ? static_cast<int64_t>(grid) * C::kRowsPerBlock : -1;
   }
 
-  static cudaError_t backward(const float* grad, int64_t D, float* partial, int64_t rows, uint64_t seed,
-                              float inv_sqrt_D, cudaStream_t stream) {
+  static int64_t backward_rows(int64_t D, int generator) {
+    if (generator == kGeneratorV1) return backward_rows_gen<kGeneratorV1>(D);
+    if (generator == kGeneratorV2) return backward_rows_gen<kGeneratorV2>(D);
+    return -1;
+  }
+
+  template <int kGen>
+  static cudaError_t backward_gen(const float* grad, int64_t D, float* partial, int64_t rows, uint64_t seed,
+                                  float inv_sqrt_D, cudaStream_t stream) {
     if (rows <= 0 || rows % C::kRowsPerBlock != 0) return cudaErrorInvalidValue;
     const cudaError_t err =
-        cudaFuncSetAttribute(fastfood_backward_kernel<kLogN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        cudaFuncSetAttribute(fastfood_backward_kernel<kLogN, kGen>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              F::kSmemBytes);
     if (err != cudaSuccess) return err;
-    fastfood_backward_kernel<kLogN><<<static_cast<unsigned int>(rows / C::kRowsPerBlock), C::kThreads,
-                                      F::kSmemBytes, stream>>>(grad, D, partial, (D + C::kN - 1) / C::kN, seed,
-                                                               inv_sqrt_D);
+    fastfood_backward_kernel<kLogN, kGen><<<static_cast<unsigned int>(rows / C::kRowsPerBlock), C::kThreads,
+                                            F::kSmemBytes, stream>>>(grad, D, partial, (D + C::kN - 1) / C::kN,
+                                                                     seed, inv_sqrt_D);
     return cudaGetLastError();
+  }
+
+  static cudaError_t backward(const float* grad, int64_t D, float* partial, int64_t rows, uint64_t seed,
+                              int generator, float inv_sqrt_D, cudaStream_t stream) {
+    if (generator == kGeneratorV1)
+      return backward_gen<kGeneratorV1>(grad, D, partial, rows, seed, inv_sqrt_D, stream);
+    if (generator == kGeneratorV2)
+      return backward_gen<kGeneratorV2>(grad, D, partial, rows, seed, inv_sqrt_D, stream);
+    return cudaErrorInvalidValue;
   }
 };
 
@@ -111,21 +138,22 @@ int fastfood_cuda_max_log_lb(int device) {
 }
 
 int fastfood_forward_cuda(const float* theta, int64_t d, float* out, int64_t D, int log_lb, uint64_t seed,
-                          void* stream) {
+                          int generator, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  KK_FASTFOOD_DISPATCH(log_lb, L::forward(theta, d, out, D, seed, inv_sqrt(D), s), cudaErrorInvalidValue)
+  KK_FASTFOOD_DISPATCH(log_lb, L::forward(theta, d, out, D, seed, generator, inv_sqrt(D), s), cudaErrorInvalidValue)
 }
 
-int64_t fastfood_backward_cuda_rows(int64_t D, int log_lb, int device) {
+int64_t fastfood_backward_cuda_rows(int64_t D, int log_lb, int device, int generator) {
   int current = 0;
   if (cudaGetDevice(&current) != cudaSuccess || current != device) return -1;  // the bindings guard the device
-  KK_FASTFOOD_DISPATCH(log_lb, L::backward_rows(D), int64_t{-1})
+  KK_FASTFOOD_DISPATCH(log_lb, L::backward_rows(D, generator), int64_t{-1})
 }
 
 int fastfood_backward_cuda(const float* grad, int64_t D, float* partial, int64_t rows, int log_lb, uint64_t seed,
-                           void* stream) {
+                           int generator, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  KK_FASTFOOD_DISPATCH(log_lb, L::backward(grad, D, partial, rows, seed, inv_sqrt(D), s), cudaErrorInvalidValue)
+  KK_FASTFOOD_DISPATCH(log_lb, L::backward(grad, D, partial, rows, seed, generator, inv_sqrt(D), s),
+                       cudaErrorInvalidValue)
 }
 
 }  // namespace kron_kernels

@@ -12,7 +12,11 @@
 //                                              ||G_j||^2 summed over the group)
 //   registers  v = H v, times 1 / (||G_j|| sqrt(D)), stored to out[j * Lb + k] (int64 offsets,
 //              16-byte stores, the last block cut at D).
-// The output is the only traffic to memory. Backward (P^T g): the same chain transposed,
+// The output is the only traffic to memory. kGen is the generator version (fastfood.h): with
+// kGeneratorV2 a thread's kE = 8 consecutive elements (i = c * kTPR * 8 + t * 8 + e: they start at a
+// multiple of 8, so they lie in one 32-element group and form 4 pairs) take their signs from one B
+// word, loaded once per chunk, and their G from 4 Box--Muller evaluations (one log, one sincos, one
+// sqrt per pair) instead of 8. Backward (P^T g): the same chain transposed,
 // block j's g_j -> H -> * G_j -> gather by Pi_j^-1 -> H -> * B_j / (||G_j|| sqrt(D)), summed by
 // each row group over its blocks into its own row of a (rows, Lb) partial buffer that the caller
 // sums with torch (deterministic, no atomics).
@@ -91,13 +95,15 @@ __device__ __forceinline__ void fill_table(uint16_t* table, uint32_t key_pi, con
     table[idx] = feistel_table_entry(key_pi, shape, idx);
 }
 
-template <int kLogN>
+template <int kLogN, int kGen>
 __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
     fastfood_forward_kernel(const float* __restrict__ theta, int64_t d, float* __restrict__ out, int64_t D,
                             int64_t nb, uint64_t seed, float inv_sqrt_D) {
   using C = RowConfig<kLogN>;
   using F = FastfoodConfig<kLogN>;
   constexpr int kE = C::kNElts, kStride = C::kTPR * C::kNElts;
+  static_assert(kGen == kGeneratorV1 || kGen == kGeneratorV2, "generator version");
+  static_assert(32 % kE == 0, "a thread's kE elements share one B word of generator 2");
   extern __shared__ float4 smem_words[];  // float4: 16-byte aligned
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_words);
   const int t = threadIdx.x % C::kTPR, group = threadIdx.x / C::kTPR;
@@ -116,10 +122,20 @@ __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
     float v[C::kNChunks][kE];
 #pragma unroll
     for (int c = 0; c < C::kNChunks; ++c) {
+      if constexpr (kGen == kGeneratorV1) {
 #pragma unroll
-      for (int e = 0; e < kE; ++e) {
-        const int i = c * kStride + t * kE + e;
-        v[c][e] = (i < d ? __ldg(theta + i) : 0.f) * sign(keys.b, static_cast<uint32_t>(i));
+        for (int e = 0; e < kE; ++e) {
+          const int i = c * kStride + t * kE + e;
+          v[c][e] = (i < d ? __ldg(theta + i) : 0.f) * sign(keys.b, static_cast<uint32_t>(i));
+        }
+      } else {
+        const int i0 = c * kStride + t * kE;  // a multiple of kE: one B word for the kE elements
+        const uint32_t w = sign_word_v2(keys.b, static_cast<uint32_t>(i0)) >> (i0 & 31);
+#pragma unroll
+        for (int e = 0; e < kE; ++e) {
+          const int i = i0 + e;
+          v[c][e] = (i < d ? __ldg(theta + i) : 0.f) * sign_bit(w, static_cast<uint32_t>(e));
+        }
       }
     }
     fwht_row_registers<kLogN>(v, t, xs);
@@ -130,12 +146,27 @@ __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
     float norm2 = 0.f;
 #pragma unroll
     for (int c = 0; c < C::kNChunks; ++c) {
+      if constexpr (kGen == kGeneratorV1) {
 #pragma unroll
-      for (int e = 0; e < kE; ++e) {
-        const uint32_t k = static_cast<uint32_t>(c * kStride + t * kE + e);
-        const float g = gaussian(keys.radius, keys.angle, k);
-        norm2 += g * g;
-        v[c][e] = xs[feistel_forward(k, keys.pi, shape, table)] * g;
+        for (int e = 0; e < kE; ++e) {
+          const uint32_t k = static_cast<uint32_t>(c * kStride + t * kE + e);
+          const float g = gaussian(keys.radius, keys.angle, k);
+          norm2 += g * g;
+          v[c][e] = xs[feistel_forward(k, keys.pi, shape, table)] * g;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kE; e += 2) {  // the pair (k, k + 1), k even (kE = 1: k alone, Lb = 1)
+          const uint32_t k = static_cast<uint32_t>(c * kStride + t * kE + e);
+          float g0, g1;
+          gaussian_pair_v2(keys.radius, keys.angle, k >> 1, &g0, &g1);
+          norm2 += g0 * g0;
+          v[c][e] = xs[feistel_forward(k, keys.pi, shape, table)] * g0;
+          if constexpr (kE > 1) {
+            norm2 += g1 * g1;
+            v[c][e + 1] = xs[feistel_forward(k + 1, keys.pi, shape, table)] * g1;
+          }
+        }
       }
     }
     norm2 = group_sum<kLogN>(norm2, xs, t);
@@ -160,13 +191,15 @@ __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
   }
 }
 
-template <int kLogN>
+template <int kLogN, int kGen>
 __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
     fastfood_backward_kernel(const float* __restrict__ grad, int64_t D, float* __restrict__ partial, int64_t nb,
                              uint64_t seed, float inv_sqrt_D) {
   using C = RowConfig<kLogN>;
   using F = FastfoodConfig<kLogN>;
   constexpr int kE = C::kNElts, kStride = C::kTPR * C::kNElts;
+  static_assert(kGen == kGeneratorV1 || kGen == kGeneratorV2, "generator version");
+  static_assert(32 % kE == 0, "a thread's kE elements share one B word of generator 2");
   extern __shared__ float4 smem_words[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_words);
   const int t = threadIdx.x % C::kTPR, group = threadIdx.x / C::kTPR;
@@ -211,11 +244,25 @@ __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
     float norm2 = 0.f;
 #pragma unroll
     for (int c = 0; c < C::kNChunks; ++c) {
+      if constexpr (kGen == kGeneratorV1) {
 #pragma unroll
-      for (int e = 0; e < kE; ++e) {
-        const float g = gaussian(keys.radius, keys.angle, static_cast<uint32_t>(c * kStride + t * kE + e));
-        norm2 += g * g;
-        w[c][e] *= g;
+        for (int e = 0; e < kE; ++e) {
+          const float g = gaussian(keys.radius, keys.angle, static_cast<uint32_t>(c * kStride + t * kE + e));
+          norm2 += g * g;
+          w[c][e] *= g;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kE; e += 2) {  // one evaluation per pair (kE = 1: the cosine alone)
+          float g0, g1;
+          gaussian_pair_v2(keys.radius, keys.angle, static_cast<uint32_t>(c * kStride + t * kE + e) >> 1, &g0, &g1);
+          norm2 += g0 * g0;
+          w[c][e] *= g0;
+          if constexpr (kE > 1) {
+            norm2 += g1 * g1;
+            w[c][e + 1] *= g1;
+          }
+        }
       }
     }
     __syncthreads();  // the exchange's last reads (xs) are done
@@ -238,9 +285,16 @@ __global__ void __launch_bounds__(RowConfig<kLogN>::kThreads)
       for (int c = 0; c < C::kNChunks; ++c) {
         float* a = acc[F::kAccInRegisters ? c : 0];
         if constexpr (!F::kAccInRegisters) load_vec<float, kE>(row + c * kStride + t * kE, a);
+        if constexpr (kGen == kGeneratorV1) {
 #pragma unroll
-        for (int e = 0; e < kE; ++e)
-          a[e] += w[c][e] * (sign(keys.b, static_cast<uint32_t>(c * kStride + t * kE + e)) * scale);
+          for (int e = 0; e < kE; ++e)
+            a[e] += w[c][e] * (sign(keys.b, static_cast<uint32_t>(c * kStride + t * kE + e)) * scale);
+        } else {
+          const int i0 = c * kStride + t * kE;  // one B word for the thread's kE elements
+          const uint32_t bw = sign_word_v2(keys.b, static_cast<uint32_t>(i0)) >> (i0 & 31);
+#pragma unroll
+          for (int e = 0; e < kE; ++e) a[e] += w[c][e] * (sign_bit(bw, static_cast<uint32_t>(e)) * scale);
+        }
         if constexpr (!F::kAccInRegisters) store_vec<float, kE>(row + c * kStride + t * kE, a, 1.f);
       }
     }

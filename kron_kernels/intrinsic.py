@@ -21,6 +21,7 @@ from torch import nn
 
 from .nn.fastfood import FastfoodSubspace, Include, check_subspace_options, select_parameters
 from .ops._common import check_bool, check_float, check_int
+from .ops._fastfood_generator import DEFAULT_GENERATOR
 
 __all__ = ["intrinsic_dimension", "IntrinsicDimensionResult"]
 
@@ -103,6 +104,7 @@ def intrinsic_dimension(
     full_metric: Optional[float] = None,
     seed: int = 0,
     mode: str = "stacked",
+    generator: int = DEFAULT_GENERATOR,
     per_tensor: bool = False,
     said: bool = False,
     stop_early: bool = False,
@@ -125,7 +127,8 @@ def intrinsic_dimension(
         steps, lr: Adam steps and learning rate of each subspace run (theta's scale: P has
             unit-norm columns, so a step in theta moves the weights by about as much).
         full_lr: the baseline's learning rate; ``full_metric`` skips the baseline.
-        seed, mode, per_tensor, said: the projection (``FastfoodSubspace``).
+        seed, mode, generator, per_tensor, said: the projection (``FastfoodSubspace``;
+            ``generator`` the version of its generator, 1 or 2).
         stop_early: stop at the first d that reaches the threshold.
         progress: show a tqdm progress bar (if tqdm is installed).
     """
@@ -164,8 +167,8 @@ def intrinsic_dimension(
         raise TypeError("the chosen parameters must be floating point")
     n_params = sum(params[n].numel() for n in names)
     sizes = [params[n].numel() for n in names]
-    for d in dims:  # seed, mode, per_tensor, said and every d against the chosen tensors' sizes
-        check_subspace_options(d, seed, mode, per_tensor, said, sizes)
+    for d in dims:  # seed, mode, generator, per_tensor, said and every d against the chosen tensors' sizes
+        check_subspace_options(d, seed, mode, per_tensor, said, sizes, generator)
     data = _check_data(data)
     bar = None
     if progress:
@@ -195,7 +198,7 @@ def intrinsic_dimension(
             if bar is not None:
                 bar.set_description(f"subspace d={d}")
             sub = FastfoodSubspace(copy.deepcopy(model), d, seed=seed, mode=mode, per_tensor=per_tensor,
-                                   said=said, include=include)
+                                   said=said, include=include, generator=generator)
             losses[d] = _train(sub, [p for p in sub.parameters() if p.requires_grad], data, loss_fn, steps, lr, bar)
             sub.eval()
             with torch.no_grad():

@@ -48,7 +48,7 @@ def test_report_fastfood_suite_quick(tmp_path):
     folder = Path(proc.stdout.strip().splitlines()[-1])
     data = json.loads((folder / "fastfood.json").read_text())
     rows = {(row["op"], row["variant"]): row for row in data["rows"]}
-    assert set(rows) == {("fastfood", v) for v in ("fused", "triton", "reference", "floor")} | {
+    assert set(rows) == {("fastfood", v) for v in ("fused", "fused_v2", "triton", "reference", "floor")} | {
         ("subspace_attn", v) for v in ("fused", "reference", "floor")}
     cuda = torch_cuda()
     triton_runs = cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the subprocess inherits the interpreter
@@ -397,36 +397,46 @@ def test_models_no_profile_leaves_the_rows_unprofiled():
 
 
 # ------------------------------------------------------------------ Fastfood roofline (a model)
-def _roofline_ops(Lb, rounds=6):
-    """The per-element counts of docs/fastfood_roofline.md, written from its formulas."""
+def _roofline_ops(Lb, rounds=6, generator=1):
+    """The per-element counts of docs/fastfood_roofline.md, written from its formulas (generator 2:
+    B 3 + 11/8 int32 instead of 10; the Box-Muller parts but the product halved, the sincos 2 fp32
+    more per element than the cosf: int32 -21 (G) - 5.625 (B), fp32 -15.5, xu -3)."""
     n = Lb.bit_length() - 1
     h = n // 2
+    v2 = generator == 2
     return {
-        "int32": 52 + 1 + 7 * rounds + 18 * rounds * 2 ** (n - h) / Lb,
-        "fp32": 40 + 2 * n,
-        "xu": 6,
+        "int32": 52 + 1 + 7 * rounds + 18 * rounds * 2 ** (n - h) / Lb - (21 + 10 - 3 - 11 / 8 if v2 else 0),
+        "fp32": 40 + 2 * n - (15.5 if v2 else 0),
+        "xu": 3 if v2 else 6,
         "shfl": 2 * min(5, n - 3),
         # the exchange (Lb >= 2^9): 4 conflict-free scalar accesses per element in each transform
         "shared_wavefronts": (2 * rounds + 3.53) / 32 + 1 / 16 + 2 * (4 / 32) + rounds * 2 ** (n - h) / Lb / 32,
     }
 
 
+@pytest.mark.parametrize("generator", [1, 2])
 @pytest.mark.parametrize("Lb, rounds", [(2**14, 6), (2**10, 6), (2**15, 6), (2**12, 4)])
-def test_fastfood_op_counts_follow_the_formula(Lb, rounds):
+def test_fastfood_op_counts_follow_the_formula(Lb, rounds, generator):
     from benchmarks import common
 
-    ops = common.fastfood_ops_per_element(Lb, rounds)
-    want = _roofline_ops(Lb, rounds)
+    ops = common.fastfood_ops_per_element(Lb, rounds, generator)
+    want = _roofline_ops(Lb, rounds, generator)
     for unit, count in want.items():
         assert ops.total(unit) == pytest.approx(count), unit
     assert ops.transform_adds == 2 * (Lb.bit_length() - 1)
-    assert ops.TRANSCENDENTALS == {"log": 1, "cos": 1, "sqrt": 1}  # one Box-Muller evaluation per element
+    per = 1 if generator == 1 else 0.5  # one Box-Muller evaluation per element, or per pair
+    assert ops.TRANSCENDENTALS == {"log": per, "cos": per, "sqrt": per}
     assert ops.issued == pytest.approx(sum(ops.total(u) for u in ("int32", "fp32", "xu", "shfl", "shared", "global")))
-    if Lb == 2**14:  # the numbers docs/fastfood_roofline.md quotes
+    if Lb == 2**14 and generator == 1:  # the numbers docs/fastfood_roofline.md quotes
         assert (round(ops.total("int32"), 1), ops.total("fp32"), round(ops.issued)) == (95.8, 68, 196)
+    if Lb == 2**14 and generator == 2:
+        assert (round(ops.total("int32"), 1), ops.total("fp32"), round(ops.issued)) == (69.2, 52.5, 151)
     assert common.fastfood_ops_per_element(Lb).pi_rounds == 6  # the generator's PI_ROUNDS by default
+    assert common.fastfood_ops_per_element(Lb).generator == 1  # the default generator
     with pytest.raises(ValueError, match="power of two"):
         common.fastfood_ops_per_element(Lb + 1)
+    with pytest.raises(ValueError, match="generator must be one of"):
+        common.fastfood_ops_per_element(Lb, rounds, 3)
 
 
 def test_fastfood_roofline_of_the_target_case():
@@ -451,6 +461,10 @@ def test_fastfood_roofline_of_the_target_case():
         assert r.to_dict()["model"].startswith("derived")
     h200 = common.fastfood_roofline("NVIDIA H200", d, D)
     assert (round(h200.arithmetic_ms, 3), h200.binding_unit) == (0.505, "issue")
+    v2 = common.fastfood_roofline("NVIDIA H200", d, D, generator=2)  # docs/fastfood_roofline.md's v2 rows
+    assert (round(v2.arithmetic_ms, 3), v2.binding_unit, v2.to_dict()["generator"]) == (0.389, "issue", 2)
+    assert round(common.fastfood_roofline("NVIDIA H200", d, D, pi_rounds=4, generator=2).arithmetic_ms, 3) == 0.347
+    assert v2.floors_ms["issue"] == pytest.approx(elements * v2.ops.issued / (128 * clocks) * 1e3)
     assert round(h200.write_ms, 4) == 0.0717
     pcie = common.fastfood_roofline("NVIDIA H100 PCIe", d, D)
     assert pcie.device.sms == 114 and pcie.write_ms == pytest.approx(4 * D / 2.0e12 * 1e3)
@@ -564,7 +578,8 @@ FASTFOOD_GPU_DEFAULT = {"fastfood-d16384-D86000000-fwd", "subspace_attn-d16384"}
 def test_default_transform_suites_are_the_target_rows_and_fit_three_minutes():
     """Issue 12: the default fwht and fastfood suites hold the target rows and, at the rate the
     H200 run measured, finish within 3 minutes; --full is the suite as it was (187 runs) plus
-    the ``cuda`` variant of each fwht row (24: the extension's kernel beside auto's choice)."""
+    the ``cuda`` variant of each fwht row (24: the extension's kernel beside auto's choice) and the
+    ``fused_v2`` variant of each fastfood row (16: generator 2 beside the default)."""
     import torch
 
     from benchmarks import common
@@ -575,9 +590,11 @@ def test_default_transform_suites_are_the_target_rows_and_fit_three_minutes():
     assert {c.group for c in fastfood} == FASTFOOD_GPU_DEFAULT
     full = common.fwht_cases(full=True) + common.fastfood_cases(device=cuda, full=True)
     assert {c.group for c in fwht + fastfood} < {c.group for c in full}
-    assert sum(len(c.variants) for c in full) == 187 + 24 and len(common.fwht_cases(full=True)) == 24
+    # + 16: the fused_v2 variant (generator 2) of each fastfood row, beside fused
+    assert sum(len(c.variants) for c in full) == 187 + 24 + 16 and len(common.fwht_cases(full=True)) == 24
+    assert all("fused_v2" in c.variants for c in full if c.op == "fastfood")
     assert common.estimated_gpu_seconds(fwht + fastfood) <= common.GPU_SUITE_BUDGET_S
-    assert common.estimated_gpu_seconds(fwht + fastfood) == pytest.approx((67 + 12) * 70 / 43)
+    assert common.estimated_gpu_seconds(fwht + fastfood) == pytest.approx((67 + 13) * 70 / 43)
     # the CPU and quick lists are what they were
     assert common.fastfood_cases(device=cpu) == common.fastfood_cases(device=cpu, full=True)
     assert len(common.fastfood_cases(device=cpu)) == 3

@@ -1,9 +1,10 @@
 // Runs the CUDA Fastfood kernels of fastfood_cuda.cuh on the host (cuda_host.h) for the tests:
-//   fastfood_emulate fwd LOG_LB D SEED GRID THETA_FILE OUT_FILE      out (D,) = P theta
-//   fastfood_emulate bwd LOG_LB D SEED GRID GRAD_FILE PARTIAL_FILE   partial (GRID * R, Lb)
+//   fastfood_emulate fwd LOG_LB D SEED GRID THETA_FILE OUT_FILE [GENERATOR]     out (D,) = P theta
+//   fastfood_emulate bwd LOG_LB D SEED GRID GRAD_FILE PARTIAL_FILE [GENERATOR]  partial (GRID * R, Lb)
 //   fastfood_emulate banks                                           the exchange's bank check
 // Files are raw little-endian float32; theta's length is its file size / 4. GRID is the number
-// of persistent CTAs (fewer than the blocks: each CTA then walks several).
+// of persistent CTAs (fewer than the blocks: each CTA then walks several). GENERATOR: the generator
+// version, 1 (default) or 2.
 #include "cuda_host.h"
 
 #include <cmath>
@@ -41,7 +42,7 @@ void write_floats(const char* path, const std::vector<float>& v) {
   std::fclose(f);
 }
 
-template <int kLogN>
+template <int kLogN, int kGen>
 int run(bool forward, int64_t D, uint64_t seed, unsigned grid, const char* in_path, const char* out_path) {
   using C = RowConfig<kLogN>;
   static_assert(FastfoodConfig<kLogN>::kSmemBytes <= static_cast<int>(sizeof(smem_words)), "emulated shared memory");
@@ -52,12 +53,12 @@ int run(bool forward, int64_t D, uint64_t seed, unsigned grid, const char* in_pa
   if (forward) {
     out.assign(D, NAN);
     kk_emulation::launch(grid, C::kThreads, [&] {
-      fastfood_forward_kernel<kLogN>(in.data(), static_cast<int64_t>(in.size()), out.data(), D, nb, seed, inv_sqrt_D);
+      fastfood_forward_kernel<kLogN, kGen>(in.data(), static_cast<int64_t>(in.size()), out.data(), D, nb, seed, inv_sqrt_D);
     });
   } else {
     out.assign(static_cast<size_t>(grid) * C::kRowsPerBlock * C::kN, NAN);
     kk_emulation::launch(grid, C::kThreads, [&] {
-      fastfood_backward_kernel<kLogN>(in.data(), D, out.data(), nb, seed, inv_sqrt_D);
+      fastfood_backward_kernel<kLogN, kGen>(in.data(), D, out.data(), nb, seed, inv_sqrt_D);
     });
   }
   write_floats(out_path, out);
@@ -108,7 +109,9 @@ int check_banks() {
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "banks") return check_banks();
-  if (argc != 8) return 2;
+  if (argc != 8 && argc != 9) return 2;
+  const int generator = argc == 9 ? std::atoi(argv[8]) : 1;
+  if (generator != 1 && generator != 2) return 2;
   const bool forward = std::string(argv[1]) == "fwd";
   const int log_lb = std::atoi(argv[2]);
   const int64_t D = std::atoll(argv[3]);
@@ -117,7 +120,8 @@ int main(int argc, char** argv) {
   switch (log_lb) {
 #define KK_CASE(K) \
   case K:          \
-    return run<K>(forward, D, seed, grid, argv[6], argv[7]);
+    return generator == 1 ? run<K, 1>(forward, D, seed, grid, argv[6], argv[7]) \
+                          : run<K, 2>(forward, D, seed, grid, argv[6], argv[7]);
     KK_CASE(0) KK_CASE(1) KK_CASE(2) KK_CASE(3) KK_CASE(4) KK_CASE(5) KK_CASE(6) KK_CASE(7) KK_CASE(8)
     KK_CASE(9) KK_CASE(10) KK_CASE(11) KK_CASE(12) KK_CASE(13) KK_CASE(14) KK_CASE(15)
 #undef KK_CASE

@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..ops._common import check_bool, check_int
-from ..ops.fastfood import MODES, fastfood, fastfood_block_size
+from ..ops.fastfood import DEFAULT_GENERATOR, MODES, check_generator, fastfood, fastfood_block_size
 
 __all__ = ["FastfoodSubspace", "select_parameters", "check_subspace_options"]
 
@@ -41,16 +41,19 @@ _SEED_STEP = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: per-tensor seeds far apa
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def check_subspace_options(d, seed, mode, per_tensor, said, sizes: Sequence[int]) -> Tuple[int, int]:
+def check_subspace_options(d, seed, mode, per_tensor, said, sizes: Sequence[int],
+                           generator=DEFAULT_GENERATOR) -> Tuple[int, int]:
     """Validate a subspace's options against the chosen tensors' ``sizes`` (TypeError /
     ValueError naming the argument): ``d`` a positive int, ``seed`` an int in [0, 2^64),
-    ``mode`` one of MODES, ``per_tensor``/``said`` bools, and every projection that the
-    forward will compute (``R^d -> R^D``, or ``R^d -> R^{D_i}`` per tensor) within
-    ``kk.fastfood``'s limits. Returns ``(d, seed)`` as Python ints (a numpy int converted)."""
+    ``mode`` one of MODES, ``per_tensor``/``said`` bools, ``generator`` one of
+    ``kk.ops.fastfood``'s GENERATORS, and every projection that the forward will compute
+    (``R^d -> R^D``, or ``R^d -> R^{D_i}`` per tensor) within ``kk.fastfood``'s limits. Returns
+    ``(d, seed)`` as Python ints (a numpy int converted)."""
     d = check_int("d", d, min=1)
     seed = check_int("seed", seed, min=0, max=(1 << 64) - 1, desc="an int in [0, 2^64)")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_generator(generator)
     check_bool("per_tensor", per_tensor)
     check_bool("said", said)
     for D in (sizes if per_tensor else [sum(sizes)]):
@@ -88,11 +91,13 @@ class FastfoodSubspace(nn.Module):
             chosen parameters become buffers of their owners).
         d: the subspace dimension (``theta``'s length).
         seed, mode: of the Fastfood projection (``kk.fastfood``).
+        generator: the version of the projection's generator (``kk.fastfood``'s ``generator``:
+            1, the default, or 2).
         per_tensor: one projection per tensor instead of one global projection.
         said: per-tensor scales ``lambda_i`` (SAID).
         include: which parameters (see :func:`select_parameters`); default all.
 
-    Everything is validated before ``module`` is touched (``d``, ``seed``, ``mode``, the bool
+    Everything is validated before ``module`` is touched (``d``, ``seed``, ``mode``, ``generator``, the bool
     flags ``per_tensor``/``said``, ``include``, floating-point parameters on one device, and
     every projection against ``kk.fastfood``'s limits): a refusal (TypeError/ValueError naming
     the argument) leaves the module exactly as it was. A module that is, contains, or is part
@@ -101,7 +106,8 @@ class FastfoodSubspace(nn.Module):
     """
 
     def __init__(self, module: nn.Module, d: int, seed: int = 0, mode: str = "stacked",
-                 per_tensor: bool = False, said: bool = False, include: Include = None):
+                 per_tensor: bool = False, said: bool = False, include: Include = None, *,
+                 generator: int = DEFAULT_GENERATOR):
         super().__init__()
         # everything is checked before the module is touched: a refusal leaves it as it was
         if not isinstance(module, nn.Module):
@@ -122,7 +128,8 @@ class FastfoodSubspace(nn.Module):
         if len(device) > 1:
             raise ValueError(f"the chosen parameters live on several devices: {device}")
         sizes = [params[n].numel() for n in names]
-        d, seed = check_subspace_options(d, seed, mode, per_tensor, said, sizes)
+        d, seed = check_subspace_options(d, seed, mode, per_tensor, said, sizes, generator)
+        generator = check_generator(generator)
         # the aliases of a tied parameter (e.g. shared embeddings) all get the one new tensor
         aliases: Dict[str, List[str]] = {n: [] for n in names}
         ids = {id(params[n]): n for n in names}
@@ -145,7 +152,7 @@ class FastfoodSubspace(nn.Module):
         self.names = names
         self.shapes = [params[n].shape for n in names]
         self.sizes = sizes
-        self.d, self.seed, self.mode = d, seed, mode
+        self.d, self.seed, self.mode, self.generator = d, seed, mode, generator
         self.per_tensor, self.said = per_tensor, said
         self._aliases = aliases
         for p in module.parameters():
@@ -169,9 +176,11 @@ class FastfoodSubspace(nn.Module):
     def increments(self) -> List[torch.Tensor]:
         """``(P theta)_i`` (times ``lambda_i`` with SAID), one flat fp32 tensor per chosen parameter."""
         if self.per_tensor:
-            parts = [fastfood(self.theta, size, self.tensor_seed(i), self.mode) for i, size in enumerate(self.sizes)]
+            parts = [fastfood(self.theta, size, self.tensor_seed(i), self.mode, generator=self.generator)
+                     for i, size in enumerate(self.sizes)]
         else:
-            parts = list(torch.split(fastfood(self.theta, self.D, self.seed, self.mode), self.sizes))
+            parts = list(torch.split(fastfood(self.theta, self.D, self.seed, self.mode, generator=self.generator),
+                                     self.sizes))
         if self.said:
             parts = [lam * part for lam, part in zip(self.lambdas, parts)]
         return parts
@@ -192,4 +201,4 @@ class FastfoodSubspace(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, D={self.D}, tensors={len(self.names)}, seed={self.seed}, mode={self.mode!r}, "
-                f"per_tensor={self.per_tensor}, said={self.said}")
+                f"generator={self.generator}, per_tensor={self.per_tensor}, said={self.said}")

@@ -14,8 +14,14 @@ MASK32 = 0xFFFFFFFF
 WEYL = 0x9E3779B9  # Weyl increment: 2^32 / golden ratio
 MIX_C1, MIX_C2 = 0x85EBCA6B, 0xC2B2AE35  # MurmurHash3 fmix32's multipliers
 STREAM_B, STREAM_G_RADIUS, STREAM_G_ANGLE, STREAM_PI = 1, 2, 3, 4
-PI_ROUNDS = 6  # Feistel rounds of the keyed permutation
+PI_ROUNDS = 6  # Feistel rounds of the keyed permutation (both generator versions)
 MAX_LOG_LB = 32  # element counters are 32-bit words
+# generator versions (ops/fastfood.py's docstring defines both): 1, one Box--Muller evaluation and
+# one B word per element; 2, one Box--Muller evaluation per pair of elements (cos, sin) and 32 signs
+# of B per word. The default stays 1 until a GPU measurement shows 2 faster (DESIGN.md 5).
+GENERATOR_V1, GENERATOR_V2 = 1, 2
+GENERATORS = (GENERATOR_V1, GENERATOR_V2)
+DEFAULT_GENERATOR = GENERATOR_V1
 
 
 def mix32(x: int) -> int:

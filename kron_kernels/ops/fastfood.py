@@ -41,16 +41,40 @@ with streams ``STREAM = {B: 1, G_radius: 2, G_angle: 3, Pi: 4}``. Then
   ``Pi_j[k] = x(k)``. The inverse runs the rounds backwards (the kernels gather with it for
   ``Pi^T`` instead of scattering).
 
-B and Pi are integer functions: bit-identical on every backend. G is float32 arithmetic on exact
-inputs, so backends differ only by the rounding of their ``log``/``cos``/``sqrt``: a few float32
+That is **generator 1** (``generator=1``, the default). **Generator 2** (``generator=2``) draws the
+same kind of B, Pi and G with fewer hash words and transcendentals per element, from the same
+``mix``, keys and words:
+
+* ``B_j[i] = 1 - 2 * ((word(B, j, i >> 5) >> (i & 31)) & 1)``: bit ``i mod 32`` of word ``i // 32``,
+  32 signs per word (every bit of ``mix``'s output is a fair coin, not only the top one);
+* ``G_j`` by one Box--Muller evaluation per *pair* ``i2 = i >> 1`` of elements (both halves, which
+  are independent standard normals): ``u1 = ((word(G_radius, j, i2) >> 8) + 1) * 2^-24``,
+  ``u2 = (word(G_angle, j, i2) >> 8) * 2^-24``, ``R = sqrt(-2 ln u1)``, ``theta = pi * (2 u2 - 1)``;
+  ``G_j[i] = R cos(theta)`` for even i, ``R sin(theta)`` for odd i (the even element is generator
+  1's formula at word index i2; an odd Lb = 1 block keeps the cosine alone);
+* ``Pi_j`` exactly generator 1's (the same keys, ``ROUNDS = 6``: fewer rounds would need
+  statistical evidence that the permutation stays good enough).
+
+It halves the Box--Muller work and the G hash words per element and takes B from one word per
+32 elements (docs/fastfood_roofline.md: a model floor of 0.384 ms instead of 0.505 ms at the
+issue's d = 2^14, D = 86e6 on an H100/H200, *derived, not measured*). It is a different projection
+for the same seed (both are the documented distribution), so 1 stays the default on every backend:
+the project's rule (DESIGN.md 5) is that nothing becomes the CUDA default before a GPU measurement
+shows it faster. The versions and constants are ``GENERATORS`` / ``DEFAULT_GENERATOR`` in
+``ops/_fastfood_generator.py`` (mirrored in ``csrc/fastfood.h``).
+
+B and Pi are integer functions: bit-identical on every backend, for both generators. G is float32
+arithmetic on exact inputs, so backends differ only by the rounding of their ``log``/``cos``
+(generator 2 also ``sin``)/``sqrt``: a few float32
 ulps of |G| <= sqrt(-2 ln 2^-24) = 5.77, i.e. |dG| <= 1e-5 (relative ~1e-6). On CUDA, Triton
 lowers ``tl.log``/``tl.cos`` to libdevice's accurate ``__nv_logf``/``__nv_cosf`` (checked in the
 sm_90 PTX: no ``lg2.approx``/``cos.approx``, which would lose accuracy of ``ln u1`` near 1) and
 ``tl.sqrt`` to ``sqrt.approx.f32`` (~1 ulp); the interpreter uses numpy's float32 functions.
 The extension's kernels (``csrc/fastfood.h``) use libm's ``logf``/``cosf``/``sqrtf`` on the CPU
-and, on CUDA, call ``__nv_logf``/``__nv_cosf`` by name and the correctly rounded ``__fsqrt_rn``
-(the extension is compiled with ``--use_fast_math``, which would turn ``logf``/``cosf`` into
-``lg2.approx``/``cos.approx``).
+and, on CUDA, call ``__nv_logf``/``__nv_cosf`` (generator 2: ``__nv_sincosf``) by name and the
+correctly rounded ``__fsqrt_rn`` (the extension is compiled with ``--use_fast_math``, which would
+turn ``logf``/``cosf``/``sincosf`` into ``lg2.approx``/``cos.approx``/``sin.approx``). Triton's
+``tl.sin`` lowers to libdevice's ``__nv_sinf`` as ``tl.cos`` to ``__nv_cosf``.
 ``fastfood_params`` computes G in float64 from the same uniforms and rounds once to float32 --
 the definition the kernels approximate to that bound. Outputs of P then agree to ~1e-6
 relative (the tests use 1e-5).
@@ -82,14 +106,15 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backend
-from ._common import FLOAT_DTYPES, check_tensor, compiling, compute_dtype
+from ._common import FLOAT_DTYPES, check_int, check_tensor, compiling, compute_dtype
 from ._fastfood_generator import (  # noqa: F401  (re-exported: the generator's constants)
-    MASK32, MAX_LOG_LB, MIX_C1, MIX_C2, PI_ROUNDS, STREAM_B, STREAM_G_ANGLE, STREAM_G_RADIUS, STREAM_PI, WEYL,
-    mix32, stream_keys,
+    DEFAULT_GENERATOR, GENERATORS, MASK32, MAX_LOG_LB, MIX_C1, MIX_C2, PI_ROUNDS, STREAM_B, STREAM_G_ANGLE,
+    STREAM_G_RADIUS, STREAM_PI, WEYL, mix32, stream_keys,
 )
 from .fwht import fwht
 
-__all__ = ["fastfood", "fastfood_params", "fastfood_block_size", "FastfoodFunction", "MODES"]
+__all__ = ["fastfood", "fastfood_params", "fastfood_block_size", "FastfoodFunction", "MODES", "GENERATORS",
+           "DEFAULT_GENERATOR", "check_generator"]
 
 MODES = ("stacked", "padded")
 
@@ -116,9 +141,10 @@ def _block_keys(key: int, nb: int, device, first: int = 0) -> torch.Tensor:
     return _mix32_t((key + _mul32(j, WEYL)) & MASK32)  # (nb,)
 
 
-def _words(block_key: torch.Tensor, Lb: int) -> torch.Tensor:
-    i = torch.arange(Lb, device=block_key.device, dtype=torch.int64)
-    return _mix32_t((block_key[:, None] + _mul32(i, WEYL)[None, :]) & MASK32)  # (nb, Lb)
+def _words(block_key: torch.Tensor, count: int) -> torch.Tensor:
+    """``word(s, j, i)`` for i in ``range(count)`` of every block key: (nb, count)."""
+    i = torch.arange(count, device=block_key.device, dtype=torch.int64)
+    return _mix32_t((block_key[:, None] + _mul32(i, WEYL)[None, :]) & MASK32)
 
 
 def _feistel(x: torch.Tensor, block_key: torch.Tensor, log_lb: int, inverse: bool = False) -> torch.Tensor:
@@ -159,6 +185,14 @@ def fastfood_block_size(D: int, d: int, mode: str = "stacked") -> Tuple[int, int
     return Lb, nb
 
 
+def check_generator(generator) -> int:
+    """``generator`` as a Python int in GENERATORS, or a TypeError / ValueError naming it."""
+    value = check_int("generator", generator, desc=f"one of {GENERATORS}")
+    if value not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {value!r}")
+    return value
+
+
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -167,18 +201,33 @@ def _check_seed(seed) -> int:
     return seed
 
 
-def _generate(seed: int, Lb: int, nb: int, device, which=("B", "Pi", "G"), first: int = 0):
-    """{"B": float32 +-1, "Pi"/"Pinv": int64, "G": float32} of blocks ``first .. first + nb - 1``."""
+def _generate(seed: int, Lb: int, nb: int, device, which=("B", "Pi", "G"), first: int = 0,
+              generator: int = DEFAULT_GENERATOR):
+    """{"B": float32 +-1, "Pi"/"Pinv": int64, "G": float32} of blocks ``first .. first + nb - 1``
+    by generator version ``generator`` (the module docstring; Pi is the same for both)."""
     kb, kr, ka, kp = stream_keys(seed)
     out = {}
     if "B" in which:
-        out["B"] = 1.0 - 2.0 * (_words(_block_keys(kb, nb, device, first), Lb) >> 31).to(torch.float32)
+        keys = _block_keys(kb, nb, device, first)
+        if generator == 1:
+            bits = _words(keys, Lb) >> 31
+        else:  # bit i mod 32 of word i // 32
+            i = torch.arange(Lb, device=device, dtype=torch.int64)
+            bits = (_words(keys, (Lb + 31) // 32)[:, i >> 5] >> (i & 31)) & 1
+        out["B"] = 1.0 - 2.0 * bits.to(torch.float32)
     if "G" in which:
         # uniforms are exact in float32; float64 transcendentals, one rounding to float32
-        u1 = ((_words(_block_keys(kr, nb, device, first), Lb) >> 8) + 1).double() * 2.0**-24
-        u2 = (_words(_block_keys(ka, nb, device, first), Lb) >> 8).double() * 2.0**-24
+        count = Lb if generator == 1 else (Lb + 1) // 2  # generator 2: one pair of uniforms per 2 elements
+        u1 = ((_words(_block_keys(kr, nb, device, first), count) >> 8) + 1).double() * 2.0**-24
+        u2 = (_words(_block_keys(ka, nb, device, first), count) >> 8).double() * 2.0**-24
         angle = (2.0 * u2 - 1.0) * math.pi
-        out["G"] = (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)).to(torch.float32)
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        if generator == 1:
+            g = radius * torch.cos(angle)
+        else:  # (cos, sin) of pair i2 at elements 2 i2, 2 i2 + 1; a block of one keeps the cosine
+            g = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=2).reshape(nb, 2 * count)
+            g = g[:, :Lb]
+        out["G"] = g.to(torch.float32)
     if "Pi" in which or "Pinv" in which:
         keys = _block_keys(kp, nb, device, first)
         k = torch.arange(Lb, device=device, dtype=torch.int64).expand(nb, Lb)
@@ -190,16 +239,20 @@ def _generate(seed: int, Lb: int, nb: int, device, which=("B", "Pi", "G"), first
     return out
 
 
-def fastfood_params(D: int, d: int, seed: int = 0, mode: str = "stacked", device=None):
+def fastfood_params(D: int, d: int, seed: int = 0, mode: str = "stacked", device=None, *,
+                    generator: int = DEFAULT_GENERATOR):
     """``(B, Pi, G)``, each ``(nb, Lb)``: the projection ``kk.fastfood`` regenerates on the fly.
 
     B is float32 +-1, Pi int64 (row j a permutation of ``range(Lb)``, gather semantics), G
     float32 standard normal; ``Lb = 2^ceil(log2 d)`` (stacked) or ``2^ceil(log2 max(D, d))``
-    (padded), ``nb = ceil(D / Lb)``. The generator is in this module's docstring.
+    (padded), ``nb = ceil(D / Lb)``. ``generator`` (one of GENERATORS, default 1) picks the
+    version of the generator defined in this module's docstring.
     """
     Lb, nb = fastfood_block_size(D, d, mode)
     seed = _check_seed(seed)
-    p = _generate(seed, Lb, nb, torch.device("cpu") if device is None else torch.device(device))
+    generator = check_generator(generator)
+    p = _generate(seed, Lb, nb, torch.device("cpu") if device is None else torch.device(device),
+                  generator=generator)
     return p["B"], p["Pi"], p["G"]
 
 
@@ -274,56 +327,57 @@ def _extension_refusal(theta: torch.Tensor, Lb: int, params) -> Optional[str]:
     return None
 
 
-def _forward(theta, D, Lb, nb, seed, params, impl):
+def _forward(theta, D, Lb, nb, seed, params, impl, generator):
     """``P theta`` for 1-D contiguous ``theta`` in its compute dtype: the forward of
     :class:`FastfoodFunction` and of the ``kron_kernels::fastfood`` custom op."""
     if impl == "cuda":  # the compiled extension (CUDA or CPU kernel), params is None
         out = torch.empty(D, dtype=torch.float32, device=theta.device)
-        backend.extension().fastfood_forward(theta, out, seed, Lb)
+        backend.extension().fastfood_forward(theta, out, seed, Lb, generator)
         return out
     if impl == "triton":
         from ..triton import fastfood as triton_fastfood  # first use only, never at import
 
-        return triton_fastfood.fastfood_forward(theta, D, Lb, nb, seed, params)
-    B, Pi, G, norm = _torch_params(seed, Lb, nb, params, theta)
+        return triton_fastfood.fastfood_forward(theta, D, Lb, nb, seed, params, generator)
+    B, Pi, G, norm = _torch_params(seed, Lb, nb, params, theta, generator)
     return _torch_forward(theta, D, Lb, nb, B, Pi, G, norm)
 
 
-def _transpose(grad, d, Lb, nb, seed, params, impl):
+def _transpose(grad, d, Lb, nb, seed, params, impl, generator):
     """``P^T grad`` ((d,), grad's dtype): the backward of :class:`FastfoodFunction` and of the
     custom op (``kron_kernels::fastfood_transpose``)."""
     grad = grad.contiguous()
     if impl == "cuda":
         out = torch.empty(d, dtype=torch.float32, device=grad.device)
-        backend.extension().fastfood_backward(grad.float(), out, seed, Lb)
+        backend.extension().fastfood_backward(grad.float(), out, seed, Lb, generator)
         return out
     if impl == "triton":
         from ..triton import fastfood as triton_fastfood
 
-        return triton_fastfood.fastfood_transpose(grad, d, Lb, nb, seed, params)
-    B, Pi, G, norm = _torch_params(seed, Lb, nb, params, grad)
+        return triton_fastfood.fastfood_transpose(grad, d, Lb, nb, seed, params, generator)
+    B, Pi, G, norm = _torch_params(seed, Lb, nb, params, grad, generator)
     return _torch_transpose(grad, d, Lb, nb, B, Pi, G, norm)
 
 
 class FastfoodFunction(torch.autograd.Function):
     """``P theta`` for 1-D contiguous ``theta`` in its compute dtype; the backward is ``P^T g``
-    by the same implementation. ``params`` is None (generate from ``seed``) or (B, Pi, G)."""
+    by the same implementation. ``params`` is None (generate from ``seed`` by generator version
+    ``generator``) or (B, Pi, G)."""
 
     @staticmethod
-    def forward(ctx, theta, D, Lb, nb, seed, params, impl):
-        ctx.args = (theta.shape[0], Lb, nb, seed, params, impl)
-        return _forward(theta, D, Lb, nb, seed, params, impl)
+    def forward(ctx, theta, D, Lb, nb, seed, params, impl, generator=DEFAULT_GENERATOR):
+        ctx.args = (theta.shape[0], Lb, nb, seed, params, impl, generator)
+        return _forward(theta, D, Lb, nb, seed, params, impl, generator)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return _transpose(grad, *ctx.args), None, None, None, None, None, None
+        return _transpose(grad, *ctx.args), None, None, None, None, None, None, None
 
 
 # The same computation as PyTorch custom ops, for torch.compile (see ops._common.compiling).
 # A custom op's ``int`` is int64: the seed, in [0, 2^64), travels as its two's-complement
 # int64 and is read back modulo 2^64. ``params`` travel as three optional tensors B, Pi, G
-# (all None: generated from the seed).
+# (all None: generated from the seed); ``generator`` (the version) as the last int.
 def _seed_arg(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
@@ -334,50 +388,51 @@ def _op_params(B, Pi, G):
 
 @torch.library.custom_op("kron_kernels::fastfood", mutates_args=())
 def _fastfood_op(theta: torch.Tensor, D: int, Lb: int, nb: int, seed: int, B: Optional[torch.Tensor],
-                 Pi: Optional[torch.Tensor], G: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+                 Pi: Optional[torch.Tensor], G: Optional[torch.Tensor], impl: str, generator: int) -> torch.Tensor:
     """``P theta`` ((D,), theta's dtype) for 1-D contiguous ``theta`` in its compute dtype.
 
     Explicit params have their permutations checked here, on real tensors: under torch.compile
     ``fastfood`` leaves this data-dependent check to the op (no graph break)."""
     if Pi is not None:
         _check_permutations(Pi, Lb, nb)
-    return _forward(theta, D, Lb, nb, seed % (1 << 64), _op_params(B, Pi, G), impl)
+    return _forward(theta, D, Lb, nb, seed % (1 << 64), _op_params(B, Pi, G), impl, generator)
 
 
 @_fastfood_op.register_fake
-def _(theta, D, Lb, nb, seed, B, Pi, G, impl):
+def _(theta, D, Lb, nb, seed, B, Pi, G, impl, generator):
     return theta.new_empty((D,))
 
 
 @torch.library.custom_op("kron_kernels::fastfood_transpose", mutates_args=())
 def _fastfood_transpose_op(grad: torch.Tensor, d: int, Lb: int, nb: int, seed: int, B: Optional[torch.Tensor],
-                           Pi: Optional[torch.Tensor], G: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+                           Pi: Optional[torch.Tensor], G: Optional[torch.Tensor], impl: str,
+                           generator: int) -> torch.Tensor:
     """``P^T grad`` ((d,), grad's dtype) for 1-D ``grad`` (D,) in its compute dtype; params as
     the forward op took them (checked there)."""
-    return _transpose(grad, d, Lb, nb, seed % (1 << 64), _op_params(B, Pi, G), impl)
+    return _transpose(grad, d, Lb, nb, seed % (1 << 64), _op_params(B, Pi, G), impl, generator)
 
 
 @_fastfood_transpose_op.register_fake
-def _(grad, d, Lb, nb, seed, B, Pi, G, impl):
+def _(grad, d, Lb, nb, seed, B, Pi, G, impl, generator):
     return grad.new_empty((d,))
 
 
 def _fastfood_setup(ctx, inputs, output):
-    x, _, Lb, nb, seed, B, Pi, G, impl = inputs  # x: theta (forward op) or grad (transpose op)
+    x, _, Lb, nb, seed, B, Pi, G, impl, generator = inputs  # x: theta (forward op) or grad (transpose op)
     ctx.save_for_backward(B, Pi, G)
-    ctx.args = (x.shape[0], Lb, nb, seed, impl)
+    ctx.args = (x.shape[0], Lb, nb, seed, impl, generator)
 
 
 def _fastfood_autograd(ctx, grad):
     # P^T by the transpose op, itself differentiable (its derivative is P); params get none
-    size, Lb, nb, seed, impl = ctx.args
-    return (_fastfood_transpose_op(grad, size, Lb, nb, seed, *ctx.saved_tensors, impl), *[None] * 8)
+    size, Lb, nb, seed, impl, generator = ctx.args
+    return (_fastfood_transpose_op(grad, size, Lb, nb, seed, *ctx.saved_tensors, impl, generator), *[None] * 9)
 
 
 def _fastfood_transpose_autograd(ctx, grad):
-    size, Lb, nb, seed, impl = ctx.args
+    size, Lb, nb, seed, impl, generator = ctx.args
     # the kernels read theta through a bare pointer: a contiguous copy of an expanded gradient
-    return (_fastfood_op(grad.contiguous(), size, Lb, nb, seed, *ctx.saved_tensors, impl), *[None] * 8)
+    return (_fastfood_op(grad.contiguous(), size, Lb, nb, seed, *ctx.saved_tensors, impl, generator), *[None] * 9)
 
 
 _fastfood_op.register_autograd(_fastfood_autograd, setup_context=_fastfood_setup)
@@ -389,18 +444,18 @@ _CACHE_ENTRIES = 4
 _cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def _generated(seed, Lb, nb, device):
+def _generated(seed, Lb, nb, device, generator):
     """``_generate`` for the torch path, with a small LRU cache of projections up to
     ``_CACHE_MAX_ELEMENTS`` entries: regenerating (6 Feistel rounds of int64 hashing, Box--Muller
     in float64) costs ~20x the two transforms on a CPU, and subspace training calls the same
     projection every step. The Triton kernels never store anything; larger projections are
     regenerated on every call."""
-    key = (seed, Lb, nb, str(device))
+    key = (seed, Lb, nb, str(device), generator)
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    p = _generate(seed, Lb, nb, device)
+    p = _generate(seed, Lb, nb, device, generator=generator)
     value = (p["B"], p["Pi"], p["G"])
     if nb * Lb <= _CACHE_MAX_ELEMENTS:
         _cache[key] = value
@@ -409,8 +464,8 @@ def _generated(seed, Lb, nb, device):
     return value
 
 
-def _torch_params(seed, Lb, nb, params, like):
-    B, Pi, G = _generated(seed, Lb, nb, like.device) if params is None else params
+def _torch_params(seed, Lb, nb, params, like, generator):
+    B, Pi, G = _generated(seed, Lb, nb, like.device, generator) if params is None else params
     B, G = B.to(like.dtype), G.to(like.dtype)
     # the norm of G_j in float64 whatever the dtype: it scales every output of the block
     norm = torch.linalg.vector_norm(G.double(), dim=1).to(like.dtype)
@@ -438,13 +493,17 @@ def _check_permutations(Pi, Lb, nb):
         raise ValueError("params Pi: every row must be a permutation of range(Lb)")
 
 
-def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", params=None) -> torch.Tensor:
+def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", params=None, *,
+             generator: int = DEFAULT_GENERATOR) -> torch.Tensor:
     """``P theta`` in R^D (DESIGN.md 4.6), differentiable in theta (the backward is ``P^T g``).
 
     theta: 1-D (d,), fp32/fp16/bf16/fp64 (computed in fp32, fp64 for fp64; returned in theta's
     dtype). With ``params=None`` the projection is regenerated from ``seed`` inside the kernels
-    (nothing stored) and equals the one of ``kk.fastfood_params(D, d, seed, mode)``; ``params``
-    takes explicit ``(B, Pi, G)`` tensors of shape ``(nb, Lb)`` (then seed is ignored; they
+    (nothing stored) and equals the one of ``kk.fastfood_params(D, d, seed, mode,
+    generator=generator)``; ``generator`` is the version of the generator (one of GENERATORS;
+    default 1: version 2 is cheaper on a GPU by the roofline model but not yet measured, so not
+    the default; the module docstring defines both); ``params`` takes explicit ``(B, Pi, G)``
+    tensors of shape ``(nb, Lb)`` (then seed and generator are ignored -- still validated; they
     are constants: no gradient reaches them). Under ``torch.compile`` the check that every row
     of Pi is a permutation depends on Pi's values, so the custom op makes it when the compiled
     code runs (the same ValueError), not the traced wrapper.
@@ -453,6 +512,7 @@ def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", 
     d = theta.shape[0]
     Lb, nb = fastfood_block_size(D, d, mode)
     seed = _check_seed(seed)
+    generator = check_generator(generator)
     if params is not None:
         params = _check_params(params, Lb, nb, theta.device)
     refusal = _extension_refusal(theta, Lb, params)
@@ -468,7 +528,7 @@ def fastfood(theta: torch.Tensor, D: int, seed: int = 0, mode: str = "stacked", 
         impl = "torch"
     x = theta.to(compute_dtype(theta.dtype)).contiguous()
     if compiling():
-        y = _fastfood_op(x, D, Lb, nb, _seed_arg(seed), *(params or (None, None, None)), impl)
+        y = _fastfood_op(x, D, Lb, nb, _seed_arg(seed), *(params or (None, None, None)), impl, generator)
     else:
-        y = FastfoodFunction.apply(x, D, Lb, nb, seed, params, impl)
+        y = FastfoodFunction.apply(x, D, Lb, nb, seed, params, impl, generator)
     return y.to(theta.dtype)

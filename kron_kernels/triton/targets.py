@@ -479,12 +479,15 @@ def _transform_workloads():
                     return ops.fwht(_act(rows, 1 << log_n, dtype=dtype))
 
                 yield f"fwht n{1 << log_n} rows{rows} {_dtype_id(dtype)}", _fwd_bwd(fwht)
-    # fastfood: stacked blocks Lb = 2^0 .. 2^13 (the Triton kernels' range), padded mode, explicit params
-    for log_d in range(0, 14):
-        def fastfood(d=1 << log_d):
-            return ops.fastfood(_param(d), 10**6, seed=3)
+    # fastfood: stacked blocks Lb = 2^0 .. 2^13 (the Triton kernels' range) for both generator
+    # versions (GENERATOR is a constexpr: one kernel each), padded mode, explicit params (which
+    # generate nothing: the launcher compiles them with GENERATOR = 1 whatever the version)
+    for generator in fastfood_ops.GENERATORS:
+        for log_d in range(0, 14):
+            def fastfood(d=1 << log_d, generator=generator):
+                return ops.fastfood(_param(d), 10**6, seed=3, generator=generator)
 
-        yield f"fastfood d{1 << log_d}", _fwd_bwd(fastfood)
+            yield f"fastfood d{1 << log_d}" + ("" if generator == 1 else f" generator{generator}"), _fwd_bwd(fastfood)
     yield "fastfood padded", _fwd_bwd(lambda: ops.fastfood(_param(1000), 5000, seed=3, mode="padded"))
 
     def explicit():

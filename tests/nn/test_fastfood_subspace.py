@@ -21,10 +21,11 @@ def rand(*shape, dtype=torch.float64, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
-def dense_P(D, d, seed, mode="stacked"):
+def dense_P(D, d, seed, mode="stacked", generator=1):
     """P (D, d) column by column through kk.fastfood (itself checked against scipy's dense H)."""
     with kk.use_backend("torch"):
-        return torch.stack([kk.fastfood(e, D, seed, mode) for e in torch.eye(d, dtype=torch.float64)], dim=1)
+        return torch.stack([kk.fastfood(e, D, seed, mode, generator=generator)
+                            for e in torch.eye(d, dtype=torch.float64)], dim=1)
 
 
 VARIANTS = [
@@ -32,6 +33,8 @@ VARIANTS = [
     pytest.param(dict(per_tensor=True), id="per-tensor"),
     pytest.param(dict(said=True), id="global-said"),
     pytest.param(dict(per_tensor=True, said=True, mode="padded"), id="per-tensor-said-padded"),
+    pytest.param(dict(generator=2), id="global-generator2"),
+    pytest.param(dict(per_tensor=True, generator=2), id="per-tensor-generator2"),
 ]
 
 
@@ -64,14 +67,15 @@ def test_reparameterisation_and_gradient_match_dense_projection(kwargs):
         sub.theta.copy_(rand(d, seed=1).float())
         if sub.lambdas is not None:
             sub.lambdas.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25, 1.5, 3.0]))
-    mode = kwargs.get("mode", "stacked")
+    mode, generator = kwargs.get("mode", "stacked"), kwargs.get("generator", 1)
+    assert sub.generator == generator and f"generator={generator}" in repr(sub)
     names = [n for n, _ in original.named_parameters()]
     sizes = [p.numel() for _, p in original.named_parameters()]
     theta = sub.theta.detach().double().requires_grad_()
     if kwargs.get("per_tensor"):
-        incs = [dense_P(D_i, d, sub.tensor_seed(i), mode) @ theta for i, D_i in enumerate(sizes)]
+        incs = [dense_P(D_i, d, sub.tensor_seed(i), mode, generator) @ theta for i, D_i in enumerate(sizes)]
     else:
-        incs = list(torch.split(dense_P(sum(sizes), d, seed, mode) @ theta, sizes))
+        incs = list(torch.split(dense_P(sum(sizes), d, seed, mode, generator) @ theta, sizes))
     lam = sub.lambdas.detach().double() if sub.lambdas is not None else torch.ones(len(names), dtype=torch.float64)
     weights = {n: p.detach() + lam[i] * incs[i].view(p.shape) for i, (n, p) in enumerate(original.named_parameters())}
     x = rand(7, 6, seed=2)
@@ -217,6 +221,10 @@ def test_intrinsic_dimension_bad_input():
         kk.intrinsic_dimension(*args, dims=[4], threshold=1.5)
     with pytest.raises(ValueError, match="steps must be a positive int"):
         kk.intrinsic_dimension(*args, dims=[4], steps=0)
+    with pytest.raises(ValueError, match=r"generator must be one of \(1, 2\), got 3"):
+        kk.intrinsic_dimension(*args, dims=[4], generator=3)
+    with pytest.raises(TypeError, match="generator must be one of"):
+        kk.intrinsic_dimension(*args, dims=[4], generator="2")
 
 
 @pytest.mark.gpu
@@ -270,17 +278,18 @@ def test_torch_compile_fullgraph(kwargs, backend_name, fresh_dynamo):
 
 @pytest.mark.parametrize(
     "argument, value, error",
-    cases(d="positive_int", seed="non_negative_int", per_tensor="bool", said="bool")
-    + [pytest.param("seed", 1 << 64, ValueError, id="seed-2^64")],
+    cases(d="positive_int", seed="non_negative_int", per_tensor="bool", said="bool", generator="positive_int")
+    + [pytest.param("seed", 1 << 64, ValueError, id="seed-2^64"),
+       pytest.param("generator", 3, ValueError, id="generator-3")],
 )
 def test_hyperparameters_through_the_shared_validators(argument, value, error):
-    """d, seed, per_tensor and said: a TypeError for a value of the wrong kind (a bool, a
-    string, a tensor, None, a float as a count; an int as a flag), a ValueError out of range;
-    the message names the argument and the module is left exactly as it was."""
+    """d, seed, per_tensor, said and generator (one of 1, 2): a TypeError for a value of the wrong
+    kind (a bool, a string, a tensor, None, a float as a count; an int as a flag), a ValueError out
+    of range; the message names the argument and the module is left exactly as it was."""
     net = small_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     params = [(n, p.requires_grad) for n, p in net.named_parameters()]
-    kwargs = dict(d=4, seed=0, per_tensor=False, said=False)
+    kwargs = dict(d=4, seed=0, per_tensor=False, said=False, generator=1)
     kwargs[argument] = value
     with pytest.raises(error, match=names_argument(argument)):
         FastfoodSubspace(net, **kwargs)

@@ -39,11 +39,12 @@ CASES = [
 ]
 IDS = [f"D{D}-d{d}-{m}" for D, d, m in CASES]
 SEED = 1234
+GENERATORS = (1, 2)  # the generator versions (ops/fastfood.py's docstring)
 
 
-def dense_projection(D, d, seed=SEED, mode="stacked") -> torch.Tensor:
+def dense_projection(D, d, seed=SEED, mode="stacked", generator=1) -> torch.Tensor:
     """P (D, d) in float64 from fastfood_params, scipy's H and explicit permutation matrices."""
-    B, Pi, G = kk.fastfood_params(D, d, seed, mode)
+    B, Pi, G = kk.fastfood_params(D, d, seed, mode, generator=generator)
     nb, Lb = B.shape
     H = torch.from_numpy(scipy.linalg.hadamard(Lb)).double()
     blocks = []
@@ -70,17 +71,26 @@ def _mix(x):
     return x ^ (x >> 16)
 
 
-def spec_params(seed, j, i, Lb):
-    """B_j[i], Pi_j[i], G_j[i] written straight from the docstring of ops/fastfood.py in Python ints."""
+def spec_params(seed, j, i, Lb, generator=1):
+    """B_j[i], Pi_j[i], G_j[i] written straight from the docstring of ops/fastfood.py in Python ints
+    (generator 1 or 2)."""
     W, M = 0x9E3779B9, 0xFFFFFFFF
     lo, hi = seed & M, seed >> 32
     key = {s: _mix((_mix((lo + s) & M) ^ hi)) for s in (1, 2, 3, 4)}
     bkey = {s: _mix((k + j * W) & M) for s, k in key.items()}
-    word = {s: _mix((k + i * W) & M) for s, k in bkey.items()}
-    b = 1 - 2 * (word[1] >> 31)
-    u1 = ((word[2] >> 8) + 1) * 2.0**-24
-    u2 = (word[3] >> 8) * 2.0**-24
-    g = math.sqrt(-2 * math.log(u1)) * math.cos(math.pi * (2 * u2 - 1))
+
+    def word(s, counter):
+        return _mix((bkey[s] + counter * W) & M)
+
+    if generator == 1:
+        b = 1 - 2 * (word(1, i) >> 31)
+        counter, trig = i, math.cos
+    else:  # bit i mod 32 of word i // 32; the pair i // 2, cos for even i, sin for odd i
+        b = 1 - 2 * ((word(1, i >> 5) >> (i & 31)) & 1)
+        counter, trig = i >> 1, (math.sin if i & 1 else math.cos)
+    u1 = ((word(2, counter) >> 8) + 1) * 2.0**-24
+    u2 = (word(3, counter) >> 8) * 2.0**-24
+    g = math.sqrt(-2 * math.log(u1)) * trig(math.pi * (2 * u2 - 1))
     g = struct.unpack("f", struct.pack("f", g))[0]
     n = Lb.bit_length() - 1
     h = n // 2
@@ -93,21 +103,70 @@ def spec_params(seed, j, i, Lb):
     return b, x, g
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
-def test_params_follow_documented_generator(seed):
+def test_params_follow_documented_generator(seed, generator):
     D, d = 3000, 200  # Lb 256, 12 blocks
-    B, Pi, G = kk.fastfood_params(D, d, seed)
-    for j, i in [(0, 0), (0, 1), (3, 17), (11, 255), (7, 128)]:
-        b, p, g = spec_params(seed, j, i, 256)
+    B, Pi, G = kk.fastfood_params(D, d, seed, generator=generator)
+    # (5, 31), (5, 32): either side of a B word of generator 2; (3, 16), (3, 17): one Box-Muller pair
+    for j, i in [(0, 0), (0, 1), (3, 16), (3, 17), (11, 255), (7, 128), (5, 31), (5, 32)]:
+        b, p, g = spec_params(seed, j, i, 256, generator)
         assert B[j, i].item() == b and Pi[j, i].item() == p
-        # python's and torch's float64 log/cos may differ in the last bit before the float32 rounding
+        # python's and torch's float64 log/cos/sin may differ in the last bit before the float32 rounding
         assert G[j, i].item() == pytest.approx(g, rel=2e-7)
 
 
+# (j, i) -> (B_j[i], Pi_j[i], G_j[i]) for seed 2^40 + 3, Lb = 256 (D = 3000, d = 200), computed once
+# from the docstring's definition (spec_params): the generators cannot drift unnoticed. Version 1
+# is the projection every earlier release generated; version 2 shares its Pi and, at even i, its
+# formula for G at counter i / 2 (G_0[0] is the same).
+PINNED = {
+    1: {(0, 0): (-1, 93, 0.21444901823997498), (0, 1): (-1, 94, 1.640674352645874),
+        (3, 17): (-1, 232, -0.053616832941770554), (11, 255): (1, 93, -0.019352471455931664),
+        (7, 128): (1, 53, 0.5209500193595886), (5, 63): (1, 230, -1.1977657079696655),
+        (5, 64): (-1, 139, -1.029650092124939)},
+    2: {(0, 0): (1, 93, 0.21444901823997498), (0, 1): (-1, 94, 0.6585455536842346),
+        (3, 17): (1, 232, 0.542009174823761), (11, 255): (1, 93, 1.4432014226913452),
+        (7, 128): (1, 53, 0.901984453201294), (5, 63): (-1, 230, -0.9668982028961182),
+        (5, 64): (-1, 139, 0.6614879369735718)},
+}
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_params_pinned_values(generator):
+    B, Pi, G = kk.fastfood_params(3000, 200, 2**40 + 3, generator=generator)
+    for (j, i), (b, p, g) in PINNED[generator].items():
+        assert (B[j, i].item(), Pi[j, i].item()) == (b, p), (j, i)
+        assert G[j, i].item() == pytest.approx(g, rel=2e-7), (j, i)  # float64 libm, one float32 rounding
+        assert spec_params(2**40 + 3, j, i, 256, generator) == (b, p, pytest.approx(g, rel=2e-7))
+    assert kk.fastfood_params(3000, 200, 2**40 + 3)[0].equal(B) == (generator == 1), "the default is version 1"
+
+
+def test_generator_2_pairs_and_words():
+    """Version 2's structure read from fastfood_params and the words alone: G at an even i is
+    version 1's G at i / 2 (the cosine of the same words); a pair (cos, sin) has the pair's
+    radius, G[2 i2]^2 + G[2 i2 + 1]^2 = -2 ln u1 of counter i2 (two cosines, or a sign lost, would
+    not); Pi is version 1's, B another; a block of one keeps the cosine."""
+    (B1, Pi1, G1), (B2, Pi2, G2) = (kk.fastfood_params(4096, 1024, 9, generator=g) for g in GENERATORS)
+    assert torch.equal(Pi1, Pi2) and not torch.equal(B1, B2)
+    # float64 log/cos on tensors of other lengths (vectorised vs scalar tails) may differ in the last
+    # bit before the float32 rounding
+    assert torch.allclose(G2[:, 0::2], G1[:, :512], rtol=2e-7, atol=0), "even elements: version 1's formula at i / 2"
+    keys = ff._block_keys(ff.stream_keys(9)[1], 4, torch.device("cpu"))
+    u1 = ((ff._words(keys, 512) >> 8) + 1).double() * 2.0**-24
+    assert_rel_close(G2[:, 0::2].double() ** 2 + G2[:, 1::2].double() ** 2, -2 * torch.log(u1), 1e-6, "R^2")
+    odd = torch.sin(math.pi * (2 * (ff._words(ff._block_keys(ff.stream_keys(9)[2], 4, torch.device("cpu")), 512)
+                                    >> 8).double() * 2.0**-24 - 1))
+    assert torch.equal(torch.sign(G2[:, 1::2].double()), torch.sign(odd)), "odd elements: the sine's sign"
+    one = kk.fastfood_params(3, 1, 4, generator=2)[2]  # Lb = 1: the cosine alone
+    assert one.shape == (3, 1) and torch.equal(one, kk.fastfood_params(3, 1, 4, generator=1)[2])
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("log_lb", [0, 1, 2, 3, 5, 8, 11])
-def test_params_are_valid(log_lb):
+def test_params_are_valid(log_lb, generator):
     Lb = 2**log_lb
-    B, Pi, G = kk.fastfood_params(3 * Lb + 1, Lb, seed=5)
+    B, Pi, G = kk.fastfood_params(3 * Lb + 1, Lb, seed=5, generator=generator)
     assert B.shape == Pi.shape == G.shape == (4, Lb)
     assert B.dtype == G.dtype == torch.float32 and Pi.dtype == torch.int64
     assert torch.equal(B.abs(), torch.ones_like(B))
@@ -123,16 +182,20 @@ def test_params_are_valid(log_lb):
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_params_statistics(device):
+def test_params_statistics(device, generator):
     """2^19 samples: mean and variance of G within 5 standard errors (SE of the mean 1.4e-3, of
     the variance sqrt(2/n) = 2e-3), B balanced within 5 SE, Pi positions uniform (every
     position of 2^11 permutations of 256 takes each value 8 times in expectation: the
     chi-square statistic of the 256 x 256 table within 5 sigma of its 255^2 degrees of freedom);
-    on CUDA the same tensors as on the CPU (integer B and Pi exactly)."""
-    B, Pi, G = (t.cpu() for t in kk.fastfood_params(2**19, 256, seed=3, device=device))
+    on CUDA the same tensors as on the CPU (integer B and Pi exactly). Version 2: the same
+    checks, and the pairs' cos and sin uncorrelated (the mean of G[2 i2] G[2 i2 + 1] within 5 SE
+    of 0: E = 0, Var = 1 for independent N(0, 1); 2^18 pairs), as are the 32 bits of a B word
+    (neighbours' product mean within 5 SE)."""
+    B, Pi, G = (t.cpu() for t in kk.fastfood_params(2**19, 256, seed=3, device=device, generator=generator))
     if device != "cpu":
-        want = kk.fastfood_params(2**19, 256, seed=3)
+        want = kk.fastfood_params(2**19, 256, seed=3, generator=generator)
         assert torch.equal(B, want[0]) and torch.equal(Pi, want[1])
         assert_rel_close(G, want[2], 1e-6, "G (float64 transcendentals on CUDA vs CPU, one rounding)")
     n = G.numel()
@@ -140,6 +203,11 @@ def test_params_statistics(device):
     assert abs(G.double().mean().item()) < 5 * se
     assert abs(G.double().var().item() - 1) < 5 * math.sqrt(2 / n)
     assert abs(B.double().mean().item()) < 5 * se
+    pairs = G.double().view(-1, 2)
+    assert abs((pairs[:, 0] * pairs[:, 1]).mean().item()) < 5 * math.sqrt(2 / n), "cos and sin of a pair"
+    assert abs((pairs[:, 0] ** 2).mean().item() - 1) < 5 * math.sqrt(4 / n), "even elements alone"
+    b = B.double().view(-1)
+    assert abs((b[1:] * b[:-1]).mean().item()) < 5 * se, "neighbouring signs"
     counts = torch.zeros(256, 256)
     counts.index_put_((torch.arange(256).expand_as(Pi).reshape(-1), Pi.reshape(-1)), torch.ones(Pi.numel()),
                       accumulate=True)
@@ -210,29 +278,31 @@ PROJECTION_BACKENDS = [
 ]
 
 
-def kernel_projection(D, d, seed, impl, device) -> torch.Tensor:
+def kernel_projection(D, d, seed, impl, device, generator=1) -> torch.Tensor:
     """P (D, d) in float64 on the CPU, column i = kk.fastfood(e_i) on ``impl`` and ``device`` (float64
     on the torch path, float32 on the kernels)."""
     eye = torch.eye(d, dtype=torch.float64 if impl == "torch" else torch.float32, device=device)
     with kk.use_backend(impl):
-        return torch.stack([kk.fastfood(eye[i], D, seed) for i in range(d)], 1).double().cpu()
+        return torch.stack([kk.fastfood(eye[i], D, seed, generator=generator) for i in range(d)], 1).double().cpu()
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("impl, device", PROJECTION_BACKENDS)
-def test_column_norms_statistical(impl, device):
+def test_column_norms_statistical(impl, device, generator):
     """D = 1000, d = 64: 15 full blocks give exactly 960/1000 of every squared column norm; the
     40 rows of the cut block add X >= 0 with E[X] = 0.04 (each row's square has expectation
     ||G||^2) and a standard deviation of the mean over the columns below 0.01 (40 rows of
     variance <= 2 ||G||^4, /1000): |mean - 1| < 0.03 is > 3 sigma; a wrong normalisation
     (e.g. without sqrt(D / Lb): 16x) fails by far. The projection as each implementation
     generates it on its device (fp32 kernels: 1e-5)."""
-    sq = kernel_projection(1000, 64, 4, impl, device).norm(dim=0) ** 2
+    sq = kernel_projection(1000, 64, 4, impl, device, generator).norm(dim=0) ** 2
     assert (sq >= 0.96 - 1e-5).all()
     assert abs(sq.mean().item() - 1) < 0.03
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("impl, device", PROJECTION_BACKENDS)
-def test_projection_statistics(impl, device):
+def test_projection_statistics(impl, device, generator):
     """The projection as each implementation generates it on its device, D = 2^16, d = Lb = 64
     (1024 full blocks):
 
@@ -250,7 +320,7 @@ def test_projection_statistics(impl, device):
       (SE sqrt(E x^2k / n): 3.9e-3, 1.5e-2 for x^3, 3.8e-2 for x^4 (sqrt(96 / n)), 0.39 for x^6)."""
     D, d = 2**16, 64
     n = D
-    P = kernel_projection(D, d, 2024, impl, device)
+    P = kernel_projection(D, d, 2024, impl, device, generator)
     gram = P.t() @ P
     assert_rel_close(gram.diagonal(), torch.ones(d, dtype=torch.float64), 1e-5, "column norms")
     off = gram[~torch.eye(d, dtype=torch.bool)]
@@ -337,8 +407,8 @@ def test_triton_matches_dense(D, d, mode, device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("seed", [0, 99, 2**63 + 5])
-def test_triton_generates_the_same_projection(seed, device):
+@pytest.mark.parametrize("seed, generator", [(0, 1), (99, 1), (2**63 + 5, 1), (0, 2), (2**63 + 5, 2)])
+def test_triton_generates_the_same_projection(seed, generator, device):
     """The in-kernel generator and the params= path both compute P theta and P^T g for the
     float64 dense P of fastfood_params (column by column: scipy's H, explicit permutation
     matrices), so the kernels generate the documented projection and transpose it exactly
@@ -347,14 +417,14 @@ def test_triton_generates_the_same_projection(seed, device):
     D, d = 600, 120  # Lb = 128: four full blocks and a cut one (88 of 128 rows)
     theta = rand(d, dtype=torch.float32, device=device)
     g = rand(D, dtype=torch.float32, seed=5, device=device)
-    params = tuple(t.to(device) for t in kk.fastfood_params(D, d, seed))
-    P = dense_projection(D, d, seed).to(device)
+    params = tuple(t.to(device) for t in kk.fastfood_params(D, d, seed, generator=generator))
+    P = dense_projection(D, d, seed, generator=generator).to(device)
     want, want_grad = P @ theta.double(), P.t() @ g.double()
     with kk.use_backend("triton"):
-        got = kk.fastfood(theta, D, seed)
+        got = kk.fastfood(theta, D, seed, generator=generator)
         got_params = kk.fastfood(theta, D, params=params)
         t = theta.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(kk.fastfood(t, D, seed), t, g)
+        (grad,) = torch.autograd.grad(kk.fastfood(t, D, seed, generator=generator), t, g)
         t2 = theta.clone().requires_grad_()
         (grad_params,) = torch.autograd.grad(kk.fastfood(t2, D, params=params), t2, g)
     assert_rel_close(got, want, 1e-5, "P theta generated vs dense P")
@@ -396,10 +466,21 @@ def test_triton_large_block_falls_back_to_fwht_chain(device):
         (lambda: kk.fastfood_params(0, 4), ValueError, "D must be >= 1"),
         (lambda: kk.fastfood_params(10, -2), ValueError, "d must be >= 1"),
         (lambda: kk.fastfood_params(10, 4, mode="Stacked"), ValueError, "mode must be one of"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, generator=3), ValueError, r"generator must be one of \(1, 2\), got 3"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, generator=0), ValueError, "generator must be one of"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, generator=2.0), TypeError, "generator must be one of"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, generator=True), TypeError, "generator must be one of"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, generator="2"), TypeError, "generator must be one of"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, generator=None), TypeError, "generator must be one of"),
+        (lambda: kk.fastfood(torch.zeros(4), 10, params=kk.fastfood_params(10, 4), generator=5), ValueError,
+         "generator must be one of"),
+        (lambda: kk.fastfood_params(10, 4, generator=-1), ValueError, "generator must be one of"),
+        (lambda: kk.fastfood_params(10, 4, generator=1.5), TypeError, "generator must be one of"),
     ],
     ids=["D0", "d0", "D-float", "theta-2d", "theta-int", "theta-list", "mode", "seed-neg", "seed-float",
          "params-shape", "params-not-perm", "params-pi-dtype", "params-type", "params-D0", "params-d-neg",
-         "params-mode"],
+         "params-mode", "generator-3", "generator-0", "generator-float", "generator-bool", "generator-str",
+         "generator-none", "generator-with-params", "params-generator-neg", "params-generator-float"],
 )
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
@@ -431,33 +512,35 @@ SEEDS = [0, 99, 2**40 + 3, 2**64 - 1]
 
 
 @needs_extension
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("D,d,mode", CASES, ids=IDS)
-def test_extension_cpu_matches_dense(D, d, mode):
+def test_extension_cpu_matches_dense(D, d, mode, generator):
     """The C++ kernel (fp32, generating B, Pi, G itself) against the float64 dense P of
     fastfood_params: output and P^T g through autograd."""
-    P = dense_projection(D, d, SEED, mode)
+    P = dense_projection(D, d, SEED, mode, generator)
     theta = rand(d, dtype=torch.float32).requires_grad_()
     with kk.use_backend("cuda"):
-        compare_with_reference(lambda t: kk.fastfood(t, D, SEED, mode), lambda t: P @ t, [theta],
+        compare_with_reference(lambda t: kk.fastfood(t, D, SEED, mode, generator=generator), lambda t: P @ t, [theta],
                                RTOL[torch.float32], ref_dtype=torch.float64)
 
 
 @needs_extension
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("D,d,mode", [(5000, 300, "stacked"), (70001, 2**12, "stacked"), (3000, 40, "padded"),
                                       (9, 9, "stacked")], ids=["tail", "full-lb", "padded", "one-block"])
-def test_extension_cpu_same_projection_as_torch(D, d, mode, seed):
+def test_extension_cpu_same_projection_as_torch(D, d, mode, seed, generator):
     """Same seed, same P: B and Pi bit-identical (a difference would change outputs by O(1)), G
     within float32 rounding, so forward and P^T g agree to ~1e-6 with the float64 torch path."""
     theta = rand(d, dtype=torch.float32, seed=1)
     g = rand(D, dtype=torch.float32, seed=2)
     with kk.use_backend("torch"):
         t = theta.double().requires_grad_()
-        want = kk.fastfood(t, D, seed, mode)
+        want = kk.fastfood(t, D, seed, mode, generator=generator)
         (want_grad,) = torch.autograd.grad(want, t, g.double())
     with kk.use_backend("cuda"):
         t = theta.clone().requires_grad_()
-        got = kk.fastfood(t, D, seed, mode)
+        got = kk.fastfood(t, D, seed, mode, generator=generator)
         (got_grad,) = torch.autograd.grad(got, t, g)
     assert got.dtype == torch.float32 and got.shape == (D,)
     assert_rel_close(got, want, 1e-5, "P theta")
@@ -480,8 +563,10 @@ def test_extension_cpu_transpose_identity_and_linearity():
 
 
 @needs_extension
-def test_extension_cpu_backward_deterministic_across_threads():
-    """P^T g sums the blocks in a fixed split whatever the number of threads: bit-identical."""
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_extension_cpu_backward_deterministic_across_threads(generator):
+    """P^T g sums the blocks in a fixed split whatever the number of threads: bit-identical (and the
+    forward: version 2's B words are reloaded at each thread's first element)."""
     D, d = 300000, 100
     g = rand(D, dtype=torch.float32)
     out = []
@@ -491,11 +576,17 @@ def test_extension_cpu_backward_deterministic_across_threads():
             torch.set_num_threads(n)
             theta = torch.zeros(d, requires_grad=True)
             with kk.use_backend("cuda"):
-                (grad,) = torch.autograd.grad(kk.fastfood(theta, D, 4), theta, g)
-            out.append(grad)
+                (grad,) = torch.autograd.grad(kk.fastfood(theta, D, 4, generator=generator), theta, g)
+                # padded: one block of 2^19, its element loops split over the threads
+                fwd = kk.fastfood(g[:d], D, 4, "padded", generator=generator)
+            out.append((grad, fwd))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(out[0], o) for o in out[1:])
+    assert all(torch.equal(out[0][0], o[0]) and torch.equal(out[0][1], o[1]) for o in out[1:])
+    # 3 threads split the block's 2^19 elements at 174763 (not a multiple of 32): still the projection
+    with kk.use_backend("torch"):
+        want = kk.fastfood(g[:d].double(), D, 4, "padded", generator=generator)
+    assert_rel_close(out[2][1], want, 1e-5, "padded forward over threads")
 
 
 @needs_extension
@@ -535,12 +626,19 @@ def _binding_calls():
         (lambda: ext.fastfood_backward(out.int(), f32, 0, 4), TypeError, "grad must be float32"),
         (lambda: ext.fastfood_backward(out, torch.zeros(5), 0, 4), ValueError, "d = 5 exceeds the block size Lb = 4"),
         (lambda: ext.fastfood_backward(torch.zeros(2, 5), f32, 0, 4), ValueError, "grad must be 1-D"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 4, 3), ValueError, r"generator must be one of \(1, 2\), got 3"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 4, 2**70), ValueError, "generator must be one of"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 4, True), TypeError, "generator must be one of"),
+        (lambda: ext.fastfood_forward(f32, out, 0, 4, 2.0), TypeError, "generator must be one of"),
+        (lambda: ext.fastfood_backward(out, f32, 0, 4, 0), ValueError, "generator must be one of"),
+        (lambda: ext.fastfood_backward(out, f32, 0, 4, None), TypeError, "generator must be one of"),
     ]
 
 
 BINDING_IDS = ["theta-fp64", "out-fp16", "theta-2d", "theta-strided", "out-empty", "Lb-not-pow2", "d-above-Lb",
                "Lb-too-large", "seed-neg", "seed-2^64", "seed-float", "seed-bool", "out-other-device", "grad-int",
-               "grad-d-above-Lb", "grad-2d"]
+               "grad-d-above-Lb", "grad-2d", "generator-3", "generator-2^70", "generator-bool", "generator-float",
+               "grad-generator-0", "grad-generator-none"]
 
 
 @needs_extension
@@ -575,8 +673,9 @@ def _compile_params(explicit, device):
     return tuple(t.to(device) for t in kk.fastfood_params(COMPILE_D, COMPILE_d, BIG_SEED)) if explicit else None
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("impl, device, explicit", COMPILE_CASES)
-def test_opcheck(impl, device, explicit):
+def test_opcheck(impl, device, explicit, generator):
     """The custom ops ``kron_kernels::fastfood`` and ``kron_kernels::fastfood_transpose``
     (torch.compile's path): schema, fake tensor (shape, dtype, strides), autograd registration
     (each is the other's derivative) and AOT dispatch; and the op with the seed as its int64
@@ -584,13 +683,15 @@ def test_opcheck(impl, device, explicit):
     D, d = COMPILE_D, COMPILE_d
     Lb, nb = ff.fastfood_block_size(D, d)
     params = _compile_params(explicit, device)
-    args = (Lb, nb, ff._seed_arg(BIG_SEED), *(params or (None, None, None)), impl)
+    if explicit and generator != 1:
+        pytest.skip("explicit params generate nothing: the generator is not used")
+    args = (Lb, nb, ff._seed_arg(BIG_SEED), *(params or (None, None, None)), impl, generator)
     theta = rand(d, dtype=torch.float32, device=device).requires_grad_()
     g = rand(D, dtype=torch.float32, seed=1, device=device).requires_grad_()
     torch.library.opcheck(ff._fastfood_op, (theta, D, *args))
     torch.library.opcheck(ff._fastfood_transpose_op, (g, d, *args))
     with kk.use_backend(impl):
-        want = kk.fastfood(theta.detach(), D, BIG_SEED, params=params)
+        want = kk.fastfood(theta.detach(), D, BIG_SEED, params=params, generator=generator)
     assert torch.equal(ff._fastfood_op(theta.detach(), D, *args), want)
 
 
@@ -758,8 +859,9 @@ GENERATOR_IDENTITY = (
 )
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("impl, device, log_lb", GENERATOR_IDENTITY)
-def test_generated_b_pi_g_are_the_documented_ones(impl, device, log_lb):
+def test_generated_b_pi_g_are_the_documented_ones(impl, device, log_lb, generator):
     """B and Pi bit-identical with ``kk.fastfood_params`` (the CPU's definition), G within the
     documented float32 bound, for one seed, read back from the kernel's own output. With d = Lb
     and theta = e_i, block j transformed back (``_back_to_the_middle``) is
@@ -780,13 +882,13 @@ def test_generated_b_pi_g_are_the_documented_ones(impl, device, log_lb):
     d, nb = Lb, 3
     D = nb * Lb
     assert ff.fastfood_block_size(D, d) == (Lb, nb)
-    B, Pi, G = kk.fastfood_params(D, d, seed)
+    B, Pi, G = kk.fastfood_params(D, d, seed, generator=generator)
     B, G = B.double(), G.double()
     G_unit = G / G.norm(dim=1, keepdim=True)
 
     def middle(theta):
         with kk.use_backend(impl):
-            return _back_to_the_middle(kk.fastfood(theta.to(device), D, seed), Lb, D)
+            return _back_to_the_middle(kk.fastfood(theta.to(device), D, seed, generator=generator), Lb, D)
 
     eye = torch.eye(d)
     z0 = middle(eye[0])
@@ -827,20 +929,24 @@ def emulator(tmp_path_factory):
     return exe
 
 
-def _emulate(exe, tmp_path, mode, log_lb, D, seed, grid, x):
+def _emulate(exe, tmp_path, mode, log_lb, D, seed, grid, x, generator=1):
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     x.numpy().astype("<f4").tofile(src)
-    subprocess.run([exe, mode, str(log_lb), str(D), str(seed), str(grid), str(src), str(dst)], check=True, timeout=600)
+    subprocess.run([exe, mode, str(log_lb), str(D), str(seed), str(grid), str(src), str(dst), str(generator)],
+                   check=True, timeout=600)
     return torch.from_numpy(__import__("numpy").fromfile(dst, dtype="<f4"))
 
 
-@pytest.mark.parametrize("log_lb", [0, 2, 3, 5, 8, 9, 10, 13, 14, pytest.param(15, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("log_lb", [0, 1, 2, 3, 5, 8, 9, 10, 13, 14, pytest.param(15, marks=pytest.mark.slow)],
                          ids=lambda k: f"Lb{2**k}")
-def test_cuda_kernels_emulated_on_host(emulator, tmp_path, log_lb):
+def test_cuda_kernels_emulated_on_host(emulator, tmp_path, log_lb, generator):
     """The CUDA kernels' own code against the float64 torch path, two persistent CTAs walking
     every block (several row groups per CTA below Lb = 2^10; rows over 2 warps at 2^9 with two
     groups; the exchange through shared memory from 2^9; the cut last block; groups past the
-    last block in the final round): outputs and the partial rows' sum, 1e-5."""
+    last block in the final round): outputs and the partial rows' sum, 1e-5. For both generator
+    versions: version 2's kernels share a B word among a thread's 8 elements and one Box--Muller
+    evaluation per pair (Lb = 1, 2, 4: a thread holds the whole block, fewer than 8 elements)."""
     Lb, seed = 2**log_lb, 2**63 + 11
     d = Lb // 2 + 1 if Lb > 2 else Lb  # stacked mode: Lb = 2^ceil(log2 d)
     D = max(3 * Lb, 700) + 5
@@ -848,10 +954,10 @@ def test_cuda_kernels_emulated_on_host(emulator, tmp_path, log_lb):
     theta, g = rand(d, dtype=torch.float32), rand(D, dtype=torch.float32, seed=1)
     with kk.use_backend("torch"):
         t = theta.double().requires_grad_()
-        want = kk.fastfood(t, D, seed)
+        want = kk.fastfood(t, D, seed, generator=generator)
         (want_grad,) = torch.autograd.grad(want, t, g.double())
-    got = _emulate(emulator, tmp_path, "fwd", log_lb, D, seed, 2, theta)
-    partial = _emulate(emulator, tmp_path, "bwd", log_lb, D, seed, 2, g)
+    got = _emulate(emulator, tmp_path, "fwd", log_lb, D, seed, 2, theta, generator)
+    partial = _emulate(emulator, tmp_path, "bwd", log_lb, D, seed, 2, g, generator)
     assert partial.numel() % Lb == 0 and not torch.isnan(partial).any(), "every partial row written"
     assert_rel_close(got, want, 1e-5, "P theta (emulated CUDA kernel)")
     assert_rel_close(partial.view(-1, Lb).sum(0)[:d], want_grad, 1e-5, "P^T g (emulated CUDA kernel)")
@@ -868,19 +974,20 @@ def test_cuda_exchange_is_bank_conflict_free(emulator):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout
 
 
-def _extension_pair(theta, g, D, seed, mode, device):
+def _extension_pair(theta, g, D, seed, mode, device, generator=1):
     """(P theta, P^T g) by the compiled kernels on ``device`` (fp32)."""
     t = theta.to(device).requires_grad_()
     with kk.use_backend("cuda"):
-        y = kk.fastfood(t, D, seed, mode)
+        y = kk.fastfood(t, D, seed, mode, generator=generator)
         (grad,) = torch.autograd.grad(y, t, g.to(device))
     return y.detach().cpu(), grad.cpu()
 
 
 @pytest.mark.gpu
 @needs_extension
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("log_lb", range(16), ids=[f"Lb{2**k}" for k in range(16)])
-def test_gpu_extension_matches_cpu_extension(log_lb):
+def test_gpu_extension_matches_cpu_extension(log_lb, generator):
     """The CUDA kernel against the C++ one for every block size it takes: several row groups per
     CTA (small Lb), a persistent grid with more blocks than CTAs, a cut last block, d not a
     power of two. B and Pi are the same integer functions (a difference would change outputs by
@@ -892,20 +999,21 @@ def test_gpu_extension_matches_cpu_extension(log_lb):
     d, D = Lb // 2 + 1 if Lb > 2 else Lb, max(37 * Lb, 100000) + 5  # stacked: Lb = 2^ceil(log2 d)
     assert ff.fastfood_block_size(D, d)[0] == Lb
     theta, g = rand(d, dtype=torch.float32), rand(D, dtype=torch.float32, seed=1)
-    want = _extension_pair(theta, g, D, 2**40 + 7, "stacked", "cpu")
-    got = _extension_pair(theta, g, D, 2**40 + 7, "stacked", "cuda")
+    want = _extension_pair(theta, g, D, 2**40 + 7, "stacked", "cpu", generator)
+    got = _extension_pair(theta, g, D, 2**40 + 7, "stacked", "cuda", generator)
     assert_rel_close(got[0], want[0], 1e-5, "P theta CUDA vs CPU")
     assert_rel_close(got[1], want[1], 1e-4, "P^T g CUDA vs CPU (sums over D / Lb blocks)")
 
 
 @pytest.mark.gpu
 @needs_extension
-def test_gpu_extension_target_size_and_padded():
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_gpu_extension_target_size_and_padded(generator):
     """d = 2^14 into D ~ 1e7 (the issue's block size), and padded mode with a single block."""
     for D, d, mode in ((10**7 + 11, 2**14, "stacked"), (20000, 300, "padded")):
         theta, g = rand(d, dtype=torch.float32), rand(D, dtype=torch.float32, seed=1)
-        want = _extension_pair(theta, g, D, 12, mode, "cpu")
-        got = _extension_pair(theta, g, D, 12, mode, "cuda")
+        want = _extension_pair(theta, g, D, 12, mode, "cpu", generator)
+        got = _extension_pair(theta, g, D, 12, mode, "cuda", generator)
         assert_rel_close(got[0], want[0], 1e-5, f"P theta {mode}")
         assert_rel_close(got[1], want[1], 1e-4, f"P^T g {mode}")
 
