@@ -509,13 +509,15 @@ def _build_fact(fmt: str):
             else:  # Σ_i = sum_t P[i, t] C[t] has variance r * (1/r) * (1/r) = 1/r, as TT's cores
                 owner.C = nn.Parameter(torch.empty(r, r, r, **factory).normal_(0.0, r**-0.5))
                 owner.P = nn.Parameter(torch.empty(n_slots, r, **factory).normal_(0.0, r**-0.5))
+            # the fused layers take their cores from one bank per shared module (nn.FacTCoreBank)
+            bank = dict(bank=nn_fact.FacTCoreBank(owner, fmt)) if impl == "fused" else {}
             for i, (block_name, blk) in enumerate(stage.blocks):
                 for parent_attr, attr, offsets, mode, (rows, cols) in _FACT_LAYERS:
                     parent = _submodule(blk, block_name, parent_attr, method)
                     name = f"{block_name}.{parent_attr}.{attr}"
                     linear = _linear(parent, name, attr, method, (rows * d, cols * d))
                     slots = [FACT_SLOTS_PER_BLOCK * i + o for o in offsets]
-                    options = dict(scale=config["scale"], dropout=config["dropout"])
+                    options = dict(scale=config["scale"], dropout=config["dropout"], **bank)
                     new = _built(name, lambda: layer_cls(linear, slots, mode, fmt, owner, **options))
                     replacements.append((parent, attr, new))
         return replacements

@@ -2,7 +2,7 @@
 from .arc import ARCAdapter
 from .compacter import AdapterWrapper, CompacterAdapter, PHMBank, PHMLinear
 from .fastfood import FastfoodSubspace
-from .fact import FacTLinear
+from .fact import FacTCoreBank, FacTLinear
 from .kadaptation import KAdaptationLinear
 from .losa import LoSAMixer, LoSAModel
 
@@ -14,6 +14,7 @@ __all__ = [
     "AdapterWrapper",
     "FastfoodSubspace",
     "FacTLinear",
+    "FacTCoreBank",
     "ARCAdapter",
     "LoSAMixer",
     "LoSAModel",

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import backend, ops
 from ..ops._common import autocast_target, check_bool, check_int, compiling
+from ._bank import drop_when_consumed, stamp
 from .kadaptation import init_shared_factor
 
 __all__ = ["PHMLinear", "PHMBank", "CompacterAdapter", "AdapterWrapper"]
@@ -62,11 +63,8 @@ _BANK_BACKENDS = ("auto", "torch", "dense")
 
 
 def _stamp(layer: "PHMLinear") -> Tuple:
-    """What a PHM weight depends on: its A, s and t, each by identity, storage and version
-    (an in-place update -- an optimizer step, ``load_state_dict`` -- bumps the version; ``.to``
-    or ``load_state_dict(assign=True)`` gives new storage or a new tensor)."""
-    return tuple(x for t in (layer.phm_rule, layer.s, layer.t) for x in (id(t), t.data_ptr(), t._version))
-
+    """What a PHM weight depends on: its A, s and t (``_bank.stamp``)."""
+    return stamp(layer.phm_rule, layer.s, layer.t)
 
 class PHMBank:
     """The weights of every PHM layer registered with it -- one model's, sharing one ``A`` --
@@ -77,10 +75,10 @@ class PHMBank:
     bound by the host's launches, commit 93d8659). ``kk.adapt(model, "compacter")`` makes one
     per model.
 
-    A built set is reused while it is valid for the layer asking: the same autocast dtype and
-    grad mode, the layer's A, s and t unchanged (:func:`_stamp`), and its autograd graph not yet
-    consumed -- the backward that reaches it drops it (a hook on the stacked weights), so the
-    next forward builds again even when no parameter changed (gradient accumulation). Under
+    A built set is reused while it is valid for the layer asking (:mod:`kron_kernels.nn._bank`):
+    the same autocast dtype and grad mode, the layer's A, s and t unchanged, and its autograd
+    graph not yet consumed -- the backward that reaches it drops it, so the next forward builds
+    again even when no parameter changed (gradient accumulation). Under
     ``torch.compile`` the layers build their own weights (the bank is Python state Dynamo should
     not trace). Never saved: copies and pickles of a model get an empty bank."""
 
@@ -124,12 +122,8 @@ class PHMBank:
         built = (weights, [_stamp(l) for l in layers])
         self._built[slot] = built
         stacked = getattr(weights[0], "kk_stacked", None)  # the (K, out, in) tensor they are views of
-        if stacked is not None and stacked.requires_grad:
-            def consumed(grad_, slot=slot, built=built):
-                if self._built.get(slot) is built:
-                    del self._built[slot]
-
-            stacked.register_hook(consumed)
+        if stacked is not None:
+            drop_when_consumed(stacked, self._built, slot, built)
         return built
 
     def __len__(self) -> int:

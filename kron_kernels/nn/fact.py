@@ -30,16 +30,18 @@ pre-merge weight, so unmerge restores it bitwise.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import copy
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._common import check_float, check_int, check_probability
+from ..ops._common import check_float, check_int, check_probability, compiling
+from ._bank import drop_when_consumed, stamp
 
-__all__ = ["FacTLinear", "fact_cores", "FORMATS", "MODES"]
+__all__ = ["FacTLinear", "FacTCoreBank", "fact_cores", "FORMATS", "MODES"]
 
 FORMATS = ("tt", "tk")
 MODES = ("rows", "cols")
@@ -52,6 +54,87 @@ def fact_cores(shared: nn.Module, fmt: str) -> torch.Tensor:
     C, P = shared.C, shared.P
     r = C.shape[0]
     return (P @ C.reshape(r, r * r)).view(-1, r, r)
+
+
+class FacTCoreBank:
+    """The cores of every FacT layer of one shared module (a ViT's, or one Swin stage's),
+    formed once per forward pass: TK's ``P @ C`` once for all S slots, and each layer's
+    ``(k, r, r)`` block a view of one split of the ``(S, r, r)`` cores, whose backward is one
+    concatenation for every layer. Each layer on its own indexed its slots (one launch forward,
+    a zero fill and a scatter backward) and, for TK, formed ``P @ C`` (one launch forward, two
+    backward): about 3 (TT) / 6 (TK) launches a layer, 144 / 288 a ViT-B step, against 1 (TT) /
+    4 (TK) for the whole model here -- on the H200 the FacT steps were bound by their 2,281 /
+    2,570 launches (commit 93d8659). ``kk.adapt`` makes one per shared module.
+
+    It serves when its layers' slots tile ``[0, S)`` in consecutive runs (``adapt``'s layout:
+    q, k, v | o | fc1 x 4 | fc2 x 4 per block); otherwise every layer indexes its own. Valid
+    while the cores (TT) or C and P (TK) are unchanged, in one grad mode, and (TK) until a
+    backward consumes the product's graph (:mod:`kron_kernels.nn._bank`). Bypassed under
+    ``torch.compile``; never saved (copies and pickles get an empty one)."""
+
+    def __init__(self, shared: nn.Module, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        self._shared = (shared,)
+        self.fmt = fmt
+        self._layers = []
+        self._index: Optional[Dict[int, int]] = None  # id(layer) -> its block of the split
+        self._sizes = None
+        self._built: Dict[bool, tuple] = {}
+
+    def add(self, layer: "FacTLinear") -> None:
+        if not isinstance(layer, FacTLinear) or layer._shared[0] is not self._shared[0] or layer.fmt != self.fmt:
+            raise ValueError("a FacTCoreBank holds FacT layers of its own shared module and format")
+        self._layers.append(layer)
+        self._index = None
+
+    def _tensors(self):
+        shared = self._shared[0]
+        return (shared.cores,) if self.fmt == "tt" else (shared.C, shared.P)
+
+    def _partition(self) -> bool:
+        """Whether the layers' slots tile ``[0, S)`` in consecutive runs (sizes and index set)."""
+        if self._index is None:
+            runs = sorted((layer.slots[0], len(layer.slots), id(layer), tuple(layer.slots)) for layer in self._layers)
+            n_slots = self._tensors()[-1].shape[0]
+            tiled = [start for start, *_ in runs] == [sum(k for _, k, *_ in runs[:i]) for i in range(len(runs))]
+            consecutive = all(slots == tuple(range(start, start + k)) for start, k, _, slots in runs)
+            if runs and tiled and consecutive and sum(k for _, k, *_ in runs) == n_slots:
+                self._sizes = [k for _, k, *_ in runs]
+                self._index = {key: i for i, (_, _, key, _) in enumerate(runs)}
+            else:
+                self._sizes, self._index = None, {}
+        return self._sizes is not None
+
+    def cores(self, layer: "FacTLinear") -> Optional[torch.Tensor]:
+        """``layer``'s ``(k, r, r)`` cores from this pass's split, or None where the bank does
+        not serve (the layer indexes its own)."""
+        if not self._partition() or id(layer) not in self._index:
+            return None
+        slot = torch.is_grad_enabled()
+        tensors = self._tensors()
+        built = self._built.get(slot)
+        if built is None or built[1] != stamp(*tensors):
+            every = fact_cores(self._shared[0], self.fmt)  # (S, r, r): TT's Parameter, TK's P @ C
+            built = (torch.split(every, self._sizes), stamp(*tensors))
+            self._built[slot] = built
+            drop_when_consumed(every, self._built, slot, built)  # TK's product (TT's is a leaf)
+        return built[0][self._index[id(layer)]]
+
+    def __deepcopy__(self, memo):
+        clone = FacTCoreBank.__new__(FacTCoreBank)
+        memo[id(self)] = clone
+        clone._shared = copy.deepcopy(self._shared, memo)
+        clone.fmt = self.fmt
+        clone._layers = copy.deepcopy(self._layers, memo)
+        clone._index, clone._sizes, clone._built = None, None, {}
+        return clone
+
+    def __getstate__(self):
+        return {**self.__dict__, "_index": None, "_sizes": None, "_built": {}}
+
+    def __repr__(self) -> str:
+        return f"FacTCoreBank({self.fmt!r}, {len(self._layers)} layers)"
 
 
 class FacTLinear(nn.Module):
@@ -67,7 +150,7 @@ class FacTLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, slots: Sequence[int], mode: str, fmt: str, shared: nn.Module,
-                 scale: float = 1.0, dropout: float = 0.1) -> None:
+                 scale: float = 1.0, dropout: float = 0.1, bank: Optional[FacTCoreBank] = None) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -110,6 +193,12 @@ class FacTLinear(nn.Module):
         self.register_buffer("_premerge_weight", None, persistent=False)
         #: no own adapter tensors; the attribute marks the layer for kk.merge / kk.unmerge
         self.kk_adapter_params = ()
+        self._bank = None
+        if bank is not None:
+            if not isinstance(bank, FacTCoreBank):
+                raise TypeError(f"bank must be a FacTCoreBank or None, got {type(bank).__name__}")
+            bank.add(self)
+            self._bank = bank
 
     @property
     def merged(self) -> bool:
@@ -117,7 +206,9 @@ class FacTLinear(nn.Module):
 
     def _factors(self):
         shared = self._shared[0]
-        cores = fact_cores(shared, self.fmt)[list(self.slots)]
+        cores = self._bank.cores(self) if self._bank is not None and not compiling() else None
+        if cores is None:
+            cores = fact_cores(shared, self.fmt)[list(self.slots)]
         return shared.U, shared.V, cores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

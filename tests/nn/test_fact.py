@@ -261,3 +261,113 @@ def test_layer_hyperparameters_through_the_shared_validators(fmt, argument, valu
 def test_layer_semantic_refusals(slots, shared, error, match):
     with pytest.raises(error, match=match):
         FacTLinear(nn.Linear(D, D, dtype=torch.float64), slots, "rows", "tt", shared)
+
+
+# ----------------------------------------------------------------------------------------
+# FacTCoreBank: every layer's cores from one split per forward pass (kk.adapt's fused FacT)
+# ----------------------------------------------------------------------------------------
+def banked_fact(fmt, depth=2, seed=0):
+    """A tiny float64 ViT adapted with FacT (its core bank), every factor nonzero (V too)."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=D, depth=depth, num_heads=2, num_classes=5)
+    model = kk.adapt(vit.double(), f"fact_{fmt}", r=R, dropout=0.0).train()
+    gen = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in model.kk_shared.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    return model
+
+
+def fact_layers(model):
+    return [m for m in model.modules() if isinstance(m, FacTLinear)]
+
+
+def unbanked(model):
+    plain = copy.deepcopy(model)
+    for layer in fact_layers(plain):
+        layer._bank = None
+    return plain
+
+
+def step_outputs(model, x):
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    out = model(x)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    return {"out": out, **dict(zip(params, torch.autograd.grad(out, list(params.values()), cot)))}
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tk"])
+def test_core_bank_serves_every_layer_and_matches_indexing(fmt):
+    model = banked_fact(fmt)
+    layers = fact_layers(model)
+    bank = layers[0]._bank
+    assert len(layers) == 8 and all(layer._bank is bank for layer in layers)
+    assert repr(bank) == f"FacTCoreBank({fmt!r}, 8 layers)" and bank._partition()
+    assert not any("bank" in key for key in model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    got, want = step_outputs(model, x), step_outputs(unbanked(model), x)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tk"])
+def test_core_bank_accumulates_and_follows_updates(fmt):
+    """Two backwards without a parameter change in between (TK's product is built again after
+    the first consumed it), then an optimizer step and an in-place change the next forward sees."""
+    model = banked_fact(fmt)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    single = torch.autograd.grad(model(x).square().sum(), params)
+    for _ in range(2):
+        model(x).square().sum().backward()
+    for p, g in zip(params, single):
+        assert_rel_close(p.grad, 2 * g, RTOL[torch.float64])
+    torch.optim.SGD(params, lr=0.01).step()
+    with torch.no_grad():
+        assert_rel_close(model(x), unbanked(model)(x), RTOL[torch.float64])
+        (model.kk_shared.cores if fmt == "tt" else model.kk_shared.P).mul_(2.0)
+        assert_rel_close(model(x), unbanked(model)(x), RTOL[torch.float64])
+
+
+def test_core_bank_survives_copies_and_pickles():
+    import io
+
+    model = banked_fact("tk")
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    model(x).sum()  # a built product with its graph: copies must not carry it
+    clone = copy.deepcopy(model)
+    bank = fact_layers(clone)[0]._bank
+    assert bank is not fact_layers(model)[0]._bank and not bank._built and bank._shared[0] is clone.kk_shared
+    with torch.no_grad():
+        clone.kk_shared.C.add_(1.0)
+        assert not torch.equal(clone(x), model(x))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), model(x))
+
+
+def test_core_bank_steps_aside_when_the_slots_do_not_tile():
+    """Layers whose slots leave a gap (or skip one) index their own cores: same numbers."""
+    shared = owner("tt", 6)
+    bank = kk.nn.FacTCoreBank(shared, "tt")
+    layer = FacTLinear(nn.Linear(D, 3 * D).double(), [0, 1, 2], "rows", "tt", shared, dropout=0.0, bank=bank)
+    other = FacTLinear(nn.Linear(D, 2 * D).double(), [4, 5], "rows", "tt", shared, dropout=0.0, bank=bank)
+    assert not bank._partition() and bank.cores(layer) is None and bank.cores(other) is None
+    x = torch.randn(5, D, dtype=torch.float64)
+    plain = copy.deepcopy(layer)
+    plain._bank = None
+    assert torch.equal(layer(x), plain(x))
+
+
+def test_core_bank_arguments():
+    shared = owner("tt", 3)
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        kk.nn.FacTCoreBank(shared, "cp")
+    with pytest.raises(TypeError, match="bank must be a FacTCoreBank"):
+        FacTLinear(nn.Linear(D, 3 * D).double(), [0, 1, 2], "rows", "tt", shared, bank="yes")
+    with pytest.raises(ValueError, match="its own shared module and format"):
+        FacTLinear(nn.Linear(D, 3 * D).double(), [0, 1, 2], "rows", "tt", owner("tt", 3),
+                   bank=kk.nn.FacTCoreBank(shared, "tt"))
