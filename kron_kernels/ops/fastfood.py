@@ -74,7 +74,8 @@ The extension's kernels (``csrc/fastfood.h``) use libm's ``logf``/``cosf``/``sqr
 and, on CUDA, call ``__nv_logf``/``__nv_cosf`` (generator 2: ``__nv_sincosf``) by name and the
 correctly rounded ``__fsqrt_rn`` (the extension is compiled with ``--use_fast_math``, which would
 turn ``logf``/``cosf``/``sincosf`` into ``lg2.approx``/``cos.approx``/``sin.approx``). Triton's
-``tl.sin`` lowers to libdevice's ``__nv_sinf`` as ``tl.cos`` to ``__nv_cosf``.
+``tl.sin`` lowers to libdevice's ``__nv_sinf`` as ``tl.cos`` to ``__nv_cosf`` (the sm_90 PTX of generator 2's
+Triton kernel and of the CUDA kernels has no ``sin.approx``/``cos.approx``/``lg2.approx``).
 ``fastfood_params`` computes G in float64 from the same uniforms and rounds once to float32 --
 the definition the kernels approximate to that bound. Outputs of P then agree to ~1e-6
 relative (the tests use 1e-5).
