@@ -25,7 +25,11 @@ intermediate) -- Philox in the Triton kernels, a seeded
 ``torch.Generator`` on the torch backend -- so the backward regenerates (Triton) or reuses
 (torch) exactly the forward's mask. A seed of None draws one from torch's global generator,
 so ``torch.manual_seed`` makes runs reproducible; the two backends draw different masks for
-the same seed. ``dropout_keep_mask`` returns the mask a backend uses.
+the same seed. ``dropout_keep_mask`` returns the mask a backend uses. The dense composition
+takes the torch backend's mask for a given seed; with a seed of None it runs torch's own
+``F.dropout`` (as the references do: on CUDA one fused kernel forward and one backward, where
+a drawn seed cost a host-side draw, a Bernoulli launch and a multiply -- the H200's fused steps
+were bound by their launches), from torch's global generators (``torch.manual_seed``).
 """
 from __future__ import annotations
 
@@ -135,7 +139,7 @@ class _Spec:
     middle: str  # "diag" | "gelu"  (the Triton kernels also take "core")
     residual: bool  # add x1 to the output
     p_drop: float
-    seed: int
+    seed: Optional[int]  # None: the dense composition's F.dropout (module docstring)
     data_dtype: torch.dtype  # the precision the data carry: x's dtype, or the autocast dtype below it
 
 
@@ -349,17 +353,20 @@ def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
     # bf16: over the low-precision rule on an H200 at ViT sizes (commit 93d8659), not on CPU.
     pre = (x.transpose(-1, -2) if token else x) @ D  # (B, C, r) | (N, r)
     # each launch counts: on the H200 the fused steps were bound by the host (commit 93d8659),
-    # so dropout's 1 / (1 - p) rides on ARC's diagonal and the mask multiplies as a bool
-    inv_keep = 1.0 / (1.0 - spec.p_drop) if spec.p_drop > 0.0 else None
+    # so a seeded mask's 1 / (1 - p) rides on ARC's diagonal and the mask multiplies as a bool
+    seeded = spec.p_drop > 0.0 and spec.seed is not None
+    inv_keep = 1.0 / (1.0 - spec.p_drop) if seeded else None
     if spec.middle == "diag":
         a = pre * (diag if inv_keep is None else diag * inv_keep).to(dt)
     else:
         a = F.gelu(pre) if inv_keep is None else F.gelu(pre) * inv_keep  # (LoSA has no dropout)
-    if inv_keep is not None:
+    if seeded:
         r = down.shape[1]
         n_rows = x1.shape[0] * x1.shape[2] if token else x1.shape[0]
         keep = _torch_keep_mask(n_rows, r, spec.p_drop, spec.seed, x1.device)  # rows (b, c) | n
         a = a * (keep.view(x1.shape[0], -1, r) if token else keep)
+    elif spec.p_drop > 0.0:  # no seed asked for: torch's own dropout (module docstring)
+        a = F.dropout(a, spec.p_drop, training=True)
     out = a @ Up.t()  # (B, C, T) | (N, d)
     if token:
         out = out.transpose(-1, -2)
@@ -525,7 +532,8 @@ class _FacTSpec:
     split: str  # "rows" | "cols"
     scale: float
     p_drop: float
-    seed: int  # (the kernels' dot precision follows from x's dtype, the autocast dtype under autocast)
+    seed: Optional[int]  # None: the dense composition's F.dropout (the kernels' dot precision follows
+    # from x's dtype, the autocast dtype under autocast)
 
 
 def _torch_fact_keep(spec: _FacTSpec, n: int, k: int, r: int, device, acc) -> Optional[torch.Tensor]:
@@ -656,7 +664,8 @@ def _dense_fact(x2, weight, bias, U, V, cores, spec: _FacTSpec):
     dt = x2.dtype
     n, (k, r) = x2.shape[0], cores.shape[:2]
     d = U.shape[0]
-    s = spec.scale * (1.0 / (1.0 - spec.p_drop) if spec.p_drop > 0.0 else 1.0)
+    seeded = spec.p_drop > 0.0 and spec.seed is not None
+    s = spec.scale * (1.0 / (1.0 - spec.p_drop) if seeded else 1.0)
     Ud, Vd = U.to(dt), V.to(dt)
     if spec.split == "rows":
         # the cores side by side, (r, k r): scaled, converted and laid out in two launches
@@ -666,8 +675,10 @@ def _dense_fact(x2, weight, bias, U, V, cores, spec: _FacTSpec):
     else:
         pre = (x2.reshape(n * k, d) @ Ud).view(n, k, r)
         a = torch.bmm(pre.transpose(0, 1), (cores * s).to(dt)).transpose(0, 1).reshape(n * k, r)  # (n, j) rows
-    if spec.p_drop > 0.0:
+    if seeded:
         a = a * _torch_keep_mask(n * k, r, spec.p_drop, spec.seed, x2.device)
+    elif spec.p_drop > 0.0:  # no seed asked for: torch's own dropout (module docstring)
+        a = F.dropout(a, spec.p_drop, training=True)
     if spec.split == "cols":
         a = a.view(n, k, r).sum(1)  # the slots' outputs are summed: sum before the shared V
     # the frozen GEMM (with the bias) first, the increments added in the V GEMM's epilogue
@@ -805,8 +816,9 @@ def _fact_call(x, weight, bias, U, V, cores, scale, dropout, training, split, se
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them (or use autocast)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, width)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
-    seed = _resolve_seed(seed, p_drop, x2.shape[0] * k * r)
     impl = _activation_backend(op, x)
+    # the dense composition without a seed: torch's own dropout (module docstring)
+    seed = None if impl == "dense" and seed is None else _resolve_seed(seed, p_drop, x2.shape[0] * k * r)
     spec = _FacTSpec(split, scale, p_drop, seed)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if impl == "dense":
@@ -953,8 +965,9 @@ def arc(
         p_drop = 0.0
     lead = x.shape[:-1]
     rows = x.reshape(-1, d)  # a view whenever the batch dims collapse; the kernels take any 2-D strides
-    seed = _resolve_seed(seed, p_drop, rows.shape[0] * r)
     impl = _activation_backend("arc", x)
+    # the dense composition without a seed: torch's own dropout (module docstring)
+    seed = None if impl == "dense" and seed is None else _resolve_seed(seed, p_drop, rows.shape[0] * r)
     spec = _Spec("channel", "diag", True, p_drop, seed, _data_dtype(x))
     # the kernels and the torch backend take a scale operand; the dense path needs none
     one = None if impl == "dense" else torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)

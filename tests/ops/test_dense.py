@@ -20,6 +20,8 @@ from test_adapter import adapter_fns, make_inputs as adapter_inputs
 from test_bottleneck import ARC_SHAPES, LOSA_SHAPES_TORCH, arc_fns, arc_inputs, losa_fns, losa_inputs, on_backend
 from test_kron import (SHAPES, SMALL_SHAPES, fused_linear, fused_matmul, fused_slices, make_inputs, make_slice_inputs,
                        ref_linear, ref_matmul, ref_slices)
+from kron_kernels.reference import arc as ref_arc
+from kron_kernels.reference import fact as ref_fact
 from kron_kernels.reference.kadaptation import kron_delta as ref_kron_delta
 from test_kron import SCALE
 from utils import RTOL, compare_low_precision, compare_with_reference
@@ -238,6 +240,49 @@ def test_dense_arc_dropout_is_the_torch_backends_mask():
     keep = dropout_keep_mask(35, r, p, seed, "cpu", "torch").view(*lead, r).double()
     fused, ref = arc_fns(True, dropout=p, seed=seed, keep=keep)
     compare_with_reference(on_backend("dense", fused), ref, arc_inputs(lead, d, r), RTOL[torch.float64])
+
+
+class DropoutSpy:
+    """Wraps ``F.dropout`` and keeps the mask of its last call (the kept elements)."""
+
+    def __init__(self, monkeypatch):
+        self.real, self.calls, self.keep = torch.nn.functional.dropout, [], None
+        monkeypatch.setattr(torch.nn.functional, "dropout", self)
+
+    def __call__(self, a, p=0.5, training=True, inplace=False):
+        out = self.real(a, p, training, inplace)
+        self.calls.append((p, training))
+        self.keep = (out != 0) | (a == 0)
+        return out
+
+
+def test_dense_arc_dropout_without_a_seed_is_torch_dropout(monkeypatch):
+    """No seed: torch's own dropout on the r-dim intermediate (one fused kernel each way on
+    CUDA), and output and every gradient are the reference's for the mask it drew."""
+    lead, d, r, p = (5, 7), 24, 6, 0.3
+    spy = DropoutSpy(monkeypatch)
+    fused = on_backend("dense", lambda x, U, lam, b: kk.arc(x, U, lam, b, p))
+    ref = lambda x, U, lam, b: ref_arc.arc(x, U, lam, b, p, spy.keep.view(*lead, r).double())  # noqa: E731
+    compare_with_reference(fused, ref, arc_inputs(lead, d, r), RTOL[torch.float64])
+    assert spy.calls == [(p, True)] and 0 < spy.keep.double().mean() < 1
+
+
+def test_dense_fact_dropout_without_a_seed_is_torch_dropout(monkeypatch):
+    """The same for FacT's dense composition: one dropout over the ``(N k, r)`` intermediate
+    (rows ``(n, slot)``), the reference's per-slot chain given each slot's part of that mask."""
+    n, d, r, k, p = 11, 16, 3, 3, 0.25
+    gen = torch.Generator().manual_seed(2)
+    x, U, V, cores = (torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+                      for s in ((n, d), (d, r), (d, r), (k, r, r)))
+    spy = DropoutSpy(monkeypatch)
+    fused = on_backend("dense", lambda x, U, V, c: kk.fact_apply(x, U, V, c, 0.7, p))
+
+    def ref(x, U, V, c):
+        keep = spy.keep.view(n, k, r).double()
+        return torch.cat([ref_fact.fact_apply(x, U, V, c[j], 0.7, p, keep[:, j]) for j in range(k)], dim=-1)
+
+    compare_with_reference(fused, ref, [x, U, V, cores], RTOL[torch.float64])
+    assert spy.calls == [(p, True)]
 
 
 @pytest.mark.parametrize("shape, r, axis", LOSA_SHAPES_TORCH)
