@@ -377,6 +377,8 @@ def _build_kadaptation(model, impl: str, config: Dict[str, Any], shared: SharedF
         nn_kadaptation.init_shared_factor(getattr(shared, f"A_{kind}"))
     layer_cls = nn_kadaptation.KAdaptationLinear if impl == "fused" else ref_kadaptation.KAdaptationLinear
     options = dict(n=n, r=config["r"], bias=config["bias"], scale=config["scale"], shared=shared)
+    if impl == "fused":  # one bank builds every layer's increments together (nn.KAdaptationBank)
+        options["bank"] = nn_kadaptation.KAdaptationBank()
     qkv_kinds = [t for t in ("q", "k", "v") if t in targets]
     replacements = []
     for block_name, blk in _all_blocks(model):

@@ -3,11 +3,12 @@ from .arc import ARCAdapter
 from .compacter import AdapterWrapper, CompacterAdapter, PHMBank, PHMLinear
 from .fastfood import FastfoodSubspace
 from .fact import FacTCoreBank, FacTLinear
-from .kadaptation import KAdaptationLinear
+from .kadaptation import KAdaptationBank, KAdaptationLinear
 from .losa import LoSAMixer, LoSAModel
 
 __all__ = [
     "KAdaptationLinear",
+    "KAdaptationBank",
     "PHMLinear",
     "PHMBank",
     "CompacterAdapter",

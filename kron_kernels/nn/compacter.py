@@ -19,9 +19,8 @@ backward reaches ``up.s`` and ``up.bias``; from the second step on every factor 
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from torch import nn
 
 from .. import backend, ops
 from ..ops._common import autocast_target, check_bool, check_int, compiling
-from ._bank import drop_when_consumed, stamp
+from ._bank import DeltaBank
 from .kadaptation import init_shared_factor
 
 __all__ = ["PHMLinear", "PHMBank", "CompacterAdapter", "AdapterWrapper"]
@@ -62,30 +61,25 @@ def _check_phm_dims(in_features: int, out_features: int, n: int, names=("in_feat
 _BANK_BACKENDS = ("auto", "torch", "dense")
 
 
-def _stamp(layer: "PHMLinear") -> Tuple:
-    """What a PHM weight depends on: its A, s and t (``_bank.stamp``)."""
-    return stamp(layer.phm_rule, layer.s, layer.t)
-
-class PHMBank:
+class PHMBank(DeltaBank):
     """The weights of every PHM layer registered with it -- one model's, sharing one ``A`` --
-    built together: per factor shape and dtype, one :func:`kron_kernels.kron_deltas` call
-    (five launches forward, eight backward, for all of them) where each layer's own
-    :func:`kron_kernels.kron_delta` made one forward and six backward (a ViT-B Compacter has
-    48 PHM layers: 48 + 288 launches a step become 10 + 16; on the H200 the Compacter step was
-    bound by the host's launches, commit 93d8659). ``kk.adapt(model, "compacter")`` makes one
-    per model.
+    built together (:class:`~kron_kernels.nn._bank.DeltaBank`): per factor shape and dtype one
+    :func:`kron_kernels.kron_deltas` call (five launches forward, seven backward, for all of
+    them) where each layer's own :func:`kron_kernels.kron_delta` made one forward and six
+    backward (a ViT-B Compacter has 48 PHM layers: 48 + 288 launches a step become 10 + 14; on
+    the H200 the Compacter step was bound by the host's launches, commit 93d8659).
+    ``kk.adapt(model, "compacter")`` makes one per model.
 
-    A built set is reused while it is valid for the layer asking (:mod:`kron_kernels.nn._bank`):
-    the same autocast dtype and grad mode, the layer's A, s and t unchanged, and its autograd
-    graph not yet consumed -- the backward that reaches it drops it, so the next forward builds
-    again even when no parameter changed (gradient accumulation). Under
-    ``torch.compile`` the layers build their own weights (the bank is Python state Dynamo should
-    not trace). Never saved: copies and pickles of a model get an empty bank."""
+    A built set is reused while it is valid for the layer asking: the same autocast dtype and
+    grad mode, the layer's A, s and t unchanged, and its autograd graph not yet consumed -- the
+    backward that reaches it drops it, so the next forward builds again even when no parameter
+    changed (gradient accumulation). Under ``torch.compile`` the layers build their own weights
+    (the bank is Python state Dynamo should not trace). Never saved: copies and pickles of a
+    model get an empty bank."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._A: Optional[torch.Tensor] = None  # the A every layer shares (checked as they join)
-        self._groups: Dict[Tuple, List["PHMLinear"]] = {}
-        self._built: Dict[Tuple, Tuple[Tuple[torch.Tensor, ...], List[Tuple]]] = {}
 
     def add(self, *layers: "PHMLinear") -> None:
         """Register ``layers`` (each one's ``s``/``t`` shapes pick its group); all are checked
@@ -100,49 +94,16 @@ class PHMBank:
                 raise ValueError("every PHM layer of a PHMBank must share one A")
         self._A = A
         for layer in layers:
-            key = (tuple(layer.s.shape), tuple(layer.t.shape))
-            group = self._groups.setdefault(key, [])
-            layer._bank = (self, key, len(group))
-            group.append(layer)
+            self._add(layer, "phm", 1.0)
+            layer._bank = (self,)
 
     def weight(self, layer: "PHMLinear", dtype: torch.dtype) -> torch.Tensor:
         """``layer``'s weight in ``dtype``, from the set built for its group (built now if none
         is valid for it)."""
-        _, key, index = layer._bank
-        slot = (key, dtype, torch.is_grad_enabled())
-        built = self._built.get(slot)
-        if built is None or built[1][index] != _stamp(layer):
-            built = self._build(slot)
-        return built[0][index]
-
-    def _build(self, slot):
-        key, dtype, grad = slot
-        layers = self._groups[key]
-        weights = ops.kron_deltas(layers[0].phm_rule, [l.s for l in layers], [l.t for l in layers], dtype=dtype)
-        built = (weights, [_stamp(l) for l in layers])
-        self._built[slot] = built
-        stacked = getattr(weights[0], "kk_stacked", None)  # the (K, out, in) tensor they are views of
-        if stacked is not None:
-            drop_when_consumed(stacked, self._built, slot, built)
-        return built
-
-    def __len__(self) -> int:
-        return sum(len(group) for group in self._groups.values())
-
-    def __deepcopy__(self, memo):
-        clone = PHMBank.__new__(PHMBank)
-        memo[id(self)] = clone
-        clone._A = copy.deepcopy(self._A, memo)
-        clone._groups = copy.deepcopy(self._groups, memo)
-        clone._built = {}
-        return clone
-
-    def __getstate__(self):
-        return {"_A": self._A, "_groups": self._groups, "_built": {}}
+        return self.delta(layer, "phm", dtype)
 
     def __repr__(self) -> str:
         return f"PHMBank({len(self)} layers in {len(self._groups)} shape groups)"
-
 
 class PHMLinear(nn.Module):
     """``y = x @ W.T + bias`` with ``W = sum_i kron(A_i, s_i t_i^T)``.
@@ -189,7 +150,7 @@ class PHMLinear(nn.Module):
         names += ["s", "t"] + (["bias"] if bias else [])
         #: this module's own parameters that are adapter tensors (read by kk.adapter_state_dict)
         self.kk_adapter_params = tuple(names)
-        self._bank = None  # (PHMBank, group key, index) once registered with a bank
+        self._bank = None  # (PHMBank,) once registered with a bank
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -214,6 +175,10 @@ class PHMLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """``sum_i kron(A_i, s_i t_i^T)``, ``(out_features, in_features)``, differentiable."""
         return ops.kron_delta(self.phm_rule, self.s, self.t)
+
+    def factors(self, name: str = "phm"):
+        """``(A, s, t)``: the weight is ``kron_delta(A, s, t)`` (a :class:`PHMBank` member)."""
+        return self.phm_rule, self.s, self.t
 
     def phm_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight in ``dtype`` (None: the factors'), built in the factors' precision and

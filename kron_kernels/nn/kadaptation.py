@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._common import check_bool, check_float, check_int
+from ..ops import kron as kron_ops
+from ..ops._common import autocast_target, check_bool, check_float, check_int, compiling
+from ._bank import DeltaBank
 
-__all__ = ["KAdaptationLinear", "init_shared_factor", "factor_dtype"]
+__all__ = ["KAdaptationLinear", "KAdaptationBank", "init_shared_factor", "factor_dtype"]
 
 
 def factor_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -83,6 +85,27 @@ def check_targets(
     return ordered
 
 
+class KAdaptationBank(DeltaBank):
+    """The increments of every KAdaptation layer of a model, built per target kind (the q
+    increments of all blocks, sharing ``A_q``; the v increments, sharing ``A_v``) in one
+    :func:`kron_kernels.kron_deltas` call each per forward pass -- 12 launches a kind for the
+    whole model where each layer formed its own (10 a layer for q and v together: three stacks,
+    two GEMMs forward; the copy and four GEMMs backward). Used where ``kron_linear_slices`` would
+    run its dense composition (auto on CUDA, or ``backend="dense"``): each layer then makes one
+    GEMM on ``W + delta`` forward and ``dx`` plus one weight-gradient GEMM per target backward
+    (:func:`kron_kernels.ops.kron.linear_with_increments`). Validity as every
+    :class:`~kron_kernels.nn._bank.DeltaBank`; ``kk.adapt`` makes one per model."""
+
+    def add(self, layer: "KAdaptationLinear") -> None:
+        if not isinstance(layer, KAdaptationLinear):
+            raise TypeError(f"a KAdaptationBank holds KAdaptationLinear layers, got {type(layer).__name__}")
+        if layer._bank is not None:
+            raise ValueError("this KAdaptationLinear is registered with a KAdaptationBank already")
+        for name in layer.targets:
+            self._add(layer, name, layer.scale)
+        layer._bank = (self,)
+
+
 class KAdaptationLinear(nn.Module):
     """A frozen Linear plus KAdaptation increments on row slices of its output.
 
@@ -97,6 +120,9 @@ class KAdaptationLinear(nn.Module):
         scale: the increment's scale ``s``.
         shared: module owning ``A_<name>`` for every target (normally one for the whole
             model), or None for the layer to own them.
+        bank: a :class:`KAdaptationBank` (one per model) that builds this layer's increments
+            together with every other layer's where the dense composition runs; None: the layer
+            applies its own through ``kron_linear_slices``.
 
     Parameters per target: ``U_<name>: (n, rows/n, r)``, ``V_<name>: (n, in/n, r)``,
     ``bias_<name>: (rows,)`` if ``bias``, and ``A_<name>: (n, n, n)`` without ``shared``.
@@ -111,6 +137,7 @@ class KAdaptationLinear(nn.Module):
         bias: bool = False,
         scale: float = 1.0,
         shared: Optional[nn.Module] = None,
+        bank: Optional[KAdaptationBank] = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -155,6 +182,11 @@ class KAdaptationLinear(nn.Module):
         #: this module's own parameters that are adapter tensors (read by kk.adapter_state_dict)
         self.kk_adapter_params = tuple(names)
         self.reset_parameters()
+        self._bank = None
+        if bank is not None:
+            if not isinstance(bank, KAdaptationBank):
+                raise TypeError(f"bank must be a KAdaptationBank or None, got {type(bank).__name__}")
+            bank.add(self)
 
     def reset_parameters(self) -> None:
         """``U ~ N(0, 1/r)``, ``V = 0``, bias 0; an owned ``A ~ N(0, 1/n)`` (module docstring)."""
@@ -194,6 +226,11 @@ class KAdaptationLinear(nn.Module):
                 row = stop
             parts.append(bias[row:] if bias is not None else self.weight.new_zeros(self.out_features - row))
             bias = torch.cat(parts)
+        if self._bank is not None and not compiling() and kron_ops.dense_serves("kron_linear", x):
+            # the increments from the model's bank (every layer's in one build): one GEMM on W + delta
+            dtype = autocast_target(x) or x.dtype
+            increments = [(start, self._bank[0].delta(self, name, dtype)) for name, (start, _) in self.targets.items()]
+            return kron_ops.linear_with_increments(x, self.weight, bias, increments)
         # one frozen GEMM for every row and one Kronecker kernel per target, writing into its rows
         targets = [(start, *self.factors(name)) for name, (start, _) in self.targets.items()]
         return ops.kron_linear_slices(x, self.weight, bias, targets, scale=self.scale)

@@ -661,6 +661,77 @@ def stacked_deltas(stacked: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return deltas
 
 
+class _IncrementsLinearFunction(torch.autograd.Function):
+    """``x2 @ (weight + increments on their row slices)^T + bias`` with materialised increments
+    given (in x2's dtype): the dense backend's GEMMs with the increments built elsewhere (a
+    :class:`~kron_kernels.nn._bank.DeltaBank`); their gradients are the weight gradient of
+    their rows, ``dy[:, rows]^T x``, one GEMM each."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, starts, *increments):
+        w = weight.to(x2.dtype, copy=True)  # the cast a frozen Linear makes under autocast
+        for start, inc in zip(starts, increments):
+            rows = slice(start, start + inc.shape[0])
+            # the sum taken in the inputs' common dtype (fp32), rounded once as it is stored
+            torch.add(weight[rows], inc, out=w[rows])
+        ctx.save_for_backward(x2, w, weight if weight.requires_grad else None)
+        ctx.starts, ctx.rows = starts, [inc.shape[0] for inc in increments]
+        return F.linear(x2, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy2):
+        x2, w, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dy2 @ w if need[0] else None
+        acc = compute_dtype(x2.dtype)
+        dweight = grad_like(dy2.to(acc).t() @ x2.to(acc), weight) if need[1] else None
+        dbias = dy2.sum(0) if need[2] else None
+        dincs = [dy2[:, s:s + rows].t() @ x2 if needed else None
+                 for s, rows, needed in zip(ctx.starts, ctx.rows, need[4:])]
+        return (dx, dweight, dbias, None, *dincs)
+
+
+def linear_with_increments(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           increments: Sequence[Tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """``x @ (weight + increments)^T + bias`` for materialised increments ``[(start, delta)]``
+    on output row slices (``delta: (rows, in_features)``, in the dtype the projection runs in:
+    the autocast dtype under autocast, else x's), as :func:`kron_linear_slices`'s dense backend
+    computes it -- one copy of the weight with each ``W + delta`` rounded once, one GEMM, and
+    in the backward ``dx`` and each increment's gradient ``dy[:, rows]^T x``. The entry point of
+    the KAdaptation layers whose increments a model-level bank builds for every layer at once
+    (:class:`~kron_kernels.nn._bank.DeltaBank`); the frozen ``weight``/``bias`` take
+    gradients only if they require them."""
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2, device=x.device)
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x's last dim must be weight's in_features = {d_in}, got x of shape {tuple(x.shape)}")
+    cast = autocast_target(x)
+    dt = x.dtype if cast is None else cast
+    for k, (start, inc) in enumerate(increments):
+        check_tensor(f"increments[{k}]", inc, ndim=2, dtypes=(dt,), device=x.device)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + inc.shape[0] > d_out \
+                or inc.shape[1] != d_in:
+            raise ValueError(f"increments[{k}] of shape {tuple(inc.shape)} at row {start} must lie within the "
+                             f"weight's {(d_out, d_in)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        bias = bias.to(dt)
+    x = x.to(dt)
+    lead = x.shape[:-1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y2 = _IncrementsLinearFunction.apply(x.reshape(-1, d_in), weight, bias, [s for s, _ in increments],
+                                              *(inc for _, inc in increments))
+    return y2.reshape(*lead, d_out)
+
+
+def dense_serves(op: str, x: torch.Tensor) -> bool:
+    """Whether ``op`` (``kron_linear``/``kron_matmul``) would run its dense composition on ``x``:
+    the backend in force resolved as the op resolves it (auto on CUDA: the choice table)."""
+    refuses = "float64 activations" if x.dtype == torch.float64 else None
+    return backend.select(op, x.device, triton_refuses=refuses, dense=True, cuda_auto=_CUDA_AUTO) == "dense"
+
+
 def _kron_apply(x, weight, bias, targets, d_out, scale, op):
     """Validate, apply autocast, flatten batch dims and run :class:`KronLinearFunction`.
 

@@ -318,3 +318,147 @@ def test_bad_targets_and_shared(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         KAdaptationLinear(**args)
+
+
+# ----------------------------------------------------------------------------------------
+# KAdaptationBank: every layer's increments built per target kind (kk.adapt's fused layers)
+# ----------------------------------------------------------------------------------------
+def banked_kadaptation(targets=("q", "v"), depth=3, dtype=torch.float64, seed=0, **config):
+    """A tiny ViT adapted with KAdaptation (its bank), every adapter tensor nonzero."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4, num_classes=5)
+    model = kk.adapt(vit.to(dtype), "kadaptation", n=8, targets=targets, **config).train()
+    gen = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():  # nonzero V (zero at init) and biases: every factor shows in the output
+        for sub in model.modules():
+            for name in getattr(sub, "kk_adapter_params", ()):
+                p = getattr(sub, name)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    return model
+
+
+def kad_layers(model):
+    return [m for m in model.modules() if isinstance(m, KAdaptationLinear)]
+
+
+def unbanked_kadaptation(model):
+    plain = copy.deepcopy(model)
+    for layer in kad_layers(plain):
+        layer._bank = None
+    return plain
+
+
+def model_step(model, x, autocast=None):
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = model(x)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(out.dtype)
+    return {"out": out, **dict(zip(params, torch.autograd.grad(out, list(params.values()), cot)))}
+
+
+@pytest.mark.parametrize("targets, config", [
+    pytest.param(("q", "v"), {}, id="qv"),
+    pytest.param(("q", "k", "v", "proj"), dict(bias=True, scale=0.5), id="qkv-proj-bias"),
+])
+def test_bank_matches_each_layer_applying_its_own(targets, config):
+    """Under the dense backend the layers take their increments from the bank: output and
+    every gradient as the layers' own kron_linear_slices (float64)."""
+    model = banked_kadaptation(targets, **config)
+    bank = kad_layers(model)[0]._bank[0]
+    assert all(layer._bank[0] is bank for layer in kad_layers(model))
+    assert len(bank) == 3 * len(targets) and len(bank._groups) == len(targets)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with kk.use_backend("dense"):
+        got = model_step(model, x)
+        assert bank._built == {}  # the backward consumed the built sets
+        want = model_step(unbanked_kadaptation(model), x)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], RTOL[torch.float64], name)
+
+
+def test_bank_low_precision_rule():
+    """bf16 autocast on fp32: the banked increments are rounded to bf16 and W + delta once
+    more as it is stored; the error against float64 stays within the low-precision rule of the
+    layers' own dense composition (one rounding of W + delta)."""
+    model = banked_kadaptation(dtype=torch.float32)
+    exact = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, 32, 32)
+    with kk.use_backend("dense"):
+        fused = model_step(model, x, autocast=torch.bfloat16)
+        naive = model_step(unbanked_kadaptation(model), x, autocast=torch.bfloat16)
+    want = model_step(exact, x.double())
+    for name in want:
+        assert_low_precision_error(name, fused[name], want[name], naive[name], want[name], torch.bfloat16)
+
+
+def test_bank_serves_only_the_dense_composition():
+    """On the CPU auto takes the structured torch path, which never forms an increment: the bank
+    stays empty; under dense it builds."""
+    model = banked_kadaptation()
+    bank = kad_layers(model)[0]._bank[0]
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+        assert bank._built == {}
+        with kk.use_backend("dense"):
+            model(x)
+        assert len(bank._built) == 2  # q and v: one set each, kept in no_grad until a factor changes
+
+
+def test_bank_accumulates_follows_updates_and_copies():
+    model = banked_kadaptation()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with kk.use_backend("dense"):
+        single = torch.autograd.grad(model(x).square().sum(), params)
+        for _ in range(2):
+            model(x).square().sum().backward()
+        for p, g in zip(params, single):
+            assert_rel_close(p.grad, 2 * g, RTOL[torch.float64])
+        torch.optim.SGD(params, lr=0.01).step()
+        with torch.no_grad():
+            assert_rel_close(model(x), unbanked_kadaptation(model)(x), RTOL[torch.float64])
+            model.kk_shared.A_v.mul_(2.0)  # the shared A, in place
+            assert_rel_close(model(x), unbanked_kadaptation(model)(x), RTOL[torch.float64])
+            clone = copy.deepcopy(model)
+            assert kad_layers(clone)[0]._bank[0] is not kad_layers(model)[0]._bank[0]
+            kad_layers(clone)[1].U_q.add_(1.0)
+            assert not torch.equal(clone(x), model(x))
+
+
+def test_bank_and_increment_arguments():
+    base = make_base(64, 192, True)
+    bank = kk.nn.KAdaptationBank()
+    with pytest.raises(TypeError, match="bank must be a KAdaptationBank"):
+        KAdaptationLinear(base, {"q": (0, 64)}, n=8, bank="yes")
+    layer = KAdaptationLinear(base, {"q": (0, 64)}, n=8, bank=bank)
+    with pytest.raises(ValueError, match="registered with a KAdaptationBank already"):
+        bank.add(layer)
+    with pytest.raises(TypeError, match="holds KAdaptationLinear layers"):
+        bank.add(base)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    inc = torch.zeros(64, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"increments\[0\] of shape \(64, 64\) at row 150 must lie within"):
+        kk.ops.kron.linear_with_increments(x, base.weight, None, [(150, inc)])
+    with pytest.raises(TypeError, match=r"increments\[0\] must have dtype in \(float64\)"):
+        kk.ops.kron.linear_with_increments(x, base.weight, None, [(0, inc.float())])
+    with pytest.raises(ValueError, match="in_features = 64"):
+        kk.ops.kron.linear_with_increments(x[:, :8], base.weight, None, [(0, inc)])
+
+
+def test_increments_linear_rounds_each_sum_once():
+    """``linear_with_increments`` under bf16 autocast multiplies by ``bf16(W + delta)`` on the
+    adapted rows (the sum in fp32, rounded once as it is stored) and ``bf16(W)`` elsewhere: read
+    back exactly through the identity (one nonzero product per output)."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 16, generator=gen)
+    inc = (torch.randn(16, 16, generator=gen) * 1e-2).to(torch.bfloat16)
+    eye = torch.eye(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kk.ops.kron.linear_with_increments(eye, W, None, [(32, inc)])
+    want = W.clone()
+    want[32:] += inc.float()
+    assert torch.equal(y.t().float(), want.to(torch.bfloat16).float())
