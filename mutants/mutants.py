@@ -45,6 +45,7 @@ EXTRA_KINDS = {
     "stride": "an activation read as if contiguous",
     "dropout": "a backward that draws another dropout mask than its forward",
     "offsets": "int32 element offsets (wrong beyond 2^31 elements)",
+    "stale": "a model-level bank that reuses what it built after its inputs changed or its graph was consumed",
 }
 FAMILIES = ("kron", "adapter", "bottleneck", "fwht", "fastfood")
 
@@ -112,7 +113,7 @@ MUTANTS = [
            "rank chunks add onto a 16-bit output (and dx) buffer instead of an fp32 one",
            ((KRON, "return torch.float32 if chunked else x2.dtype", "return x2.dtype"),), K_LOW),
     Mutant("kron-precision-tf32", "kron", "precision", "fp32 activations get TF32 dots",
-           ((KRON, 'DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32"', 'DOT_PRECISION="tf32"'),),
+           ((KRON, "        DOT_PRECISION=dot_precision(x2.dtype),", '        DOT_PRECISION="tf32",'),),
            K_TRITON[:1] + DOT_PRECISION),
     Mutant("kron-compile-bwd-dot-k8", "kron", "compile",
            "the backward's dU reduction over the BLOCK_N = 8 tokens of a block as a tl.dot with K = 8",
@@ -136,8 +137,8 @@ MUTANTS = [
              "dA = -torch.bmm(Pb.transpose(1, 2), T.view(m, r * n, a_in))"),),
            ("tests/ops/test_kron.py::test_kron_linear_torch_float64",)),
     Mutant("kron-dense-scale", "kron", "scale", "the dense composition adds the increments without the scale",
-           (("kron_kernels/ops/kron.py", "        delta = _torch_delta(A.to(acc), U.to(acc), V.to(acc), scale)\n",
-             "        delta = _torch_delta(A.to(acc), U.to(acc), V.to(acc), 1.0)\n"),),
+           (("kron_kernels/ops/kron.py", "P.permute(0, 1, 3, 2, 4), alpha=scale, out=_rows_view(w, g))",
+             "P.permute(0, 1, 3, 2, 4), alpha=1.0, out=_rows_view(w, g))"),),
            ("tests/ops/test_dense.py::test_dense_kron_linear_float64",)),
     # ------------------------------------------------------------------ Compacter bottleneck adapter
     Mutant("adapter-sign-dz", "adapter", "sign", "the backward kernel negates dz (dh, dW_down, db_down)",
@@ -160,8 +161,8 @@ MUTANTS = [
              "        z = tl.dot(h_tile, w_down_t, acc=z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)"
              ".to(out_ptr.dtype.element_ty).to(ACC_DTYPE)\n"),), A_LOW),
     Mutant("adapter-precision-tf32", "adapter", "precision", "fp32 activations get TF32 dots",
-           ((ADAPTER, 'return "tf32" if reduced_precision and acc == torch.float32 else "ieee"',
-             'return "tf32" if acc == torch.float32 else "ieee"'),), A_TRITON[:1] + DOT_PRECISION),
+           ((ADAPTER, "DOT_PRECISION=dot_precision(data_dtype), K_PAD=k_pad)", 'DOT_PRECISION="tf32", K_PAD=k_pad)'),),
+           A_TRITON[:1] + DOT_PRECISION),
     Mutant("adapter-compile-kpad8", "adapter", "compile", "k padded to 8 (not 16): dots with K = 8",
            ((ADAPTER, "return max(16, triton.next_power_of_2(k))", "return max(8, triton.next_power_of_2(k))"),),
            A_TRITON, compile=("bottleneck_adapter odd-d96-k5",)),
@@ -192,8 +193,9 @@ MUTANTS = [
              "offs_d[:, None], mask=mask_d[:, None], other=0.0)\n"
              "        pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)"
              ".to(out_ptr.dtype.element_ty).to(tl.float32)\n"),), B_LOW),
-    Mutant("bottleneck-precision-tf32", "bottleneck", "precision", "fp32 activations get TF32 dots (ARC, LoSA, FacT)",
-           ((BOTTLENECK, 'return "tf32" if reduced_precision else "ieee"', 'return "tf32"'),),
+    Mutant("bottleneck-precision-tf32", "bottleneck", "precision", "fp32 activations get TF32 dots (the ARC/LoSA forward)",
+           ((BOTTLENECK, "HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)",
+             'HAS_DROPOUT=has_dropout, DOT_PRECISION="tf32", R_PAD=r_pad)'),),
            B_TRITON[:1] + DOT_PRECISION),
     Mutant("bottleneck-compile-rpad8", "bottleneck", "compile", "r padded to 8 (not 16): FacT r = 4 dots with K = 8",
            ((BOTTLENECK, "return max(16, triton.next_power_of_2(r))", "return max(8, triton.next_power_of_2(r))"),),
@@ -264,4 +266,23 @@ MUTANTS = [
            "a Fastfood block (Lb <= 2^13 elements in one program, fixed by d) spread over 6 warps: not a power of two",
            ((FASTFOOD, "return (8 if Lb >= 4096 else 4) if device.type", "return (8 if Lb >= 4096 else 6) if device.type"),),
            FF_TRITON, compile=("fastfood d1024",)),
+    # ------------------------------------------------------------------ model-level banks, grouped targets
+    Mutant("bank-ignores-versions", "kron", "stale", "a bank's stamp ignores the version: in-place updates go unseen",
+           (("kron_kernels/nn/_bank.py", "for x in (id(t), t.data_ptr(), t._version))", "for x in (id(t), t.data_ptr()))"),),
+           ("tests/nn/test_compacter.py::test_bank_follows_parameter_updates",
+            "tests/nn/test_kadaptation.py::test_bank_accumulates_follows_updates_and_copies",
+            "tests/nn/test_fact.py::test_core_bank_accumulates_and_follows_updates")),
+    Mutant("bank-outlives-its-graph", "kron", "stale", "a backward never drops the set it consumed",
+           (("kron_kernels/nn/_bank.py", "    out.register_hook(consumed)\n", "    pass\n"),),
+           ("tests/nn/test_compacter.py::test_bank_builds_once_per_forward_and_is_dropped_by_the_backward",
+            "tests/nn/test_kadaptation.py::test_bank_accumulates_follows_updates_and_copies",
+            "tests/nn/test_fact.py::test_core_bank_accumulates_and_follows_updates")),
+    Mutant("kron-deltas-dA-first-only", "kron", "scale", "kron_deltas' shared A gets the first increment's gradient only",
+           (("kron_kernels/ops/kron.py", "grad_like(dA.sum(0), A)", "grad_like(dA[0], A)"),),
+           ("tests/ops/test_kron.py::test_kron_deltas_float64",)),
+    Mutant("kron-dense-group-step", "kron", "mask", "the grouped dense path reads every target's rows at the first's",
+           (("kron_kernels/ops/kron.py", "rows = w.as_strided((K, g.rows, w.shape[1]), (g.step * s0, s0, s1)",
+             "rows = w.as_strided((K, g.rows, w.shape[1]), (0, s0, s1)"),),
+           ("tests/ops/test_dense.py::test_dense_grouped_targets_float64",)),
+
 ]

@@ -673,3 +673,13 @@ def test_pytest_bench_options_collect():
 
     fastfood = {c.group for c in common.fastfood_cases(full=True) if "fastfood-d16384" in c.group}
     assert {i.rsplit("-", 1)[0] for i in chosen} == {"fwht-n256-float16-fwd", "kron_linear-d768-n32-r1", *fastfood}
+
+
+def test_step_launch_counter():
+    """``python -m benchmarks.launches``: a step's launches, the floor's fewest; the KAdaptation
+    step under its dense composition launches fewer than PEFT LoRA's (the README's table)."""
+    from benchmarks import launches
+
+    counts = {row: launches.count(row) for row in ("floor", "lora", "kadaptation:fused")}
+    assert 0 < counts["floor"] < counts["kadaptation:fused"] < counts["lora"], counts
+    assert launches.table(["floor", "losa:fused"]).splitlines()[3].startswith("| `losa:fused` |")

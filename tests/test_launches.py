@@ -16,40 +16,19 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import kron_kernels as kk
+from benchmarks.launches import NO_LAUNCH, Launches
 from kron_kernels.reference import arc as ref_arc
 from kron_kernels.reference import fact as ref_fact
 from kron_kernels.reference import kadaptation as ref_kadaptation
 from kron_kernels.reference import losa as ref_losa
 from utils import needs_interpreter
 
-# operators that launch no kernel (metadata, views, allocation)
-NO_LAUNCH = {
-    "view", "_unsafe_view", "reshape", "t", "transpose", "expand", "as_strided", "detach", "permute", "slice",
-    "select", "unsqueeze", "squeeze", "alias", "split", "split_with_sizes", "unbind", "narrow", "empty",
-    "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_local_scalar_dense",
-    "is_same_size", "_has_compatible_shallow_copy_type",
-}
-
 
 @pytest.fixture(autouse=True)
 def nan_poison_empty():
     """Overrides conftest's: its NaN fill of torch.empty would count as a launch here."""
     yield
-
-
-class Launches(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in NO_LAUNCH:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def launches(fn, inputs, impl, mode=Launches):

@@ -342,6 +342,7 @@ def _dense_backward(dy2, x2, weight, targets, scale, need_dx: bool, w=None, grou
         grads += [(dA[k], dU[k], dV[k]) for k in range(K)]
     return dx, grads
 
+
 # ----------------------------------------------------------------------------------------
 # autograd Functions (thin: dispatch to a backend's forward/backward)
 # ----------------------------------------------------------------------------------------
