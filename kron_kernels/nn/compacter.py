@@ -52,6 +52,7 @@ def _check_phm_dims(in_features: int, out_features: int, n: int, names=("in_feat
             raise ValueError(f"n={n} must divide {name}={size}")
     return sizes[0], sizes[1], n
 
+
 # The backends under which a PHMBank builds its layers' weights (kk.kron_deltas: batched torch
 # GEMMs, cuBLAS on a GPU). auto takes it on CUDA too, over the per-layer Triton kron_delta
 # kernel: no GPU has timed the two, and issue 10's rule for an unmeasured choice is the cuBLAS
@@ -104,6 +105,7 @@ class PHMBank(DeltaBank):
 
     def __repr__(self) -> str:
         return f"PHMBank({len(self)} layers in {len(self._groups)} shape groups)"
+
 
 class PHMLinear(nn.Module):
     """``y = x @ W.T + bias`` with ``W = sum_i kron(A_i, s_i t_i^T)``.

@@ -722,7 +722,7 @@ def linear_with_increments(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     lead = x.shape[:-1]
     with torch.autocast(device_type=x.device.type, enabled=False):
         y2 = _IncrementsLinearFunction.apply(x.reshape(-1, d_in), weight, bias, [s for s, _ in increments],
-                                              *(inc for _, inc in increments))
+                                             *(inc for _, inc in increments))
     return y2.reshape(*lead, d_out)
 
 
