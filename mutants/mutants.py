@@ -52,6 +52,10 @@ FAMILIES = ("kron", "adapter", "bottleneck", "fwht", "fastfood")
 NOT_APPLICABLE = {
     ("fwht", "precision"): "the fwht kernel has no tl.dot: its butterflies are fp32 additions, exact in any precision mode",
     ("fastfood", "precision"): "the Fastfood kernels have no tl.dot: butterflies, a gather and elementwise products in fp32",
+    ("adapter", "accumulation"): "the adapter has no kernel of its own: it runs the bottleneck family's, whose "
+                                 "accumulation bottleneck-accumulation-pre plants",
+    ("adapter", "compile"): "the adapter has no kernel of its own: the bottleneck family's block sizes "
+                            "(bottleneck-compile-rpad8), whose adapter launches the compile check compiles too",
 }
 
 
@@ -72,7 +76,6 @@ class Mutant:
 # test selections (pytest node ids; the cuda cases of each are skipped on a CPU machine)
 # ----------------------------------------------------------------------------------------
 KRON = "kron_kernels/triton/kron.py"
-ADAPTER = "kron_kernels/triton/adapter.py"
 BOTTLENECK = "kron_kernels/triton/bottleneck.py"
 FWHT = "kron_kernels/triton/fwht.py"
 FASTFOOD = "kron_kernels/triton/fastfood.py"
@@ -141,36 +144,41 @@ MUTANTS = [
              "P.permute(0, 1, 3, 2, 4), alpha=1.0, out=_rows_view(w, g))"),),
            ("tests/ops/test_dense.py::test_dense_kron_linear_float64",)),
     # ------------------------------------------------------------------ Compacter bottleneck adapter
-    Mutant("adapter-sign-dz", "adapter", "sign", "the backward kernel negates dz (dh, dW_down, db_down)",
-           ((ADAPTER, "dz = dg * gelu_grad", "dz = -dg * gelu_grad"),), A_TRITON),
-    Mutant("adapter-scale-pdf", "adapter", "scale", "GELU's derivative misses the 1/sqrt(2 pi) of the normal pdf",
-           ((ADAPTER, "pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI", "pdf = tl.exp(-0.5 * z * z)"),), A_TRITON),
-    Mutant("adapter-swap-weights", "adapter", "swap", "the launcher pads W_up^T into W_down's place and W_down into W_up^T's",
-           ((ADAPTER, "    w_down_p[:k] = w_down\n    w_up_t_p = torch.zeros((k_pad, d), dtype=acc, device=w_down.device)\n"
-                      "    w_up_t_p[:k] = w_up.t()\n",
-             "    w_down_p[:k] = w_up.t()\n    w_up_t_p = torch.zeros((k_pad, d), dtype=acc, device=w_down.device)\n"
-             "    w_up_t_p[:k] = w_down\n"),), A_TRITON),
-    Mutant("adapter-mask-rows", "adapter", "mask", "the forward kernel masks off the last token row",
-           ((ADAPTER, "    mask_n = offs_n < N\n    # int64 row offsets", "    mask_n = offs_n < N - 1\n    # int64 row offsets"),),
+    # (the bottleneck family's kernels and torch backend with a down bias: ops/adapter.py)
+    Mutant("adapter-sign-down-bias-bwd", "adapter", "sign",
+           "the backward kernel recomputes pre with the down bias subtracted",
+           ((BOTTLENECK, "        if HAS_DOWN_BIAS:\n            pre += down_bias[None, :]",
+             "        if HAS_DOWN_BIAS:\n            pre -= down_bias[None, :]"),), A_TRITON),
+    Mutant("adapter-mask-down-bias-fwd", "adapter", "mask", "the forward kernel drops the down bias",
+           ((BOTTLENECK, "pre += tl.load(down_bias_ptr + offs_r)[None, :]",
+             "pre += tl.load(down_bias_ptr + offs_r, mask=offs_r < 0, other=0.0)[None, :]"),), A_TRITON),
+    Mutant("adapter-scale-down-bias-grad", "adapter", "scale",
+           "the kernel's down-bias gradient sums the middle's output gradient, not d_pre (GELU' missing)",
+           ((BOTTLENECK, "ddown_bias_acc += tl.sum(d_pre, axis=0)", "ddown_bias_acc += tl.sum(d_y, axis=0)"),),
            A_TRITON),
-    Mutant("adapter-accumulation-z", "adapter", "accumulation",
-           "the forward's z = h W_down^T accumulates in the output's 16-bit dtype across d chunks",
-           ((ADAPTER, "offs_d[:, None], mask=mask_d[:, None], other=0.0)\n"
-                      "        z = tl.dot(h_tile, w_down_t, acc=z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)\n",
-             "offs_d[:, None], mask=mask_d[:, None], other=0.0)\n"
-             "        z = tl.dot(h_tile, w_down_t, acc=z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)"
-             ".to(out_ptr.dtype.element_ty).to(ACC_DTYPE)\n"),), A_LOW),
-    Mutant("adapter-precision-tf32", "adapter", "precision", "fp32 activations get TF32 dots",
-           ((ADAPTER, "DOT_PRECISION=dot_precision(data_dtype), K_PAD=k_pad)", 'DOT_PRECISION="tf32", K_PAD=k_pad)'),),
-           A_TRITON[:1] + DOT_PRECISION),
-    Mutant("adapter-compile-kpad8", "adapter", "compile", "k padded to 8 (not 16): dots with K = 8",
-           ((ADAPTER, "return max(16, triton.next_power_of_2(k))", "return max(8, triton.next_power_of_2(k))"),),
-           A_TRITON, compile=("bottleneck_adapter odd-d96-k5",)),
+    Mutant("adapter-scale-pdf", "adapter", "scale", "GELU's derivative misses the 1/sqrt(2 pi) of the normal pdf",
+           ((BOTTLENECK, "pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI", "pdf = tl.exp(-0.5 * z * z)"),),
+           A_TRITON + B_TRITON[1:2]),
     Mutant("adapter-mask-partial-init", "adapter", "mask",
-           "a program's first token block adds onto its uninitialised partial sums instead of overwriting them",
-           ((ADAPTER, "d_summed = tl.where(blk == pid, 0, D)", "d_summed = tl.where(blk == pid, D, D)"),), A_TRITON),
-    Mutant("adapter-torch-sign-dz", "adapter", "sign", "the torch backend's backward negates dz",
-           (("kron_kernels/ops/adapter.py", "dz = (dout @ w_up).mul_(_gelu_grad(z))", "dz = (dout @ w_up).mul_(-_gelu_grad(z))"),),
+           "a program's first row block adds onto its uninitialised partial sums instead of overwriting them",
+           ((BOTTLENECK, "d_summed = tl.where(blk == pid, 0, D)", "d_summed = tl.where(blk == pid, D, D)"),),
+           A_TRITON),
+    Mutant("adapter-swap-weights", "adapter", "swap", "the adapter hands W_u as the down-projection and W_d^T as the up",
+           (("kron_kernels/ops/adapter.py", "_apply_bottleneck(h2, None, w_down.t(), w_up.t(),",
+             "_apply_bottleneck(h2, None, w_up, w_down,"),),
+           ("tests/ops/test_adapter.py::test_torch_backend_matches_reference_fp64",)),
+    Mutant("adapter-precision-autocast", "adapter", "precision",
+           "the adapter's data precision ignores autocast (fp32 residual stream: IEEE dots where bf16's TF32 serve)",
+           (("kron_kernels/ops/adapter.py", '_Spec("channel", "gelu", True, 0.0, 0, _data_dtype(h))',
+             '_Spec("channel", "gelu", True, 0.0, 0, h.dtype)'),), DOT_PRECISION),
+    Mutant("adapter-torch-mask-down-bias", "adapter", "mask", "the torch backend drops the down bias (channel mode)",
+           (("kron_kernels/ops/bottleneck.py", "return torch.addmm(self.down_bias, x, self.down)",
+             "return x @ self.down"),),
+           ("tests/ops/test_adapter.py::test_torch_backend_matches_reference_fp64",)),
+    Mutant("adapter-torch-scale-down-bias-grad", "adapter", "scale",
+           "the torch backend's down-bias gradient sums d_y, not d_pre",
+           (("kron_kernels/ops/bottleneck.py", 'grads["ddown_bias"] = None if self.down_bias is None else self.r_sum(d_pre)',
+             'grads["ddown_bias"] = None if self.down_bias is None else self.r_sum(d_y)'),),
            ("tests/ops/test_adapter.py::test_torch_backend_matches_reference_fp64",)),
     # ------------------------------------------------------------------ ARC, LoSA, FacT
     Mutant("bottleneck-sign-diag", "bottleneck", "sign", "ARC's backward negates d_pre (the diagonal middle)",
@@ -194,8 +202,8 @@ MUTANTS = [
              "        pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)"
              ".to(out_ptr.dtype.element_ty).to(tl.float32)\n"),), B_LOW),
     Mutant("bottleneck-precision-tf32", "bottleneck", "precision", "fp32 activations get TF32 dots (the ARC/LoSA forward)",
-           ((BOTTLENECK, "HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)",
-             'HAS_DROPOUT=has_dropout, DOT_PRECISION="tf32", R_PAD=r_pad)'),),
+           ((BOTTLENECK, "                DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)",
+             '                DOT_PRECISION="tf32", R_PAD=r_pad)'),),
            B_TRITON[:1] + DOT_PRECISION),
     Mutant("bottleneck-compile-rpad8", "bottleneck", "compile", "r padded to 8 (not 16): FacT r = 4 dots with K = 8",
            ((BOTTLENECK, "return max(16, triton.next_power_of_2(r))", "return max(8, triton.next_power_of_2(r))"),),

@@ -26,9 +26,9 @@ class FakeRows:
 
 
 def pruned(props, width, element_size):
-    prune = _autotune.prune_row_tiles("K_PAD", "h_ptr")
+    prune = _autotune.prune_row_tiles("R_PAD", "x_ptr")
     with simulate_gpu(props):
-        return prune(_autotune.row_tile_configs(), {"h_ptr": FakeRows(element_size)}, K_PAD=width)
+        return prune(_autotune.row_tile_configs(), {"x_ptr": FakeRows(element_size)}, R_PAD=width)
 
 
 def tiles(configs):
@@ -46,7 +46,7 @@ def test_space_has_high_parallelism_and_large_tiles():
 
 
 def test_h100_keeps_every_tile_at_vit_widths():
-    """At ViT factor widths (K_PAD / R_PAD 16-64) every tile fits an H100 in bf16."""
+    """At ViT factor widths (R_PAD 16-64) every tile fits an H100 in bf16."""
     assert tiles(pruned(H100, 32, 2)) == set(_autotune.ROW_TILES)
 
 
@@ -92,14 +92,14 @@ props = GPUProperties("sim", (int(sys.argv[1]), 0), 40, int(sys.argv[2]))
 with targets.record_launches(props) as recording:
     h = torch.empty(64, 256, device="cuda")
     kk.bottleneck_adapter(h, torch.empty(200, 256, device="cuda"), None, torch.empty(256, 200, device="cuda"), None)
-print(sum(launch.name == "_bottleneck_adapter_fwd_kernel" for launch in recording.launches))
+print(sum(launch.name == "_bottleneck_fwd_kernel" for launch in recording.launches))
 """
 
 
 def test_recording_compiles_what_the_pruning_keeps(tmp_path):
     """The GPU-target check records one forward launch per configuration the pruning keeps on
     the simulated device (not the whole space), so what it compiles is what the autotuner may
-    run there: fewer on a small GPU at a wide factor (k = 200: K_PAD 256). In a subprocess:
+    run there: fewer on a small GPU at a wide factor (k = 200: R_PAD 256). In a subprocess:
     this process interprets its kernels."""
     from test_gpu_targets import _run
 
@@ -114,21 +114,28 @@ def test_recording_compiles_what_the_pruning_keeps(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_autotuned_forward_equals_fixed_tiles(dtype):
-    """On a GPU the autotuned adapter forward gives the fixed-tile launch's result (bitwise up to
-    the tile's summation order: the k-dim reduction is split differently, so within fp32
-    rounding of the projection), and the tuning is logged with its time."""
-    from kron_kernels.triton import adapter as triton_adapter
+    """On a GPU the autotuned bottleneck forward (the Compacter adapter's instance) gives the
+    fixed-tile launch's result (bitwise up to the tile's summation order: the k-dim reduction is
+    split differently, so within fp32 rounding of the projection), and the tuning is logged
+    with its time."""
+    from kron_kernels.triton import bottleneck as triton_bottleneck
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(3000, 768, device="cuda", generator=gen).to(dtype)
     w_down = torch.randn(24, 768, device="cuda", generator=gen) * 0.05
     w_up = torch.randn(768, 24, device="cuda", generator=gen) * 0.05
+    one = torch.ones((), device="cuda")
+
+    def forward(**tiles):
+        return triton_bottleneck.bottleneck_forward(
+            h, None, w_down.t(), w_up.t(), None, None, one, None, mode="channel", middle="gelu", residual=True,
+            p_drop=0.0, seed=None, data_dtype=dtype, **tiles)
+
     before = len(_autotune.tunings())
-    tuned = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype)
-    fixed = triton_adapter.bottleneck_adapter_forward(h, w_down, None, w_up, None, dtype,
-                                                      block_n=32, block_d=64)
+    tuned = forward()
+    fixed = forward(block_n=32, block_d=64)
     log = _autotune.tunings()[before:]
-    assert len(log) == 1 and log[0].kernel == "_bottleneck_adapter_fwd_kernel" and log[0].seconds > 0
+    assert len(log) == 1 and log[0].kernel == "_bottleneck_fwd_kernel" and log[0].seconds > 0
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5  # one bf16 rounding of the output; fp32 sums
     assert (tuned.float() - fixed.float()).abs().max() <= tol * fixed.float().abs().max()
     assert triton.cdiv(3000, 16) > 132  # the space offers more programs than SMs

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import kron_kernels as kk
-from kron_kernels.ops import adapter as adapter_ops
 from kron_kernels.ops import bottleneck as bottleneck_ops
 from kron_kernels.ops import kron as kron_ops
 from test_adapt import adapted, images, perturb
@@ -225,13 +224,20 @@ def _kron_cases():
 
 
 def _adapter_cases():
+    """The Compacter adapter as it reaches the bottleneck ops: ``D = W_d^T`` and ``Up^T = W_u^T``
+    (transposed views), GELU, a down bias, the output bias, residual, scale 1."""
+    seed = torch.tensor(0)
     h = _leaf(9, 16, seed=0)
     w_down, b_down, w_up, b_up = _leaf(4, 16, seed=1), _leaf(4, seed=2), _leaf(16, 4, seed=3), _leaf(16, seed=4)
-    yield adapter_ops._adapter_op, (h, w_down, b_down, w_up, b_up, None)
-    yield adapter_ops._adapter_op, (h, w_down, None, w_up, None, None)
-    yield adapter_ops._adapter_backward_op, (_leaf(9, 16, seed=5, grad=False), h.detach(), w_down.detach(),
-                                             b_down.detach(), w_up.detach(), torch.float32, None, ...,
-                                             [True, True, False, True, True])
+    one = torch.ones(())
+    yield bottleneck_ops._bottleneck_op, (h, None, w_down.t(), w_up.t(), None, one, b_up, b_down, "channel", "gelu",
+                                          True, 0.0, seed, torch.float32)
+    yield bottleneck_ops._bottleneck_op, (h, None, w_down.t(), w_up.t(), None, one, None, None, "channel", "gelu",
+                                          True, 0.0, seed, torch.float32)
+    yield bottleneck_ops._bottleneck_backward_op, (
+        _leaf(9, 16, seed=5, grad=False), h.detach(), None, w_down.detach().t(), w_up.detach().t(), None, one,
+        torch.float32, b_down.detach(), "channel", "gelu", True, 0.0, seed, torch.float32, ...,
+        [True, False, True, True, False, False, True, True])
 
 
 def _bottleneck_cases():
@@ -239,12 +245,12 @@ def _bottleneck_cases():
     x = _leaf(9, 16, seed=0)
     U, lam, bias = _leaf(16, 3, seed=1), _leaf(3, seed=2), _leaf(16, seed=3)
     one = torch.ones(())
-    yield bottleneck_ops._bottleneck_op, (x, None, U, None, lam, one, bias, "channel", "diag", True, 0.25, seed,
-                                          torch.float32)
+    yield bottleneck_ops._bottleneck_op, (x, None, U, None, lam, one, bias, None, "channel", "diag", True, 0.25,
+                                          seed, torch.float32)
     h, z = _leaf(2, 6, 8, seed=4), _leaf(2, 6, 8, seed=5, grad=False)
     W_down, W_up, alpha = _leaf(6, 3, seed=6), _leaf(3, 6, seed=7), _leaf(1, seed=8)
-    yield bottleneck_ops._bottleneck_op, (h, z, W_down, W_up, None, alpha, None, "token", "gelu", True, 0.0, seed,
-                                          torch.float32)
+    yield bottleneck_ops._bottleneck_op, (h, z, W_down, W_up, None, alpha, None, None, "token", "gelu", True, 0.0,
+                                          seed, torch.float32)
     cores = _leaf(3, 3, 3, seed=9)
     V = _leaf(16, 3, seed=10)
     W = _leaf(48, 16, seed=11, grad=False)

@@ -5,6 +5,8 @@ Every op here is one instance of ``x -> x @ D -> middle -> @ Up^T (* scale) (+ r
 * :func:`arc`: ``x + drop((x @ U) * lam) @ U.T + bias`` -- diagonal middle, ``Up = D = U``;
 * :func:`losa_mixer`: ``h + alpha * GELU((z + h) @ W_down) @ W_up`` -- GELU middle, along
   the channels or, in token mode, along the token axis of ``(..., T, C)`` activations;
+* :func:`kron_kernels.bottleneck_adapter` (``ops/adapter.py``, the Compacter adapter):
+  ``h + GELU(h @ W_d^T + b_d) @ W_u^T + b_u`` -- GELU middle with a down-projection bias;
 * :func:`fact_apply` / :func:`fact_linear`: FacT's ``r x r`` core middles, several slots per
   call sharing one ``x @ U`` (rows: q, k, v or fc1's blocks; cols: fc2's chunks), alone or
   fused with the frozen Linear they adapt;
@@ -179,11 +181,12 @@ class _TorchBottleneck:
     intermediates; token mode on ``(B, T, C)`` with ``(B, r, C)`` intermediates, contracting
     T by batched GEMMs on views (``D^T @ x``), never transposing the activations."""
 
-    def __init__(self, spec: _Spec, x, down, up_t, diag, acc):
+    def __init__(self, spec: _Spec, x, down, up_t, diag, down_bias, acc):
         self.spec, self.acc = spec, acc
         self.token = spec.mode == "token"
         self.down, self.up_t = down.to(acc), (down.t() if up_t is None else up_t).to(acc)
         self.diag = None if diag is None else diag.to(acc)
+        self.down_bias = None if down_bias is None else down_bias.to(acc)
         r = down.shape[1]
         n_rows = x.shape[0] * x.shape[2] if self.token else x.shape[0]
         self.mask = _mask_scale(spec, n_rows, r, x.device, acc, x.shape[0])
@@ -206,8 +209,12 @@ class _TorchBottleneck:
             return self._left(self.down, d_pre, add)
         return torch.addmm(add, d_pre, self.down.t())
 
-    def down_proj(self, x):  # x @ D
-        return self._left(self.down.t(), x) if self.token else x @ self.down
+    def down_proj(self, x):  # x @ D [+ b_D]
+        if self.down_bias is None:
+            return self._left(self.down.t(), x) if self.token else x @ self.down
+        if self.token:
+            return self._left(self.down.t(), x, self.down_bias[:, None])  # broadcast over (b, c)
+        return torch.addmm(self.down_bias, x, self.down)
 
     def up_proj(self, a):  # a @ Up^T
         return self._left(self.up_t.t(), a) if self.token else a @ self.up_t
@@ -275,6 +282,7 @@ class _TorchBottleneck:
             grads["dscale"] = (dm * a).sum()
             grads["ddiag"] = self.r_sum(d_y * pre) if self.spec.middle == "diag" else None
             grads["dbias"] = None if self.token else g.sum(0)
+            grads["ddown_bias"] = None if self.down_bias is None else self.r_sum(d_pre)
         return grads
 
 
@@ -385,32 +393,34 @@ def _triton_bottleneck():
     return triton_bottleneck
 
 
-def _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
+def _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, down_bias, spec: _Spec, impl: str):
     """The forward of :class:`BottleneckFunction` and of the custom op."""
     if impl == "triton":
         return _triton_bottleneck().bottleneck_forward(
             x1, x2, down, up_t, None, diag, scale, bias,
             mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
-            seed=spec.seed, data_dtype=spec.data_dtype,
+            seed=spec.seed, data_dtype=spec.data_dtype, down_bias=down_bias,
         )
     acc = compute_dtype(x1.dtype)
-    return _TorchBottleneck(spec, x1, down, up_t, diag, acc).forward(x1, x2, scale, bias)
+    return _TorchBottleneck(spec, x1, down, up_t, diag, down_bias, acc).forward(x1, x2, scale, bias)
 
 
-def _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec: _Spec, impl: str, needs):
-    """``[dx1, dx2, ddown, dup_t, ddiag, dscale, dbias]`` (None where ``needs`` is False), the
-    activations' in x1's dtype, the parameters' in their dtypes and strides (see grad_like)."""
-    need_dx, need_dx2, need_dw = needs[0], needs[1], any(needs[2:7])
+def _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, down_bias, spec: _Spec, impl: str,
+                         needs):
+    """``[dx1, dx2, ddown, dup_t, ddiag, dscale, dbias, ddown_bias]`` (None where ``needs`` is
+    False), the activations' in x1's dtype, the parameters' in their dtypes and strides (see
+    grad_like)."""
+    need_dx, need_dx2, need_dw = needs[0], needs[1], any(needs[2:8])
     if impl == "triton":
         grads = _triton_bottleneck().bottleneck_backward(
             dout, x1, x2, down, up_t, None, diag, scale,
             mode=spec.mode, middle=spec.middle, residual=spec.residual, p_drop=spec.p_drop,
             seed=spec.seed, data_dtype=spec.data_dtype,
-            need_dx=need_dx, need_dx2=need_dx2, need_dw=need_dw,
+            need_dx=need_dx, need_dx2=need_dx2, need_dw=need_dw, down_bias=down_bias,
         )
     else:
         acc = compute_dtype(x1.dtype)
-        grads = _TorchBottleneck(spec, x1, down, up_t, diag, acc).backward(
+        grads = _TorchBottleneck(spec, x1, down, up_t, diag, down_bias, acc).backward(
             dout, x1, x2, scale, need_dx, need_dx2, need_dw
         )
     ddown = None
@@ -427,25 +437,27 @@ def _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec
         grad_like(grads["ddiag"], diag) if needs[4] else None,
         grad_like(grads["dscale"].reshape(scale.shape), scale) if needs[5] else None,
         grads["dbias"].to(bias_dtype) if needs[6] else None,
+        grad_like(grads["ddown_bias"], down_bias) if needs[7] else None,
     ]
 
 
 class BottleneckFunction(torch.autograd.Function):
-    """``[x1 +] scale * drop(middle((x1 [+ x2]) @ down)) @ up_t [+ bias]`` on a 2-D (channel)
-    or 3-D (token) ``x1``; ``up_t`` None ties the up-projection to ``down.T`` (ARC)."""
+    """``[x1 +] scale * drop(middle((x1 [+ x2]) @ down [+ down_bias])) @ up_t [+ bias]`` on a
+    2-D (channel) or 3-D (token) ``x1``; ``up_t`` None ties the up-projection to ``down.T``
+    (ARC)."""
 
     @staticmethod
-    def forward(ctx, x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
-        ctx.save_for_backward(x1, x2, down, up_t, diag, scale)
+    def forward(ctx, x1, x2, down, up_t, diag, scale, bias, down_bias, spec: _Spec, impl: str):
+        ctx.save_for_backward(x1, x2, down, up_t, diag, scale, down_bias)
         ctx.spec, ctx.impl = spec, impl
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec, impl)
+        return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, down_bias, spec, impl)
 
     @staticmethod
     def backward(ctx, dout):
-        x1, x2, down, up_t, diag, scale = ctx.saved_tensors
-        grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, ctx.spec, ctx.impl,
-                                     ctx.needs_input_grad[:7])
+        x1, x2, down, up_t, diag, scale, down_bias = ctx.saved_tensors
+        grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, down_bias, ctx.spec,
+                                     ctx.impl, ctx.needs_input_grad[:8])
         return (*grads, None, None)
 
 
@@ -459,15 +471,16 @@ def _spec_of(mode, middle, residual, p_drop, seed, data_dtype) -> _Spec:
 @torch.library.custom_op("kron_kernels::bottleneck", mutates_args=())
 def _bottleneck_op(
     x1: torch.Tensor, x2: Optional[torch.Tensor], down: torch.Tensor, up_t: Optional[torch.Tensor],
-    diag: Optional[torch.Tensor], scale: torch.Tensor, bias: Optional[torch.Tensor], mode: str, middle: str,
-    residual: bool, p_drop: float, seed: torch.Tensor, data_dtype: torch.dtype, impl: str,
+    diag: Optional[torch.Tensor], scale: torch.Tensor, bias: Optional[torch.Tensor],
+    down_bias: Optional[torch.Tensor], mode: str, middle: str, residual: bool, p_drop: float, seed: torch.Tensor,
+    data_dtype: torch.dtype, impl: str,
 ) -> torch.Tensor:
     spec = _spec_of(mode, middle, residual, p_drop, seed, data_dtype)
-    return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, spec, impl)
+    return _bottleneck_forward(x1, x2, down, up_t, diag, scale, bias, down_bias, spec, impl)
 
 
 @_bottleneck_op.register_fake
-def _(x1, x2, down, up_t, diag, scale, bias, mode, middle, residual, p_drop, seed, data_dtype, impl):
+def _(x1, x2, down, up_t, diag, scale, bias, down_bias, mode, middle, residual, p_drop, seed, data_dtype, impl):
     return x1.new_empty(x1.shape)
 
 
@@ -475,53 +488,59 @@ def _(x1, x2, down, up_t, diag, scale, bias, mode, middle, residual, p_drop, see
 def _bottleneck_backward_op(
     dout: torch.Tensor, x1: torch.Tensor, x2: Optional[torch.Tensor], down: torch.Tensor,
     up_t: Optional[torch.Tensor], diag: Optional[torch.Tensor], scale: torch.Tensor,
-    bias_dtype: Optional[torch.dtype], mode: str, middle: str, residual: bool, p_drop: float,
-    seed: torch.Tensor, data_dtype: torch.dtype, impl: str, needs: List[bool],
+    bias_dtype: Optional[torch.dtype], down_bias: Optional[torch.Tensor], mode: str, middle: str, residual: bool,
+    p_drop: float, seed: torch.Tensor, data_dtype: torch.dtype, impl: str, needs: List[bool],
 ) -> List[torch.Tensor]:
-    """The gradients ``needs`` asks for, in the order ``[dx1, dx2, ddown, dup_t, ddiag, dscale, dbias]``."""
+    """The gradients ``needs`` asks for, in the order ``[dx1, dx2, ddown, dup_t, ddiag, dscale,
+    dbias, ddown_bias]``."""
     spec = _spec_of(mode, middle, residual, p_drop, seed, data_dtype)
-    grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, spec, impl, needs)
+    grads = _bottleneck_backward(dout, x1, x2, down, up_t, diag, scale, bias_dtype, down_bias, spec, impl, needs)
     return [g for g in grads if g is not None]
 
 
 @_bottleneck_backward_op.register_fake
-def _(dout, x1, x2, down, up_t, diag, scale, bias_dtype, mode, middle, residual, p_drop, seed, data_dtype,
-      impl, needs):
+def _(dout, x1, x2, down, up_t, diag, scale, bias_dtype, down_bias, mode, middle, residual, p_drop, seed,
+      data_dtype, impl, needs):
     dx = x1.new_empty(x1.shape)
-    likes = [dx, dx, down, up_t, diag, scale, x1.new_empty(x1.shape[-1:], dtype=bias_dtype)]
+    likes = [dx, dx, down, up_t, diag, scale, x1.new_empty(x1.shape[-1:], dtype=bias_dtype), down_bias]
     return [torch.empty_like(like) for like, needed in zip(likes, needs) if needed]
 
 
 def _bottleneck_setup(ctx, inputs, output):
-    x1, x2, down, up_t, diag, scale, bias, *spec, impl = inputs
-    ctx.save_for_backward(x1, x2, down, up_t, diag, scale, spec[4])
+    x1, x2, down, up_t, diag, scale, bias, down_bias, *spec, impl = inputs
+    ctx.save_for_backward(x1, x2, down, up_t, diag, scale, down_bias, spec[4])
     ctx.spec, ctx.impl = spec, impl
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _bottleneck_autograd(ctx, dout):
-    x1, x2, down, up_t, diag, scale, seed = ctx.saved_tensors
+    x1, x2, down, up_t, diag, scale, down_bias, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    present = (True, x2 is not None, True, up_t is not None, diag is not None, True, ctx.bias_dtype is not None)
-    needs = [p and bool(n) for p, n in zip(present, need[:7])]
+    present = (True, x2 is not None, True, up_t is not None, diag is not None, True, ctx.bias_dtype is not None,
+               down_bias is not None)
+    needs = [p and bool(n) for p, n in zip(present, need[:8])]
     mode, middle, residual, p_drop, _, data_dtype = ctx.spec
-    grads = iter(_bottleneck_backward_op(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, mode, middle,
-                                         residual, p_drop, seed, data_dtype, ctx.impl, needs))
+    grads = iter(_bottleneck_backward_op(dout, x1, x2, down, up_t, diag, scale, ctx.bias_dtype, down_bias, mode,
+                                         middle, residual, p_drop, seed, data_dtype, ctx.impl, needs))
     return (*[next(grads) if needed else None for needed in needs], *[None] * 7)
 
 
 _bottleneck_op.register_autograd(_bottleneck_autograd, setup_context=_bottleneck_setup)
 
 
-def _apply_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str):
+def _apply_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec, impl: str, down_bias=None):
     """The bottleneck through the path the call runs on: the dense composition (plain autograd,
-    traced by torch.compile), the custom op while compiling, else the autograd Function."""
+    traced by torch.compile), the custom op while compiling, else the autograd Function.
+    ``down_bias`` (the adapter's ``b_d``) is taken by the torch and Triton backends only: the
+    adapter keeps its own dense composition (``ops/adapter.py``)."""
     if impl == "dense":
+        if down_bias is not None:
+            raise ValueError("the dense bottleneck composition takes no down_bias (ops/adapter.py has its own)")
         return _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec)
     if compiling():
-        return _bottleneck_op(x1, x2, down, up_t, diag, scale, bias, spec.mode, spec.middle, spec.residual,
-                              spec.p_drop, _seed_tensor(spec.seed), spec.data_dtype, impl)
-    return BottleneckFunction.apply(x1, x2, down, up_t, diag, scale, bias, spec, impl)
+        return _bottleneck_op(x1, x2, down, up_t, diag, scale, bias, down_bias, spec.mode, spec.middle,
+                              spec.residual, spec.p_drop, _seed_tensor(spec.seed), spec.data_dtype, impl)
+    return BottleneckFunction.apply(x1, x2, down, up_t, diag, scale, bias, down_bias, spec, impl)
 
 
 # ----------------------------------------------------------------------------------------

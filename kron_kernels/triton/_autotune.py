@@ -1,9 +1,9 @@
 """Autotuning of the row-tiled forward kernels: configuration spaces, pruning by the device's
 shared memory and registers, and a log of every tuning (the first call's cost, reported).
 
-The forward kernels of the adapter, the bottleneck family (ARC, LoSA) and FacT share one shape:
-a program owns ``BLOCK_N`` rows, streams their ``d`` features in ``BLOCK_D`` chunks against a
-``WIDTH``-wide (``K_PAD`` / ``R_PAD``) fp32 factor, and holds a ``BLOCK_N x WIDTH`` fp32
+The forward kernels of the bottleneck family (ARC, LoSA, the Compacter adapter) and FacT share
+one shape: a program owns ``BLOCK_N`` rows, streams their ``d`` features in ``BLOCK_D`` chunks
+against a ``WIDTH``-wide (``R_PAD``) fp32 factor, and holds a ``BLOCK_N x WIDTH`` fp32
 accumulator. Which tile is fastest depends on the GPU (SM count, shared memory, clock), the
 dtype and how many rows there are -- the H200 run of commit 349dfe8 measured these kernels at
 4-15% of memory bandwidth with tiles chosen from ptxas register counts alone, e.g. one 8-warp

@@ -1,11 +1,14 @@
 """Triton kernels for the fused low-rank bottleneck family (DESIGN.md 4.5):
 
-    out = [x1 +] scale * drop(middle((x1 [+ x2]) @ D)) @ Up^T [+ bias]
+    out = [x1 +] scale * drop(middle((x1 [+ x2]) @ D [+ b_D])) @ Up^T [+ bias]
 
 ``D: (d, r)`` is the down-projection, ``Up^T: (r, d)`` the up-projection (ARC ties it to
-``D^T``), the middle is an ``r x r`` core (FacT), a diagonal (ARC) or GELU (LoSA), ``drop``
-an optional dropout on the r-dim intermediate, ``scale`` a (possibly trainable) scalar, and
-the residual is ``x1`` (ARC: the input; LoSA: ``h``, with ``x2 = z``).
+``D^T``), ``b_D: (r,)`` an optional down-projection bias, the middle is an ``r x r`` core
+(FacT), a diagonal (ARC) or GELU (LoSA, the Compacter adapter), ``drop`` an optional dropout
+on the r-dim intermediate, ``scale`` a (possibly trainable) scalar, and the residual is ``x1``
+(ARC, the adapter: the input; LoSA: ``h``, with ``x2 = z``). The Compacter adapter
+``h + GELU(h W_d^T + b_d) W_u^T + b_u`` is the instance ``D = W_d^T``, ``b_D = b_d``, GELU,
+``Up = W_u``, ``bias = b_u``, scale 1 (``ops/adapter.py``).
 
 Rows and features. The kernels see the activations as ``n_rows`` rows of ``d`` features,
 row ``n`` at ``(n // n_inner) * stride_outer + (n % n_inner) * stride_inner`` and feature
@@ -24,19 +27,21 @@ Backward, with ``g = dout``, ``y = middle(pre)``, ``m`` the scaled keep mask, ``
                                  diag: ddiag = sum_rows(d_y * pre), d_pre = d_y * diag
                                  gelu: d_pre = d_y * GELU'(pre)
     dx1 = [g +] d_pre D^T        dD^T = d_pre^T x     dUp^T = (scale a)^T g     dbias = sum_rows g
-    dx2 = d_pre D^T              (tied Up = D: dD^T and dUp^T accumulate into one buffer)
+    dx2 = d_pre D^T              db_D = sum_rows d_pre
+                                 (tied Up = D: dD^T and dUp^T accumulate into one buffer)
 
 A fixed number ``G`` of programs walks the row blocks (block ``pid``, ``pid + G``, ...); each
 recomputes ``pre`` and ``dm`` in one pass over the features, then in a second pass writes
 ``dx`` and adds its share of the weight gradients to its own slice of ``(G, ...)`` fp32
-partial-sum buffers, summed by the launcher with torch: deterministic, no atomics (as in
-``triton/adapter.py``).
+partial-sum buffers, summed by the launcher with torch: deterministic, no atomics.
 
 Small ranks: ``tl.dot`` needs every dimension >= 16, so the launchers zero-pad ``r`` to
 ``R_PAD = max(16, next_pow2(r))`` (weights as ``(R_PAD, d)`` row-major ``D^T`` and ``Up^T``,
-the core ``(R_PAD, R_PAD)``, the diagonal ``(R_PAD,)``). Padded columns have ``pre = 0``,
-``GELU(0) = 0``, a zero diagonal/core and a zero up row, so they contribute nothing and need
-no masks; rows past ``n_rows`` and features past ``d`` load as 0.
+the core ``(R_PAD, R_PAD)``, the diagonal ``(R_PAD,)``). Padded columns have ``pre = 0``
+(the down bias is zero-padded too), ``GELU(0) = 0``, a zero diagonal/core and a zero up row, so
+they contribute nothing and need no masks; rows past ``n_rows`` and features past ``d`` load as
+0 (with a down bias their ``pre`` is ``b_D``, but their ``g`` is 0, so ``dm``, ``d_y`` and
+``d_pre`` are, and every weight gradient's share of them: no row mask either).
 
 Dropout: the keep decision of intermediate element ``(n, j)`` is ``tl.rand(seed, n * r + j) >=
 p`` -- a counter-based (Philox) draw, so the backward regenerates exactly the forward's mask
@@ -141,12 +146,13 @@ def _load_x(x_ptr, x2_ptr, rows_x, rows_x2, offs_d, stride_xd, stride_x2d, mask,
 
 @triton.jit
 def _bottleneck_fwd_kernel(
-    x_ptr, x2_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr, bias_ptr, out_ptr,
+    x_ptr, x2_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr, bias_ptr, down_bias_ptr, out_ptr,
     n_rows, n_inner, D, R, seed, p_drop, drop_scale,
     N_BUCKET,  # the row-count class, read only by the autotuner's key
     stride_xo, stride_xi, stride_xd, stride_x2o, stride_x2i, stride_x2d, stride_oo, stride_oi, stride_od,
     MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ROWS_BLOCKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DOWN_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS_BLOCKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -165,6 +171,8 @@ def _bottleneck_fwd_kernel(
                        mask_n[:, None] & mask_d[None, :], HAS_X2)
         down = tl.load(down_t_ptr + offs_r[None, :] * D + offs_d[:, None], mask=mask_d[:, None], other=0.0)
         pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if HAS_DOWN_BIAS:
+        pre += tl.load(down_bias_ptr + offs_r)[None, :]
 
     if MIDDLE == _CORE:
         core = tl.load(core_ptr + offs_r[:, None] * R_PAD + offs_r[None, :])
@@ -193,14 +201,15 @@ def _bottleneck_fwd_kernel(
 
 @triton.jit
 def _bottleneck_bwd_kernel(
-    x_ptr, x2_ptr, dout_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr,
+    x_ptr, x2_ptr, dout_ptr, down_t_ptr, up_t_ptr, core_ptr, diag_ptr, scale_ptr, down_bias_ptr,
     dx_ptr, dx2_ptr,
     ddown_t_part_ptr, dup_t_part_ptr, dcore_part_ptr, ddiag_part_ptr, dscale_part_ptr, dbias_part_ptr,
+    ddown_bias_part_ptr,
     n_rows, n_inner, D, R, seed, p_drop, drop_scale,
     stride_xo, stride_xi, stride_xd, stride_x2o, stride_x2i, stride_x2d,
     stride_go, stride_gi, stride_gd, stride_dxo, stride_dxi, stride_dxd,
-    MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    TIED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DX2: tl.constexpr, NEED_DW: tl.constexpr,
+    MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, TIED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DX2: tl.constexpr, NEED_DW: tl.constexpr,
     ROWS_BLOCKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
 ):
@@ -217,9 +226,12 @@ def _bottleneck_bwd_kernel(
         core = tl.load(core_ptr + offs_r[:, None] * R_PAD + offs_r[None, :])
     if MIDDLE == _DIAG:
         diag = tl.load(diag_ptr + offs_r)
+    if HAS_DOWN_BIAS:
+        down_bias = tl.load(down_bias_ptr + offs_r)
     dcore_acc = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
     ddiag_acc = tl.zeros((R_PAD,), dtype=tl.float32)
     dscale_acc = tl.zeros((R_PAD,), dtype=tl.float32)
+    ddown_bias_acc = tl.zeros((R_PAD,), dtype=tl.float32)
 
     for blk in range(pid, num_blocks, num_programs):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,6 +257,8 @@ def _bottleneck_bwd_kernel(
             up = tl.load(up_t_ptr + offs_dr, mask=mask_d[:, None], other=0.0)
             pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)
             dm = tl.dot(g, up, acc=dm, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if HAS_DOWN_BIAS:
+            pre += down_bias[None, :]
 
         # the r-dim chain, recomputed: y = middle(pre), a = y * mask
         if MIDDLE == _CORE:
@@ -273,12 +287,14 @@ def _bottleneck_bwd_kernel(
                                    out_dtype=tl.float32)
             if MIDDLE == _DIAG:
                 ddiag_acc += tl.sum(d_y * pre, axis=0)
+            if HAS_DOWN_BIAS:
+                ddown_bias_acc += tl.sum(d_pre, axis=0)
         a_scaled = a * scale  # the up-projection's input
 
         # pass 2: dx = [g +] d_pre D^T, and this block's share of dD^T, dUp^T, dbias.
         # The program's first block overwrites its (uninitialised) partial slice -- its loads are
         # masked off (features < 0) and return 0 -- so every element of the slice is written;
-        # later blocks add to it (features < D). (A scalar bound, as in triton/adapter.py: the
+        # later blocks add to it (features < D). (A scalar bound, not a block & scalar mask: the
         # interpreter mistypes a block & scalar mask.)
         d_summed = tl.where(blk == pid, 0, D)
         # Threads re-read partial-sum elements that other threads of this program stored for the
@@ -327,6 +343,8 @@ def _bottleneck_bwd_kernel(
                      dcore_acc)
         if MIDDLE == _DIAG:
             tl.store(ddiag_part_ptr + pid * R_PAD + offs_r, ddiag_acc)
+        if HAS_DOWN_BIAS:
+            tl.store(ddown_bias_part_ptr + pid * R_PAD + offs_r, ddown_bias_acc)
 
 
 @triton.jit
@@ -545,8 +563,9 @@ def _config(x: torch.Tensor, r_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
     On CUDA the forwards autotune (``triton/_autotune.py``); their tiles here serve only a
-    call that fixes its tile sizes. CUDA tiles follow ``triton/adapter.py`` and a ptxas
-    resource sweep at R_PAD = 64 (ARC r = 50, LoSA r = 64), sm_90, Triton 3.6 and 3.9
+    call that fixes its tile sizes. CUDA tiles follow a ptxas resource sweep at R_PAD = 64
+    (ARC r = 50, LoSA r = 64; the Compacter adapter's k = d/32 at K_PAD = 32 took the same
+    tiles in its own kernel, folded into these), sm_90, Triton 3.6 and 3.9
     (``python -m benchmarks.kernel_resources``);
     not yet timed on a GPU. 64 rows of 2-byte (32 of 4-byte) activations keep a block's rows
     <= 128 KiB of L2 for the forward's second pass at d = 1024. The backward holds ~6
@@ -587,9 +606,9 @@ def _geometry(x: torch.Tensor, mode: str):
     return b * c, max(c, 1), t, (x.stride(0), x.stride(2), x.stride(1))
 
 
-def _padded(down, up_t, core, diag, r_pad: int):
+def _padded(down, up_t, core, diag, down_bias, r_pad: int):
     """``D^T`` and ``Up^T`` as zero-padded fp32 ``(r_pad, d)`` row-major matrices, the core
-    ``(r_pad, r_pad)`` and the diagonal ``(r_pad,)`` (None when absent)."""
+    ``(r_pad, r_pad)``, the diagonal and the down bias ``(r_pad,)`` (None when absent)."""
     d, r = down.shape
     f32 = dict(dtype=torch.float32, device=down.device)
     down_t = torch.zeros((r_pad, d), **f32)
@@ -598,14 +617,18 @@ def _padded(down, up_t, core, diag, r_pad: int):
     if up_t is not None:
         up_t_p = torch.zeros((r_pad, d), **f32)
         up_t_p[:r] = up_t
-    core_p = diag_p = None
+    core_p = None
     if core is not None:
         core_p = torch.zeros((r_pad, r_pad), **f32)
         core_p[:r, :r] = core
-    if diag is not None:
-        diag_p = torch.zeros((r_pad,), **f32)
-        diag_p[:r] = diag
-    return down_t, up_t_p, core_p, diag_p
+    vectors = []
+    for v in (diag, down_bias):
+        if v is not None:
+            padded = torch.zeros((r_pad,), **f32)
+            padded[:r] = v
+            v = padded
+        vectors.append(v)
+    return (down_t, up_t_p, core_p, *vectors)
 
 
 def _dropout_args(p_drop: float, seed: Optional[int]):
@@ -616,16 +639,17 @@ def _dropout_args(p_drop: float, seed: Optional[int]):
 def bottleneck_forward(
     x, x2, down, up_t, core, diag, scale, bias, *,
     mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], data_dtype: torch.dtype,
-    block_n: Optional[int] = None, block_d: Optional[int] = None,
+    down_bias: Optional[torch.Tensor] = None, block_n: Optional[int] = None, block_d: Optional[int] = None,
 ) -> torch.Tensor:
     """``out`` in ``x``'s dtype and shape (contiguous). ``x``/``x2``: 2-D ``(N, d)`` (channel)
     or 3-D ``(B, T, C)`` (token, mixed along T), any strides, no copy. ``down: (d, r)``;
     ``up_t: (r, d)`` or None (tied: ``D^T``); ``core (r, r)`` / ``diag (r,)`` per ``middle``;
-    ``scale``: a 1-element tensor; ``bias (d,)`` or None (channel mode only)."""
+    ``scale``: a 1-element tensor; ``bias (d,)`` or None (channel mode only); ``down_bias
+    (r,)`` or None, added to ``x @ D`` before the middle."""
     n_rows, n_inner, d, strides_x = _geometry(x, mode)
     r = down.shape[1]
     r_pad = _r_pad(r)
-    down_t, up_t_p, core_p, diag_p = _padded(down, up_t, core, diag, r_pad)
+    down_t, up_t_p, core_p, diag_p, down_bias_p = _padded(down, up_t, core, diag, down_bias, r_pad)
     up_t_p = down_t if up_t_p is None else up_t_p
     scale_t = scale.detach().reshape(1).to(torch.float32)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -637,12 +661,14 @@ def bottleneck_forward(
     args = (
         x, x if x2 is None else x2, down_t, up_t_p,
         down_t if core_p is None else core_p, down_t if diag_p is None else diag_p,
-        scale_t, down_t if bias is None else bias.detach().to(torch.float32).contiguous(), out,
+        scale_t, down_t if bias is None else bias.detach().to(torch.float32).contiguous(),
+        down_t if down_bias_p is None else down_bias_p, out,
         n_rows, n_inner, d, r, seed, p_drop, drop_scale, _autotune.n_bucket(n_rows),
         *strides_x, *strides_x2, *strides_out,
     )
     meta = dict(MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_BIAS=bias is not None,
-                HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)
+                HAS_DOWN_BIAS=down_bias is not None, HAS_DROPOUT=has_dropout,
+                DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)
     fixed = _fixed_tile(x, r_pad, block_n, block_d)
     _autotune.launch_rows(_bottleneck_fwd_autotuned, _bottleneck_fwd_kernel, n_rows, args, meta, fixed,
                           **({} if fixed is None else {"ROWS_BLOCKED": _rows_blocked(n_inner, fixed[0])}))
@@ -652,18 +678,18 @@ def bottleneck_forward(
 def bottleneck_backward(
     dout, x, x2, down, up_t, core, diag, scale, *,
     mode: str, middle: str, residual: bool, p_drop: float, seed: Optional[int], data_dtype: torch.dtype,
-    need_dx: bool, need_dx2: bool, need_dw: bool,
+    need_dx: bool, need_dx2: bool, need_dw: bool, down_bias: Optional[torch.Tensor] = None,
     block_n: Optional[int] = None, block_d: Optional[int] = None, num_programs: Optional[int] = None,
 ):
     """``dict`` of gradients: ``dx``/``dx2`` (contiguous, ``x``'s dtype and shape; ``dx``
     includes the residual's ``dout``), and with ``need_dw`` the fp32 ``ddown (d, r)``,
     ``dup_t (r, d)`` (absent when tied: ``ddown`` holds both), ``dcore``/``ddiag``,
-    ``dscale`` (0-d) and ``dbias (d,)``."""
+    ``dscale`` (0-d), ``dbias (d,)`` and ``ddown_bias (r,)`` (None without a down bias)."""
     n_rows, n_inner, d, strides_x = _geometry(x, mode)
     r = down.shape[1]
     r_pad = _r_pad(r)
     tied = up_t is None
-    down_t, up_t_p, core_p, diag_p = _padded(down, up_t, core, diag, r_pad)
+    down_t, up_t_p, core_p, diag_p, down_bias_p = _padded(down, up_t, core, diag, down_bias, r_pad)
     up_t_p = down_t if tied else up_t_p
     scale_t = scale.detach().reshape(1).to(torch.float32)
     grads = {}
@@ -674,7 +700,8 @@ def bottleneck_backward(
         if need_dw:
             zeros = functools.partial(torch.zeros, dtype=torch.float32, device=x.device)
             grads.update(ddown=zeros((d, r)), dup_t=None if tied else zeros((r, d)), dscale=zeros(()),
-                         dbias=zeros((d,)), dcore=zeros((r, r)), ddiag=zeros((r,)))
+                         dbias=zeros((d,)), dcore=zeros((r, r)), ddiag=zeros((r,)),
+                         ddown_bias=None if down_bias is None else zeros((r,)))
         return grads
 
     cfg_n, cfg_d, num_warps, num_stages, max_programs = _config(x, r_pad, backward=True)
@@ -690,8 +717,9 @@ def bottleneck_backward(
         ddiag_part = torch.empty((grid, r_pad), **f32)
         dscale_part = torch.empty((grid, r_pad), **f32)
         dbias_part = torch.empty((grid, d), **f32)
-    else:
-        ddown_t_part = dup_t_part = dcore_part = ddiag_part = dscale_part = dbias_part = down_t  # never dereferenced
+        ddown_bias_part = down_t if down_bias is None else torch.empty((grid, r_pad), **f32)
+    else:  # never dereferenced
+        ddown_t_part = dup_t_part = dcore_part = ddiag_part = dscale_part = dbias_part = ddown_bias_part = down_t
     _, _, _, strides_x2 = _geometry(x if x2 is None else x2, mode)
     _, _, _, strides_g = _geometry(dout, mode)
     like = dx if dx is not None else (dx2 if dx2 is not None else x)
@@ -702,11 +730,13 @@ def bottleneck_backward(
     _bottleneck_bwd_kernel[(grid,)](
         x, x if x2 is None else x2, dout, down_t, up_t_p,
         down_t if core_p is None else core_p, down_t if diag_p is None else diag_p, scale_t,
+        down_t if down_bias_p is None else down_bias_p,
         x if dx is None else dx, x if dx2 is None else dx2,
-        ddown_t_part, dup_t_part, dcore_part, ddiag_part, dscale_part, dbias_part,
+        ddown_t_part, dup_t_part, dcore_part, ddiag_part, dscale_part, dbias_part, ddown_bias_part,
         n_rows, n_inner, d, r, seed, p_drop, drop_scale,
         *strides_x, *strides_x2, *strides_g, *strides_dx,
-        MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual, HAS_DROPOUT=has_dropout,
+        MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual,
+        HAS_DOWN_BIAS=down_bias is not None, HAS_DROPOUT=has_dropout,
         TIED=tied, NEED_DX=need_dx, NEED_DX2=need_dx2, NEED_DW=need_dw,
         ROWS_BLOCKED=_rows_blocked(n_inner, block_n), DOT_PRECISION=dot_precision(data_dtype),
         BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
@@ -719,6 +749,7 @@ def bottleneck_backward(
         grads["ddiag"] = ddiag_part.sum(0)[:r] if middle == "diag" else None
         grads["dscale"] = dscale_part.sum()
         grads["dbias"] = dbias_part.sum(0)
+        grads["ddown_bias"] = None if down_bias is None else ddown_bias_part.sum(0)[:r]
     return grads
 
 

@@ -164,7 +164,7 @@ def record_launches(props: GPUProperties) -> Iterator[Recording]:
         # (the dot precision too: 3xTF32 splits the dot operands, so its tiles need more
         # shared memory than the same tile with TF32 or IEEE dots)
         tile_class = (self.base_fn.__name__, tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
-                      tuple(sorted((k, v) for k, v in kwargs.items() if k in ("K_PAD", "R_PAD", "DOT_PRECISION"))))
+                      tuple(sorted((k, v) for k, v in kwargs.items() if k in ("R_PAD", "DOT_PRECISION"))))
         if tile_class in recording.tiled:
             configs = configs[:1]
         recording.tiled.add(tile_class)

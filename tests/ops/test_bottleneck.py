@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import conftest
 import kron_kernels as kk
@@ -265,6 +266,43 @@ def test_triton_core_middle_and_cuda_tiles(device):
     assert rel_err(out, want) <= RTOL[torch.float32], "out"
     for name, w in zip(["dx", "ddown", "dup_t", "dcore", "dscale"], want_grads):
         assert rel_err(grads[name], w) <= RTOL[torch.float32], name
+
+
+@pytest.mark.parametrize("impl, dtype, device", [
+    pytest.param("torch", torch.float64, "cpu", id="torch-fp64"),
+    pytest.param("triton", torch.float32, "cpu", id="triton-fp32-interpreter", marks=needs_interpreter),
+    pytest.param("triton", torch.float32, "cuda", id="triton-fp32-cuda", marks=pytest.mark.gpu),
+])
+@pytest.mark.parametrize("mode", ["channel", "token"])
+def test_down_bias(mode, impl, dtype, device):
+    """The down-projection bias (the Compacter adapter's ``b_d``, ops/adapter.py) in both row
+    layouts, with an input sum and a trainable scale: the output and every gradient, the bias's
+    included, against the formula in float64."""
+    from kron_kernels.ops import bottleneck as ops_bottleneck
+
+    gen = torch.Generator().manual_seed(4)
+    b, t, c, r = 3, 21, 10, 5
+    n = c if mode == "channel" else t
+    x1, x2 = randn(gen, b, t, c), randn(gen, b, t, c)
+    down, up_t, down_bias = randn(gen, n, r, scale=n**-0.5), randn(gen, r, n, scale=r**-0.5), randn(gen, r)
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    leaves = [v.requires_grad_() for v in (x1, x2, down, up_t, scale, down_bias)]
+
+    def formula(x1, x2, down, up_t, scale, down_bias):
+        x = x1 + x2
+        x = x if mode == "channel" else x.transpose(1, 2)
+        out = scale * (F.gelu(x @ down + down_bias) @ up_t)
+        return x1 + (out if mode == "channel" else out.transpose(1, 2))
+
+    def fused(x1, x2, down, up_t, scale, down_bias):
+        spec = ops_bottleneck._Spec(mode, "gelu", True, 0.0, 0, x1.dtype)
+        rows = (lambda v: v.reshape(-1, c)) if mode == "channel" else (lambda v: v)
+        out = ops_bottleneck._apply_bottleneck(rows(x1), rows(x2), down, up_t, None, scale, None, spec, impl,
+                                               down_bias=down_bias)
+        return out.reshape(x1.shape)
+
+    compare_with_reference(fused, formula, [v.detach().to(device, dtype).requires_grad_() for v in leaves],
+                           RTOL[dtype], ref_dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The interpreter ignores ``input_precision``, so no numerical CPU test can tell an IEEE fp32 dot
 from a TF32 one (10 mantissa bits: ~1e-3 relative error, against the 1e-4 fp32 tolerance of
-``utils.RTOL``). The rule of the launchers (triton/kron.py ``_meta``, triton/adapter.py and
-triton/bottleneck.py ``_dot_precision``, all through ``kron_kernels.triton.dot_precision``):
+``utils.RTOL``). The rule of the launchers (triton/kron.py ``_meta`` and triton/bottleneck.py, the
+Compacter adapter's kernels included, all through ``kron_kernels.triton.dot_precision``):
 fp32 activations keep IEEE fp32 dots; bf16 activations, which carry 2^-8 of error already, take
 TF32 tensor-core dots (2^-11 on the fp32 factors and intermediates); fp16 activations take
 3xTF32, since a TF32 rounding is as large as fp16's own (plain TF32 failed the fp16
