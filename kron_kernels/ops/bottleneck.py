@@ -310,27 +310,6 @@ _CUDA_AUTO = {"arc": "dense", "losa_mixer": "dense", "fact_apply": "triton", "fa
 _DENSE_OPS = ("arc", "losa_mixer", "fact_apply", "fact_linear")  # the ops with a dense composition
 
 
-class _ScaleBy(torch.autograd.Function):
-    """``a * scale`` for a one-element ``scale`` (LoSA's alpha) on activations ``a`` in their
-    dtype (a 0-d scale does not promote them); the scale's gradient, a sum over every element
-    of ``a``, accumulates in the scale's dtype (fp32) -- in bf16 it would lose the 2^-8 that
-    the fused kernels and the reference keep. Two launches forward, three backward."""
-
-    @staticmethod
-    def forward(ctx, a, scale):
-        ctx.save_for_backward(a, scale)
-        return a * scale.reshape(())
-
-    @staticmethod
-    def backward(ctx, g):
-        a, scale = ctx.saved_tensors
-        da = g * scale.reshape(()) if ctx.needs_input_grad[0] else None
-        dscale = None
-        if ctx.needs_input_grad[1]:
-            dscale = grad_like((g * a).sum(dtype=scale.dtype).reshape(scale.shape), scale)
-        return da, dscale
-
-
 def _data_dtype(x: torch.Tensor) -> torch.dtype:
     """The precision a bottleneck's data carry: ``x``'s dtype, or under autocast the autocast
     dtype when it is narrower (fp32 activations in an autocast region: the residual stream of
@@ -352,8 +331,16 @@ def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
     x = x.to(dt)
     D = down.to(dt)
     # tied (ARC: the up-projection is U^T): one cast serves both GEMMs, and autograd sums the
-    # two gradients before the one cast back, as the reference's autocast weight cache does
-    Up = D if up_t is None else up_t.t().to(dt)  # (features, r)
+    # two gradients before the one cast back, as the reference's autocast weight cache does.
+    # A scale (LoSA's alpha) rides on the (features, r) up weight, not on the (rows, features)
+    # output: no full-size multiply either way, no full-size tensor saved for alpha's gradient
+    # (the reference's alpha * out keeps `out`: 12 x 19 MB bf16 at ViT-B, batch 64), and that
+    # gradient is a sum over features x r products in fp32 (the weight's dtype) of one
+    # GEMM-rounded dUp each.
+    if scale is None:
+        Up = D if up_t is None else up_t.t().to(dt)  # (features, r)
+    else:
+        Up = ((down if up_t is None else up_t.t()) * scale.reshape(())).to(dt)
     token = spec.mode == "token"
     # token mixing through a transpose, as the reference: (B, C, T) @ (T, r) folds into ONE
     # GEMM over every (b, c) row, so D's gradient is one GEMM reducing over B*C in fp32. The
@@ -378,8 +365,6 @@ def _dense_bottleneck(x1, x2, down, up_t, diag, scale, bias, spec: _Spec):
     out = a @ Up.t()  # (B, C, T) | (N, d)
     if token:
         out = out.transpose(-1, -2)
-    if scale is not None:  # on the branch's output, as LoSA's reference (ARC has none)
-        out = _ScaleBy.apply(out, scale)
     if spec.residual:
         out = x1 + out  # promotes to x1's dtype
     if bias is not None:
