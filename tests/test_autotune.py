@@ -1,6 +1,7 @@
-"""Autotuning of the row-tiled forward kernels (``kron_kernels/triton/_autotune.py``): the
-configuration space, its pruning by the device's shared memory and registers, the tuning log,
-and -- on a GPU -- that an autotuned launch computes what a fixed-tile launch computes."""
+"""Autotuning of the row-tiled forward kernels and the persistent backwards
+(``kron_kernels/triton/_autotune.py``): the configuration spaces, their pruning by the device's
+shared memory, registers and (backward) partial-sum budget, the tuning log, and -- on a GPU --
+that an autotuned launch computes what a fixed-tile launch computes."""
 import pytest
 import torch
 
@@ -152,6 +153,111 @@ def test_report_lists_the_tunings():
     from kron_kernels import triton as kk_triton
 
     assert kk_triton.tunings() == _autotune.tunings()
+
+
+# ----------------------------------------------------------------------------------------
+# the persistent backwards: tile and programs per SM, bounded by the partial-sum budget
+# ----------------------------------------------------------------------------------------
+def pruned_backward(props, width, element_size, d, partial_bytes=None):
+    from kron_kernels.triton import bottleneck as tb
+
+    prune = _autotune.prune_backward_tiles("R_PAD", "x_ptr", partial_bytes or tb._bottleneck_partial_bytes)
+    with simulate_gpu(props):
+        return prune(_autotune.backward_tile_configs(), {"x_ptr": FakeRows(element_size), "D": d, "K": 3},
+                     R_PAD=width)
+
+
+def test_backward_programs_bounded_by_the_partial_budget():
+    """FacT's narrow factors (R_PAD 16) keep every tile, four programs per SM included; ARC's and
+    LoSA's R_PAD 64 slices keep one program per SM at ViT-B width (the budget); whatever is
+    kept fits the budget, and something is always kept."""
+    from kron_kernels.triton import bottleneck as tb
+
+    fact = pruned_backward(H100, 16, 2, 768, tb._fact_partial_bytes)
+    assert {c.kwargs["PROGRAMS_PER_SM"] for c in fact} == {1, 2, 4}
+    assert len(fact) == len(_autotune.BACKWARD_TILES)
+    arc = pruned_backward(H100, 64, 2, 768)
+    assert arc and {c.kwargs["PROGRAMS_PER_SM"] for c in arc} == {1}
+    for width, d in ((16, 768), (32, 768), (64, 768), (64, 1024), (128, 1024)):
+        per_program = tb._bottleneck_partial_bytes({"R_PAD": width, "D": d})
+        cap = _autotune.max_programs_per_sm(H100.multi_processor_count, per_program)
+        kept = pruned_backward(H100, width, 2, d)
+        assert kept, (width, d)
+        assert all(c.kwargs["PROGRAMS_PER_SM"] <= cap for c in kept)
+        assert cap == 1 or H100.multi_processor_count * cap * per_program <= _autotune.PARTIAL_BUDGET_BYTES
+    # no tile fits: the one with the fewest live values (a 64-row tile failed to compile there)
+    assert [c.kwargs["BLOCK_N"] for c in pruned_backward(SMALL, 4096, 4, 768)] == [32]
+    wide = pruned_backward(GPUProperties("A100", (8, 0), 108, 163 * 1024), 128, 2, 768)
+    assert all(c.kwargs["BLOCK_N"] <= 32 for c in wide)
+
+
+RECORD_BACKWARD = """
+import sys, torch
+import kron_kernels as kk
+from kron_kernels.triton import GPUProperties, targets
+props = GPUProperties("sim", (9, 0), 132, 227 * 1024)
+with targets.record_launches(props) as recording:
+    x = torch.empty(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    U = torch.empty(768, 8, device="cuda", requires_grad=True)
+    V = torch.empty(768, 8, device="cuda", requires_grad=True)
+    cores = torch.empty(3, 8, 8, device="cuda", requires_grad=True)
+    targets._fwd_bwd(lambda: kk.fact_apply(x, U, V, cores, 0.5, split="rows"))()
+print(sum(launch.name == "_fact_bwd_kernel" for launch in recording.launches))
+"""
+
+
+def test_recording_compiles_every_backward_tile(tmp_path):
+    """The GPU-target check records one backward launch per configuration the pruning keeps
+    (FacT at ViT-B width: all of them), so every tile the autotuner may run is compiled; the
+    launcher reads the chosen program count back from the autotuner (set by the recording as
+    by a tuned call). In a subprocess: this process interprets its kernels."""
+    from test_gpu_targets import _run
+
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_BACKWARD)
+    proc = _run([str(script)], None)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == len(_autotune.BACKWARD_TILES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["fact", "arc"])
+def test_autotuned_backward_equals_fixed_tiles(op):
+    """On a GPU the autotuned persistent backward gives the fixed tile's gradients (up to the
+    order of the row-block sums: within fp32 rounding), and its tuning is logged."""
+    from kron_kernels.triton import bottleneck as tb
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, d, r = 12608, 768, 8 if op == "fact" else 50
+    x = torch.randn(n, d, device="cuda", generator=gen).bfloat16()
+    before = len(_autotune.tunings())
+    if op == "fact":
+        U, V = (torch.randn(d, r, device="cuda", generator=gen) * d**-0.5 for _ in range(2))
+        cores = torch.randn(3, r, r, device="cuda", generator=gen)
+        dout = torch.randn(n, 3 * d, device="cuda", generator=gen).bfloat16()
+
+        def backward(**tiles):
+            g = tb.fact_backward(dout, x, None, U, V, cores, split="rows", scale=0.5, p_drop=0.1, seed=3,
+                                 need_dx=True, need_dw=True, **tiles)
+            return [g["dx"], g["dU"], g["dV"], g["dcores"]]
+    else:
+        U = torch.randn(d, r, device="cuda", generator=gen) * d**-0.5
+        lam, one = torch.randn(r, device="cuda", generator=gen), torch.ones((), device="cuda")
+        dout = torch.randn(n, d, device="cuda", generator=gen).bfloat16()
+
+        def backward(**tiles):
+            g = tb.bottleneck_backward(dout, x, None, U, None, None, lam, one, mode="channel", middle="diag",
+                                       residual=True, p_drop=0.1, seed=3, data_dtype=torch.bfloat16, need_dx=True,
+                                       need_dx2=False, need_dw=True, **tiles)
+            return [g["dx"], g["ddown"], g["ddiag"]]
+
+    tuned = backward()
+    log = _autotune.tunings()[before:]
+    assert len(log) == 1 and log[0].kernel.endswith("_bwd_kernel") and log[0].seconds > 0
+    fixed = backward(num_programs=132)
+    for name, t, f in zip(["dx", "dU/dD", "dV/ddiag", "dcores"], tuned, fixed):
+        tol = 2 ** -7 if t.dtype == torch.bfloat16 else 1e-5  # one bf16 rounding; fp32 sums in another order
+        assert (t.float() - f.float()).abs().max() <= tol * f.float().abs().max(), name
 
 
 # ----------------------------------------------------------------------------------------

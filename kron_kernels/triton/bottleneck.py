@@ -30,8 +30,8 @@ Backward, with ``g = dout``, ``y = middle(pre)``, ``m`` the scaled keep mask, ``
     dx2 = d_pre D^T              db_D = sum_rows d_pre
                                  (tied Up = D: dD^T and dUp^T accumulate into one buffer)
 
-A fixed number ``G`` of programs walks the row blocks (block ``pid``, ``pid + G``, ...); each
-recomputes ``pre`` and ``dm`` in one pass over the features, then in a second pass writes
+``G`` persistent programs walk the row blocks (block ``pid``, ``pid + G``, ...; on CUDA ``G``
+is tuned with the tile: ``PROGRAMS_PER_SM``, triton/_autotune.py); each recomputes ``pre`` and ``dm`` in one pass over the features, then in a second pass writes
 ``dx`` and adds its share of the weight gradients to its own slice of ``(G, ...)`` fp32
 partial-sum buffers, summed by the launcher with torch: deterministic, no atomics.
 
@@ -65,7 +65,7 @@ and ``x_j`` (cols: the ``j``-th chunk; rows: ``x_j = x``, ``pre_j = pre``):
     cols:  dx_j = d_pre_j U^T,     dU = sum_j x_j^T d_pre_j
     dV = sum_j g_j^T a_j    (cols: g^T sum_j a_j)
 
-One persistent program per SM walks row blocks as above; the weight gradients go to its own
+Persistent programs walk row blocks as above; the weight gradients go to each one's own
 zero-initialised fp32 slices ``(G, R_PAD, d)`` of ``dU^T``, ``dV^T`` and ``(G, k, R_PAD, R_PAD)``
 of the cores (read-modify-write behind a CTA barrier), summed by the launcher. The dropout
 counter of element ``(n, j, t)`` of the ``(N, k, r)`` intermediate is ``(n k + j) r + t``: the
@@ -206,12 +206,14 @@ def _bottleneck_bwd_kernel(
     ddown_t_part_ptr, dup_t_part_ptr, dcore_part_ptr, ddiag_part_ptr, dscale_part_ptr, dbias_part_ptr,
     ddown_bias_part_ptr,
     n_rows, n_inner, D, R, seed, p_drop, drop_scale,
+    N_BUCKET,  # the row-count class, read only by the autotuner's key
     stride_xo, stride_xi, stride_xd, stride_x2o, stride_x2i, stride_x2d,
     stride_go, stride_gi, stride_gd, stride_dxo, stride_dxi, stride_dxd,
     MIDDLE: tl.constexpr, HAS_X2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, TIED: tl.constexpr, NEED_DX: tl.constexpr, NEED_DX2: tl.constexpr, NEED_DW: tl.constexpr,
     ROWS_BLOCKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -473,9 +475,11 @@ def _fact_fwd_kernel(
 def _fact_bwd_kernel(
     x_ptr, dout_ptr, u_t_ptr, v_t_ptr, core_ptr, dx_ptr, du_t_part_ptr, dv_t_part_ptr, dcore_part_ptr,
     n_rows, D, K, R, seed, p_drop, drop_scale, scale,
+    N_BUCKET,  # the row-count class, read only by the autotuner's key
     stride_xn, stride_xd, stride_gn, stride_gd, stride_dxn, stride_dxd,
     SPLIT_ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -550,6 +554,35 @@ _fact_fwd_autotuned = triton.autotune(
 )(_fact_fwd_kernel)
 
 
+def _bottleneck_partial_bytes(args) -> int:
+    """A backward program's fp32 partial-sum slices: ``dD^T``, ``dUp^T`` (R_PAD x d each), the
+    bias's d, and the r-sized ones (core, diagonal, scale, down bias)."""
+    r_pad, d = args["R_PAD"], args["D"]
+    return 4 * ((2 * r_pad + 1) * d + r_pad * r_pad + 3 * r_pad)
+
+
+def _fact_partial_bytes(args) -> int:
+    """A FacT backward program's fp32 partial-sum slices: ``dU^T``, ``dV^T`` and k cores."""
+    r_pad = args["R_PAD"]
+    return 4 * (2 * r_pad * args["D"] + args["K"] * r_pad * r_pad)
+
+
+# the persistent backwards tune their tile and programs per SM (triton/_autotune.py); FacT's
+# partial sums are zeroed buffers that every block adds into, so each timed run starts from zeros
+_bottleneck_bwd_autotuned = triton.autotune(
+    configs=_autotune.backward_tile_configs(),
+    key=["D", "R_PAD", "N_BUCKET", "n_inner", "MIDDLE", "HAS_X2", "HAS_DOWN_BIAS", "HAS_DROPOUT", "TIED", "NEED_DX",
+         "NEED_DX2", "NEED_DW"],
+    prune_configs_by={"early_config_prune": _autotune.prune_backward_tiles("R_PAD", "x_ptr", _bottleneck_partial_bytes)},
+)(triton.heuristics({"ROWS_BLOCKED": lambda a: _rows_blocked(a["n_inner"], a["BLOCK_N"])})(_bottleneck_bwd_kernel))
+_fact_bwd_autotuned = triton.autotune(
+    configs=_autotune.backward_tile_configs(),
+    key=["D", "K", "R_PAD", "N_BUCKET", "SPLIT_ROWS", "HAS_DROPOUT", "NEED_DX", "NEED_DW"],
+    prune_configs_by={"early_config_prune": _autotune.prune_backward_tiles("R_PAD", "x_ptr", _fact_partial_bytes)},
+    reset_to_zero=["du_t_part_ptr", "dv_t_part_ptr", "dcore_part_ptr"],
+)(_fact_bwd_kernel)
+
+
 def _fixed_tile(x, r_pad: int, block_n, block_d):
     """The forwards' fixed tile, or None where they autotune (``_autotune.fixed_tile``)."""
     return _autotune.fixed_tile(x, block_n, block_d, lambda: _config(x, r_pad, backward=False)[:4])
@@ -562,8 +595,9 @@ def _r_pad(r: int) -> int:
 def _config(x: torch.Tensor, r_pad: int, backward: bool):
     """``(BLOCK_N, BLOCK_D, num_warps, num_stages, max_programs)`` for this call.
 
-    On CUDA the forwards autotune (``triton/_autotune.py``); their tiles here serve only a
-    call that fixes its tile sizes. CUDA tiles follow a ptxas resource sweep at R_PAD = 64
+    On CUDA the forwards and the backwards autotune (``triton/_autotune.py``; the backward's
+    tile below is the first of its space); the tiles here serve a call that fixes its tile
+    sizes (or, backward, its program count). CUDA tiles follow a ptxas resource sweep at R_PAD = 64
     (ARC r = 50, LoSA r = 64; the Compacter adapter's k = d/32 at K_PAD = 32 took the same
     tiles in its own kernel, folded into these), sm_90, Triton 3.6 and 3.9
     (``python -m benchmarks.kernel_resources``);
@@ -573,7 +607,8 @@ def _config(x: torch.Tensor, r_pad: int, backward: bool):
     244-254 registers with TF32 dots and no spill; IEEE fp32 dots (fp32 activations) spill
     at 32 x 32 (40-136 bytes) but not at 32 x 16. No software pipelining in the backward
     (each stage would hold more tiles); R_PAD > 64 halves BLOCK_N. One backward program per
-    SM bounds the partial buffers at ``#SM * (2 R_PAD + 1) * d`` floats.
+    SM bounds the partial buffers at ``#SM * (2 R_PAD + 1) * d`` floats (the autotuned space
+    adds more programs where ``_autotune.PARTIAL_BUDGET_BYTES`` allows).
     The FacT kernels take the same tiles: at d = 768, r = 8 (R_PAD 16), bf16 with TF32 dots,
     both splits use 144-206 registers at 8 warps and 201-254 at 4 (Triton 3.9; 89-166 and
     128-188 with 3.6), and fp32 with IEEE dots at 32-row tiles 80-167 (3.6); none spills.
@@ -704,22 +739,15 @@ def bottleneck_backward(
                          ddown_bias=None if down_bias is None else zeros((r,)))
         return grads
 
-    cfg_n, cfg_d, num_warps, num_stages, max_programs = _config(x, r_pad, backward=True)
-    block_n, block_d = block_n or cfg_n, block_d or cfg_d
-    num_blocks = triton.cdiv(n_rows, block_n)
-    # without weight gradients there is nothing to reduce: one program per block
-    grid = min(num_blocks, num_programs or max_programs) if need_dw else num_blocks
     f32 = dict(dtype=torch.float32, device=x.device)
-    if need_dw:
-        ddown_t_part = torch.empty((grid, r_pad, d), **f32)
-        dup_t_part = ddown_t_part if tied else torch.empty((grid, r_pad, d), **f32)
-        dcore_part = torch.empty((grid, r_pad, r_pad), **f32)
-        ddiag_part = torch.empty((grid, r_pad), **f32)
-        dscale_part = torch.empty((grid, r_pad), **f32)
-        dbias_part = torch.empty((grid, d), **f32)
-        ddown_bias_part = down_t if down_bias is None else torch.empty((grid, r_pad), **f32)
-    else:  # never dereferenced
-        ddown_t_part = dup_t_part = dcore_part = ddiag_part = dscale_part = dbias_part = ddown_bias_part = down_t
+
+    def allocate(programs):  # one slice per program; each program's first block overwrites its slices
+        ddown_t_part = torch.empty((programs, r_pad, d), **f32)
+        return dict(ddown_t=ddown_t_part, dup_t=ddown_t_part if tied else torch.empty((programs, r_pad, d), **f32),
+                    dcore=torch.empty((programs, r_pad, r_pad), **f32), ddiag=torch.empty((programs, r_pad), **f32),
+                    dscale=torch.empty((programs, r_pad), **f32), dbias=torch.empty((programs, d), **f32),
+                    ddown_bias=down_t if down_bias is None else torch.empty((programs, r_pad), **f32))
+
     _, _, _, strides_x2 = _geometry(x if x2 is None else x2, mode)
     _, _, _, strides_g = _geometry(dout, mode)
     like = dx if dx is not None else (dx2 if dx2 is not None else x)
@@ -727,29 +755,37 @@ def bottleneck_backward(
     if dx is not None and dx2 is not None:
         assert dx.stride() == dx2.stride()
     has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
-    _bottleneck_bwd_kernel[(grid,)](
-        x, x if x2 is None else x2, dout, down_t, up_t_p,
-        down_t if core_p is None else core_p, down_t if diag_p is None else diag_p, scale_t,
-        down_t if down_bias_p is None else down_bias_p,
-        x if dx is None else dx, x if dx2 is None else dx2,
-        ddown_t_part, dup_t_part, dcore_part, ddiag_part, dscale_part, dbias_part, ddown_bias_part,
-        n_rows, n_inner, d, r, seed, p_drop, drop_scale,
-        *strides_x, *strides_x2, *strides_g, *strides_dx,
-        MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual,
-        HAS_DOWN_BIAS=down_bias is not None, HAS_DROPOUT=has_dropout,
-        TIED=tied, NEED_DX=need_dx, NEED_DX2=need_dx2, NEED_DW=need_dw,
-        ROWS_BLOCKED=_rows_blocked(n_inner, block_n), DOT_PRECISION=dot_precision(data_dtype),
-        BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if need_dw:
-        grads["ddown"] = ddown_t_part.sum(0)[:r].t()
-        grads["dup_t"] = None if tied else dup_t_part.sum(0)[:r]
-        grads["dcore"] = dcore_part.sum(0)[:r, :r] if middle == "core" else None
-        grads["ddiag"] = ddiag_part.sum(0)[:r] if middle == "diag" else None
-        grads["dscale"] = dscale_part.sum()
-        grads["dbias"] = dbias_part.sum(0)
-        grads["ddown_bias"] = None if down_bias is None else ddown_bias_part.sum(0)[:r]
+
+    def args(parts):
+        parts = parts or dict.fromkeys(("ddown_t", "dup_t", "dcore", "ddiag", "dscale", "dbias", "ddown_bias"),
+                                       down_t)  # never dereferenced without weight gradients
+        return (
+            x, x if x2 is None else x2, dout, down_t, up_t_p,
+            down_t if core_p is None else core_p, down_t if diag_p is None else diag_p, scale_t,
+            down_t if down_bias_p is None else down_bias_p,
+            x if dx is None else dx, x if dx2 is None else dx2,
+            *parts.values(),
+            n_rows, n_inner, d, r, seed, p_drop, drop_scale, _autotune.n_bucket(n_rows),
+            *strides_x, *strides_x2, *strides_g, *strides_dx,
+        )
+
+    meta = dict(MIDDLE=MIDDLES[middle], HAS_X2=x2 is not None, HAS_RESIDUAL=residual,
+                HAS_DOWN_BIAS=down_bias is not None, HAS_DROPOUT=has_dropout,
+                TIED=tied, NEED_DX=need_dx, NEED_DX2=need_dx2, NEED_DW=need_dw,
+                DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)
+    fixed = _autotune.fixed_backward_tile(x, block_n, block_d, num_programs, lambda: _config(x, r_pad, backward=True))
+    parts, programs = _autotune.launch_persistent(
+        _bottleneck_bwd_autotuned, _bottleneck_bwd_kernel, x, n_rows, need_dw,
+        _bottleneck_partial_bytes(dict(R_PAD=r_pad, D=d)), allocate, args, meta, fixed,
+        **({} if fixed is None else {"ROWS_BLOCKED": _rows_blocked(n_inner, fixed[0])}))
+    if need_dw:  # the slices of the programs that ran
+        grads["ddown"] = parts["ddown_t"][:programs].sum(0)[:r].t()
+        grads["dup_t"] = None if tied else parts["dup_t"][:programs].sum(0)[:r]
+        grads["dcore"] = parts["dcore"][:programs].sum(0)[:r, :r] if middle == "core" else None
+        grads["ddiag"] = parts["ddiag"][:programs].sum(0)[:r] if middle == "diag" else None
+        grads["dscale"] = parts["dscale"][:programs].sum()
+        grads["dbias"] = parts["dbias"][:programs].sum(0)
+        grads["ddown_bias"] = None if down_bias is None else parts["ddown_bias"][:programs].sum(0)[:r]
     return grads
 
 
@@ -823,30 +859,35 @@ def fact_backward(
                          dcores=torch.zeros((k, r, r), **f32))
         return grads
     u_t, v_t, core_p = padded if padded is not None else _fact_padded(U, V, cores, r_pad)
-    cfg_n, cfg_d, num_warps, num_stages, max_programs = _config(x, r_pad, backward=True)
-    block_n, block_d = block_n or cfg_n, block_d or cfg_d
-    num_blocks = triton.cdiv(n, block_n)
-    # without weight gradients there is nothing to reduce: one program per block
-    grid = min(num_blocks, num_programs or max_programs) if need_dw else num_blocks
-    if need_dw:  # zeroed: every program adds into its slices (G * (2 d + k R_PAD) * R_PAD floats)
-        du_t_part, dv_t_part = torch.zeros((grid, r_pad, d), **f32), torch.zeros((grid, r_pad, d), **f32)
-        dcore_part = torch.zeros((grid, k, r_pad, r_pad), **f32)
-    else:
-        du_t_part = dv_t_part = dcore_part = u_t  # never dereferenced
+
+    def allocate(programs):  # zeroed: every program adds into its slices
+        return (torch.zeros((programs, r_pad, d), **f32), torch.zeros((programs, r_pad, d), **f32),
+                torch.zeros((programs, k, r_pad, r_pad), **f32))
+
     dx = grads["dx"]
     dx_arg = x if dx is None else dx
     has_dropout, seed, p_drop, drop_scale = _dropout_args(p_drop, seed)
-    _fact_bwd_kernel[(grid,)](
-        x, dout, u_t, v_t, core_p, dx_arg, du_t_part, dv_t_part, dcore_part,
-        n, d, k, r, seed, p_drop, drop_scale, float(scale),
-        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx_arg.stride(0), dx_arg.stride(1),
-        SPLIT_ROWS=split == "rows", HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DW=need_dw,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_D=block_d, R_PAD=r_pad,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    # without weight gradients the partial-sum arguments are never dereferenced; under autotuning
+    # they are zeroed before each timed run, so they must not alias a real input
+    unused = None if need_dw else torch.empty((1,), **f32)
+
+    def args(parts):
+        return (
+            x, dout, u_t, v_t, core_p, dx_arg, *(parts or (unused,) * 3),
+            n, d, k, r, seed, p_drop, drop_scale, float(scale), _autotune.n_bucket(n),
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx_arg.stride(0), dx_arg.stride(1),
+        )
+
+    meta = dict(SPLIT_ROWS=split == "rows", HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DW=need_dw,
+                DOT_PRECISION=dot_precision(x.dtype), R_PAD=r_pad)
+    fixed = _autotune.fixed_backward_tile(x, block_n, block_d, num_programs, lambda: _config(x, r_pad, backward=True))
+    parts, programs = _autotune.launch_persistent(
+        _fact_bwd_autotuned, _fact_bwd_kernel, x, n, need_dw, _fact_partial_bytes(dict(R_PAD=r_pad, D=d, K=k)),
+        allocate, args, meta, fixed)
     if dx is not None and weight is not None:
         dx.addmm_(dout, weight)
-    if need_dw:
+    if need_dw:  # the slices of the programs that ran
+        du_t_part, dv_t_part, dcore_part = (part[:programs] for part in parts)
         grads["dU"] = du_t_part.sum(0)[:r].t()
         grads["dV"] = dv_t_part.sum(0)[:r].t()
         grads["dcores"] = dcore_part.sum(0)[:, :r, :r]
