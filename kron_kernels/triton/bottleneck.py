@@ -31,9 +31,10 @@ Backward, with ``g = dout``, ``y = middle(pre)``, ``m`` the scaled keep mask, ``
                                  (tied Up = D: dD^T and dUp^T accumulate into one buffer)
 
 ``G`` persistent programs walk the row blocks (block ``pid``, ``pid + G``, ...; on CUDA ``G``
-is tuned with the tile: ``PROGRAMS_PER_SM``, triton/_autotune.py); each recomputes ``pre`` and ``dm`` in one pass over the features, then in a second pass writes
-``dx`` and adds its share of the weight gradients to its own slice of ``(G, ...)`` fp32
-partial-sum buffers, summed by the launcher with torch: deterministic, no atomics.
+is tuned with the tile: ``PROGRAMS_PER_SM``, triton/_autotune.py); each recomputes ``pre`` and
+``dm`` in one pass over the features, then in a second pass writes ``dx`` and adds its share
+of the weight gradients to its own slice of ``(G, ...)`` fp32 partial-sum buffers, summed by
+the launcher with torch: deterministic, no atomics.
 
 Small ranks: ``tl.dot`` needs every dimension >= 16, so the launchers zero-pad ``r`` to
 ``R_PAD = max(16, next_pow2(r))`` (weights as ``(R_PAD, d)`` row-major ``D^T`` and ``Up^T``,
@@ -573,7 +574,8 @@ _bottleneck_bwd_autotuned = triton.autotune(
     configs=_autotune.backward_tile_configs(),
     key=["D", "R_PAD", "N_BUCKET", "n_inner", "MIDDLE", "HAS_X2", "HAS_DOWN_BIAS", "HAS_DROPOUT", "TIED", "NEED_DX",
          "NEED_DX2", "NEED_DW"],
-    prune_configs_by={"early_config_prune": _autotune.prune_backward_tiles("R_PAD", "x_ptr", _bottleneck_partial_bytes)},
+    prune_configs_by={"early_config_prune": _autotune.prune_backward_tiles("R_PAD", "x_ptr",
+                                                                           _bottleneck_partial_bytes)},
 )(triton.heuristics({"ROWS_BLOCKED": lambda a: _rows_blocked(a["n_inner"], a["BLOCK_N"])})(_bottleneck_bwd_kernel))
 _fact_bwd_autotuned = triton.autotune(
     configs=_autotune.backward_tile_configs(),
