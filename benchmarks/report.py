@@ -27,7 +27,7 @@ import torch
 import kron_kernels as kk
 from kron_kernels import triton as kk_triton
 
-from . import common
+from . import choices, common
 from . import models
 from .common import FWD, Case, Row, Target, TimingConfig
 
@@ -876,6 +876,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 plot(suite, rows, cfg, prov, folder / f"{suite.name}.png")
         print(text)
         errors += sum(r.status == "error" for r in rows)
+    # cases timed with auto's choice beside an alternative, in every suite of this commit here
+    measured, _ = choices.load([folder], prov.get("git_commit"))
+    if choices.choices(measured):
+        text = choices.choices_markdown(measured, prov)
+        (folder / "choices.md").write_text(text)
+        print(text)
     tunings = kk_triton.tunings()
     if tunings:  # the first calls' autotuning, which the timed repeats (after warm-up) exclude
         text = autotuning_markdown(tunings, prov)

@@ -683,3 +683,68 @@ def test_step_launch_counter():
     counts = {row: launches.count(row) for row in ("floor", "lora", "kadaptation:fused")}
     assert 0 < counts["floor"] < counts["kadaptation:fused"] < counts["lora"], counts
     assert launches.table(["floor", "losa:fused"]).splitlines()[3].startswith("| `losa:fused` |")
+
+
+# ----------------------------------------------------------------------------------------
+# choices: which implementation won each case (the evidence behind auto's CUDA tables)
+# ----------------------------------------------------------------------------------------
+def _timed(case, variant, ms, spread=0.02, backend="", suite="bottleneck", status="ok"):
+    return {"suite": suite, "case": case, "variant": variant, "status": status, "backend": backend,
+            "median_ms": ms, "p20_ms": ms * (1 - spread), "p80_ms": ms * (1 + spread)}
+
+
+def test_choices_name_the_winner_and_whether_auto_took_it():
+    from benchmarks import choices
+
+    rows = [
+        # auto (Triton) slower than the dense composition, clearly: switch
+        _timed("fact_linear-a", "fused", 0.45, backend="fact_linear:triton"), _timed("fact_linear-a", "cublas", 0.20),
+        _timed("fact_linear-a", "reference", 0.10),  # the reference is no implementation to choose
+        # auto fastest
+        _timed("arc-b", "fused", 1.0, backend="arc:dense"), _timed("arc-b", "triton", 3.0),
+        # faster by 3%: within the margin
+        _timed("losa-c", "fused", 1.03, backend="losa_mixer:dense"), _timed("losa-c", "triton", 1.0),
+        # faster by 10% but the p20-p80 ranges overlap
+        _timed("adapter-d", "fused", 1.10, spread=0.1), _timed("adapter-d", "triton", 1.0, spread=0.1),
+        # the alternative is what auto took (timed twice)
+        _timed("fwht-g", "fused", 0.281, backend="fwht:triton", suite="fwht"), _timed("fwht-g", "triton", 0.279, suite="fwht"),
+        # an alternative that failed, and a case without auto's row: nothing to say
+        _timed("fwht-e", "fused", 1.0), _timed("fwht-e", "cuda", 0.5, status="error"),
+        _timed("fwht-f", "triton", 1.0), _timed("fwht-f", "cuda", 0.5),
+    ]
+    found = {c.case: c for c in choices.choices(rows)}
+    assert set(found) == {"fact_linear-a", "arc-b", "losa-c", "adapter-d", "fwht-g"}
+    assert found["fwht-g"].verdict == "auto took it (triton)"
+    assert found["fact_linear-a"].verdict == "auto should take dense: 2.25x faster"
+    assert found["fact_linear-a"].auto_backend == "fact_linear:triton"
+    assert found["arc-b"].verdict == "auto fastest" and found["arc-b"].ratio == 1.0
+    assert found["losa-c"].verdict.startswith("keep") and found["adapter-d"].overlap
+    assert found["adapter-d"].verdict.startswith("keep")
+    text = choices.choices_markdown(rows, {"device": "NVIDIA H100", "git_commit": "abc", "date_utc": "today"})
+    assert "NVIDIA H100" in text and "5 cases with an alternative; 1 where auto should switch." in text
+    assert "| bottleneck | fact_linear-a | fact_linear:triton | 0.45 | dense | 0.2 | 2.25x |" in text
+
+
+def test_choices_command_reads_a_results_folder(tmp_path, capsys):
+    from benchmarks import choices
+
+    payload = {"provenance": {"device": "NVIDIA H200"},
+               "rows": [_timed("fwht-n1024", "fused", 0.05, backend="fwht:triton", suite="fwht"),
+                        _timed("fwht-n1024", "cuda", 0.16, suite="fwht")]}
+    (tmp_path / "fwht.json").write_text(json.dumps(payload))
+    assert choices.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fwht | fwht-n1024 | fwht:triton |" in out and "auto fastest" in out
+    # a folder may hold an older commit's suite: the report reads only its own commit's
+    stale = {"provenance": {"git_commit": "old"}, "rows": [_timed("arc-x", "fused", 1.0), _timed("arc-x", "triton", 0.1)]}
+    (tmp_path / "bottleneck.json").write_text(json.dumps(stale))
+    payload["provenance"]["git_commit"] = "new"
+    (tmp_path / "fwht.json").write_text(json.dumps(payload))
+    rows, prov = choices.load([tmp_path], "new")
+    assert {r["case"] for r in rows} == {"fwht-n1024"} and prov["git_commit"] == "new"
+    assert {r["case"] for r in choices.load([tmp_path])[0]} == {"fwht-n1024", "arc-x"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no JSON results"):
+        choices.main([str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        choices.main([str(tmp_path / "absent")])
