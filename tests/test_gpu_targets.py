@@ -115,7 +115,9 @@ def test_every_kernel_has_a_compiled_configuration(reports, triton_id):
     function no other jit function calls) must have at least one configuration per target."""
     report = reports(triton_id)
     kernels = {name.split(".")[-1] for name in report["kernels"]}
-    assert len(kernels) >= 13, report["kernels"]  # the package's kernels at the time of writing, at least
+    # the package's kernels at the time of writing, at least (13 until the Compacter adapter's two were
+    # folded into the bottleneck family's)
+    assert len(kernels) >= 11, report["kernels"]
     for arch in _archs(triton_id):
         covered = {e["kernel"] for e in report["targets"][str(arch)]["launches"]}
         assert kernels <= covered, f"sm_{arch}: no configuration of {sorted(kernels - covered)}"
