@@ -204,8 +204,8 @@ MUTANTS = [
              "        pre = tl.dot(x, down, acc=pre, input_precision=DOT_PRECISION, out_dtype=tl.float32)"
              ".to(out_ptr.dtype.element_ty).to(tl.float32)\n"),), B_LOW),
     Mutant("bottleneck-precision-tf32", "bottleneck", "precision", "fp32 activations get TF32 dots (the ARC/LoSA forward)",
-           ((BOTTLENECK, "                DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)",
-             '                DOT_PRECISION="tf32", R_PAD=r_pad)'),),
+           ((BOTTLENECK, "HAS_DROPOUT=has_dropout,\n                DOT_PRECISION=dot_precision(data_dtype), R_PAD=r_pad)",
+             'HAS_DROPOUT=has_dropout,\n                DOT_PRECISION="tf32", R_PAD=r_pad)'),),
            B_TRITON[:1] + DOT_PRECISION),
     Mutant("bottleneck-compile-rpad8", "bottleneck", "compile", "r padded to 8 (not 16): FacT r = 4 dots with K = 8",
            ((BOTTLENECK, "return max(16, triton.next_power_of_2(r))", "return max(8, triton.next_power_of_2(r))"),),
