@@ -217,6 +217,10 @@ def main(argv=None) -> int:
         for m in mutants:
             print(f"{m.id:34s} {m.family:10s} {m.kind:12s} {m.what}")
         return 0
+    # absolute: the compile checks run in the scratch copies, where a relative PYTHONPATH entry
+    # (make's .venv/triton-3.6.0) names nothing and the installed Triton would answer instead
+    # (Triton 3.8 compiles the K = 8 dots 3.6 rejects: the compile mutants survived that way)
+    args.triton = str(Path(args.triton).resolve())
     if any(m.compile for m in mutants) and not Path(args.triton, "triton").is_dir():
         print(f"no Triton at {args.triton} for the compile checks: `make test` installs it, or\n"
               f"  {sys.executable} -m pip install --no-deps --target {args.triton} triton==3.6.0", file=sys.stderr)
